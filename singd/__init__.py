@@ -1,0 +1,1 @@
+"""SINGD: structured inverse-free natural gradient descent for PyTorch."""

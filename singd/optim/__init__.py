@@ -1,0 +1,1 @@
+"""Optimizers: SINGD (IKFAC/INGD modes) and the KFAC baseline."""

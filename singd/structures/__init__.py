@@ -1,0 +1,1 @@
+"""Structured Kronecker factors (SPEC §2) and the name registry."""

@@ -1,0 +1,230 @@
+"""The interface every structured Kronecker factor implements (SPEC §2).
+
+A *structure* is a set of ``d × d`` matrices that contains the identity and is
+closed under addition, scaling and matrix products, so that the SINGD update
+``K ← K (I − β1 m_K)`` never leaves it.  A :class:`StructuredMatrix` stores only
+the structure's free entries (its *storage*: a dict of plain tensors) and
+implements every operation the optimizer needs without forming a dense
+``d × d`` matrix wherever the structure allows.
+
+Parametric families (``block<b>diagonal``, ``hierarchical<k1>_<k2>``) are
+subclasses whose parameters are class attributes, made once by the registry
+(:func:`singd.structures.get_structure`).
+
+Dtype rule (mixed inputs):
+
+* out-of-place operations with a dense tensor (``matmul``, ``t_matmul``) and
+  between two structured matrices return ``torch.promote_types`` of the two
+  operand dtypes — never a silent downcast, never a promotion past the wider
+  operand (python scalars do not promote);
+* in-place operations (``mul_``, ``add_``, ``add_diag_``) keep ``self``'s
+  dtype, like torch's own in-place ops: the factor stays in its
+  ``preconditioner_dtype``;
+* constructors from a dense tensor (``from_dense``, ``project``,
+  ``project_gram``) keep the input's dtype.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+try:  # Python >= 3.11
+    from typing import Self
+except ImportError:  # pragma: no cover - Python 3.10
+    from typing_extensions import Self
+
+
+class StructuredMatrix(ABC):
+    """A ``dim × dim`` matrix held as the free entries of its structure.
+
+    Attributes:
+        name: The registry name of the structure (e.g. ``"block30diagonal"``).
+        dim: The matrix size ``d``.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, dim: int, storage: dict[str, Tensor]) -> None:
+        self.dim = dim
+        self._storage = storage
+
+    # ------------------------------------------------------------------ layout
+    @classmethod
+    @abstractmethod
+    def storage_shapes(cls, dim: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the storage tensors for a ``dim × dim`` member."""
+
+    @classmethod
+    def storage_numel(cls, dim: int) -> int:
+        """Number of stored entries = number of free entries of the structure."""
+        total = 0
+        for shape in cls.storage_shapes(dim).values():
+            numel = 1
+            for size in shape:
+                numel *= size
+            total += numel
+        return total
+
+    @property
+    def storage(self) -> dict[str, Tensor]:
+        """The storage tensors (plain tensors; safe for ``weights_only`` loads)."""
+        return self._storage
+
+    @classmethod
+    def from_storage(cls, dim: int, storage: dict[str, Tensor]) -> Self:
+        """Rebuild a member from :attr:`storage`; raises ``ValueError`` on bad shapes/keys."""
+        expected = cls.storage_shapes(dim)
+        if set(storage) != set(expected):
+            raise ValueError(
+                f"{cls.name}: storage keys {sorted(storage)} != expected {sorted(expected)}"
+            )
+        for key, shape in expected.items():
+            if tuple(storage[key].shape) != shape:
+                raise ValueError(
+                    f"{cls.name}: storage[{key!r}] has shape {tuple(storage[key].shape)}, "
+                    f"expected {shape} for dim={dim}"
+                )
+        return cls(dim, dict(storage))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self._storage.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._storage.values())).device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the storage tensors."""
+        return sum(t.numel() * t.element_size() for t in self._storage.values())
+
+    # ------------------------------------------------------------ constructors
+    @classmethod
+    def zeros(
+        cls, dim: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> Self:
+        """The zero member."""
+        shapes = cls.storage_shapes(dim)
+        return cls(
+            dim, {k: torch.zeros(s, dtype=dtype, device=device) for k, s in shapes.items()}
+        )
+
+    @classmethod
+    def eye(
+        cls, dim: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> Self:
+        """The identity."""
+        return cls.zeros(dim, dtype=dtype, device=device).add_diag_(1.0)
+
+    @classmethod
+    @abstractmethod
+    def from_dense(cls, matrix: Tensor) -> Self:
+        """The member whose pattern entries are read from ``matrix`` (``d × d``).
+
+        Entries outside the pattern are ignored; for Toeplitz structures the
+        first column (row) is read.  Raises ``ValueError`` if not square.
+        """
+
+    @classmethod
+    @abstractmethod
+    def project(cls, sym: Tensor) -> Self:
+        """``Π̂(M)`` for a dense symmetric ``M`` (SPEC §2 table)."""
+
+    @classmethod
+    @abstractmethod
+    def project_gram(cls, factor: Tensor) -> Self:
+        """``Π̂(X Xᵀ)`` from ``X`` (``d × m``) without forming ``X Xᵀ`` where avoidable."""
+
+    # ------------------------------------------------------------- conversion
+    @abstractmethod
+    def to_dense(self) -> Tensor:
+        """The full ``d × d`` matrix (zeros outside the pattern)."""
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Self:
+        """A copy in another dtype and/or on another device."""
+        return type(self)(
+            self.dim, {k: t.to(dtype=dtype, device=device) for k, t in self._storage.items()}
+        )
+
+    def clone(self) -> Self:
+        return type(self)(self.dim, {k: t.clone() for k, t in self._storage.items()})
+
+    # --------------------------------------------------------------- products
+    @abstractmethod
+    def matmul(self, other: Tensor) -> Tensor:
+        """``K @ X`` for a dense ``X`` of shape ``d × m``."""
+
+    @abstractmethod
+    def t_matmul(self, other: Tensor) -> Tensor:
+        """``Kᵀ @ X`` for a dense ``X`` of shape ``d × m``."""
+
+    @abstractmethod
+    def __matmul__(self, other: StructuredMatrix) -> Self:
+        """Structured product ``K @ L`` of two members of the same structure."""
+
+    def project_inner(self, factor: Tensor) -> Self:
+        """``Π̂(Kᵀ X Xᵀ K)`` from ``X`` (``d × m``): ``project_gram(Kᵀ X)``."""
+        return self.project_gram(self.t_matmul(factor))
+
+    @abstractmethod
+    def project_self_inner(self) -> Self:
+        """``Π̂(Kᵀ K)``."""
+
+    # -------------------------------------------------------------- reductions
+    @abstractmethod
+    def trace(self) -> Tensor:
+        """``tr(K)`` as a 0-dim tensor."""
+
+    def max_abs(self) -> Tensor:
+        """Largest absolute entry (stored entries are matrix entries)."""
+        return torch.stack([t.abs().max() for t in self._storage.values() if t.numel()]).max()
+
+    # ---------------------------------------------------------------- in place
+    def mul_(self, scalar: float | Tensor) -> Self:
+        """``K ← s K``."""
+        for t in self._storage.values():
+            t.mul_(scalar)
+        return self
+
+    def add_(self, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> Self:
+        """``K ← K + α L`` for ``L`` of the same structure and size."""
+        self._check_same(other)
+        for key, t in self._storage.items():
+            t.add_(other._storage[key].to(t.dtype) * alpha)
+        return self
+
+    @abstractmethod
+    def add_diag_(self, value: float | Tensor) -> Self:
+        """``K ← K + v I``."""
+
+    def all_reduce_(self, op: object = None, group: object = None) -> Self:
+        """All-reduce the storage across ranks (``torch.distributed``), in place.
+
+        ``op`` defaults to ``ReduceOp.SUM``.  A no-op if distribution is not
+        initialised.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        op = dist.ReduceOp.SUM if op is None else op
+        for t in self._storage.values():
+            dist.all_reduce(t, op=op, group=group)
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    def _check_same(self, other: StructuredMatrix) -> None:
+        if type(other) is not type(self) or other.dim != self.dim:
+            raise ValueError(
+                f"expected a {self.name} matrix of dim {self.dim}, "
+                f"got {getattr(other, 'name', type(other).__name__)} of dim "
+                f"{getattr(other, 'dim', '?')}"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim}, dtype={self.dtype}, device={self.device})"

@@ -1,0 +1,1 @@
+"""Runs scenarios through singd and the reference oracle and reports the comparison."""
