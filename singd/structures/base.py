@@ -22,6 +22,10 @@ Dtype rule (mixed inputs):
   ``preconditioner_dtype``;
 * constructors from a dense tensor (``from_dense``, ``project``,
   ``project_gram``) keep the input's dtype.
+
+Helpers for subclasses: :func:`check_square` / :func:`check_factor` validate
+dense inputs, ``_check_rows`` a ``d × m`` operand, ``_check_same`` a structured
+operand, and ``_promoted`` applies the dtype rule above.
 """
 
 from __future__ import annotations
@@ -36,6 +40,20 @@ try:  # Python >= 3.11
     from typing import Self
 except ImportError:  # pragma: no cover - Python 3.10
     from typing_extensions import Self
+
+
+def check_square(matrix: Tensor, name: str) -> int:
+    """Return ``d`` for a ``d × d`` tensor; raise ``ValueError`` naming ``name`` otherwise."""
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"{name}: expected a square d × d matrix, got shape {tuple(matrix.shape)}")
+    return matrix.shape[0]
+
+
+def check_factor(factor: Tensor, name: str) -> int:
+    """Return ``d`` for a ``d × m`` tensor; raise ``ValueError`` naming ``name`` otherwise."""
+    if factor.ndim != 2:
+        raise ValueError(f"{name}: expected a d × m matrix, got shape {tuple(factor.shape)}")
+    return factor.shape[0]
 
 
 class StructuredMatrix(ABC):
@@ -110,9 +128,7 @@ class StructuredMatrix(ABC):
     ) -> Self:
         """The zero member."""
         shapes = cls.storage_shapes(dim)
-        return cls(
-            dim, {k: torch.zeros(s, dtype=dtype, device=device) for k, s in shapes.items()}
-        )
+        return cls(dim, {k: torch.zeros(s, dtype=dtype, device=device) for k, s in shapes.items()})
 
     @classmethod
     def eye(
@@ -145,7 +161,9 @@ class StructuredMatrix(ABC):
     def to_dense(self) -> Tensor:
         """The full ``d × d`` matrix (zeros outside the pattern)."""
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Self:
+    def to(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> Self:
         """A copy in another dtype and/or on another device."""
         return type(self)(
             self.dim, {k: t.to(dtype=dtype, device=device) for k, t in self._storage.items()}
@@ -218,6 +236,14 @@ class StructuredMatrix(ABC):
         return self
 
     # ------------------------------------------------------------------ helpers
+    def _check_rows(self, other: Tensor) -> None:
+        """Raise ``ValueError`` unless ``other`` is a dense ``dim × m`` matrix."""
+        if other.ndim != 2 or other.shape[0] != self.dim:
+            raise ValueError(
+                f"{self.name}: expected a dense {self.dim} × m matrix, "
+                f"got shape {tuple(other.shape)}"
+            )
+
     def _check_same(self, other: StructuredMatrix) -> None:
         if type(other) is not type(self) or other.dim != self.dim:
             raise ValueError(
@@ -225,6 +251,11 @@ class StructuredMatrix(ABC):
                 f"got {getattr(other, 'name', type(other).__name__)} of dim "
                 f"{getattr(other, 'dim', '?')}"
             )
+
+    def _promoted(self, other: Tensor | StructuredMatrix) -> tuple[torch.dtype, Self]:
+        """The result dtype of a product with ``other`` and ``self`` cast to it (dtype rule)."""
+        dtype = torch.promote_types(self.dtype, other.dtype)
+        return dtype, (self if dtype == self.dtype else self.to(dtype=dtype))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, dtype={self.dtype}, device={self.device})"

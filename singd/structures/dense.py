@@ -1,0 +1,78 @@
+"""Dense factors (SPEC §2, row ``dense``): all ``d²`` entries free, ``Π̂(M) = M``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from singd.structures.base import StructuredMatrix, check_factor, check_square
+
+
+class Dense(StructuredMatrix):
+    """A full ``d × d`` matrix; storage ``{"matrix": (d, d)}``.
+
+    This is INGD's structure (SPEC §1.3): every operation is a plain dense
+    product, so ``d × d`` temporaries are inherent here.
+    """
+
+    name = "dense"
+
+    @classmethod
+    def storage_shapes(cls, dim: int) -> dict[str, tuple[int, ...]]:
+        """``{"matrix": (dim, dim)}``."""
+        return {"matrix": (dim, dim)}
+
+    @property
+    def _matrix(self) -> Tensor:
+        return self._storage["matrix"]
+
+    @classmethod
+    def from_dense(cls, matrix: Tensor) -> Dense:
+        """A copy of ``matrix`` (``d × d``)."""
+        dim = check_square(matrix, cls.name)
+        return cls(dim, {"matrix": matrix.clone()})
+
+    @classmethod
+    def project(cls, sym: Tensor) -> Dense:
+        """``Π̂(M) = M`` for symmetric ``M`` (``d × d``)."""
+        return cls.from_dense(sym)
+
+    @classmethod
+    def project_gram(cls, factor: Tensor) -> Dense:
+        """``X Xᵀ`` (``d × d``) from ``X`` (``d × m``)."""
+        dim = check_factor(factor, cls.name)
+        return cls(dim, {"matrix": factor @ factor.T})
+
+    def to_dense(self) -> Tensor:
+        """A copy of the stored ``d × d`` matrix."""
+        return self._matrix.clone()
+
+    def matmul(self, other: Tensor) -> Tensor:
+        """``K X`` (``d × m``), in the promoted dtype."""
+        self._check_rows(other)
+        dtype, own = self._promoted(other)
+        return own._matrix @ other.to(dtype)
+
+    def t_matmul(self, other: Tensor) -> Tensor:
+        """``Kᵀ X`` (``d × m``), in the promoted dtype."""
+        self._check_rows(other)
+        dtype, own = self._promoted(other)
+        return own._matrix.T @ other.to(dtype)
+
+    def __matmul__(self, other: StructuredMatrix) -> Dense:
+        """``K L`` for another dense ``L``, in the promoted dtype."""
+        self._check_same(other)
+        return type(self)(self.dim, {"matrix": self.matmul(other.storage["matrix"])})
+
+    def project_self_inner(self) -> Dense:
+        """``Π̂(KᵀK) = KᵀK``."""
+        return type(self)(self.dim, {"matrix": self._matrix.T @ self._matrix})
+
+    def trace(self) -> Tensor:
+        """``tr(K)``."""
+        return torch.trace(self._matrix)
+
+    def add_diag_(self, value: float | Tensor) -> Dense:
+        """``K ← K + v I``."""
+        self._matrix.diagonal().add_(value)
+        return self
