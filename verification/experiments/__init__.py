@@ -1,0 +1,1 @@
+"""Small end-to-end experiments on real data (no downloads), runnable as modules."""
