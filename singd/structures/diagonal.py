@@ -1,0 +1,73 @@
+"""Diagonal factors (SPEC §2, row ``diagonal``): ``d`` free entries, ``Π̂(M) = diag(M)``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from singd.structures.base import StructuredMatrix, check_factor, check_square
+
+
+class Diagonal(StructuredMatrix):
+    """``diag(k)``; storage ``{"diag": (d,)}``.  No operation forms a ``d × d`` tensor."""
+
+    name = "diagonal"
+
+    @classmethod
+    def storage_shapes(cls, dim: int) -> dict[str, tuple[int, ...]]:
+        """``{"diag": (dim,)}``."""
+        return {"diag": (dim,)}
+
+    @property
+    def _diag(self) -> Tensor:
+        return self._storage["diag"]
+
+    @classmethod
+    def from_dense(cls, matrix: Tensor) -> Diagonal:
+        """``diag(M)`` of ``matrix`` (``d × d``)."""
+        dim = check_square(matrix, cls.name)
+        return cls(dim, {"diag": matrix.diagonal().clone()})
+
+    @classmethod
+    def project(cls, sym: Tensor) -> Diagonal:
+        """``Π̂(M) = diag(M)`` for symmetric ``M`` (``d × d``)."""
+        return cls.from_dense(sym)
+
+    @classmethod
+    def project_gram(cls, factor: Tensor) -> Diagonal:
+        """``diag(X Xᵀ)_i = Σ_j X_ij²`` from ``X`` (``d × m``)."""
+        dim = check_factor(factor, cls.name)
+        return cls(dim, {"diag": (factor * factor).sum(dim=1)})
+
+    def to_dense(self) -> Tensor:
+        """``diag(k)`` (``d × d``)."""
+        return torch.diag(self._diag)
+
+    def matmul(self, other: Tensor) -> Tensor:
+        """``K X = k ⊙ X`` row-wise (``d × m``), in the promoted dtype."""
+        self._check_rows(other)
+        dtype, own = self._promoted(other)
+        return own._diag[:, None] * other.to(dtype)
+
+    def t_matmul(self, other: Tensor) -> Tensor:
+        """``Kᵀ X = K X`` (``d × m``)."""
+        return self.matmul(other)
+
+    def __matmul__(self, other: StructuredMatrix) -> Diagonal:
+        """``K L = diag(k ⊙ l)``, in the promoted dtype."""
+        self._check_same(other)
+        dtype, own = self._promoted(other)
+        return type(self)(self.dim, {"diag": own._diag * other.storage["diag"].to(dtype)})
+
+    def project_self_inner(self) -> Diagonal:
+        """``Π̂(KᵀK) = diag(k²)``."""
+        return type(self)(self.dim, {"diag": self._diag * self._diag})
+
+    def trace(self) -> Tensor:
+        """``Σ k_i``."""
+        return self._diag.sum()
+
+    def add_diag_(self, value: float | Tensor) -> Diagonal:
+        """``K ← K + v I``."""
+        self._diag.add_(value)
+        return self
