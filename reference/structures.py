@@ -59,7 +59,7 @@ def _check_symmetric(m: np.ndarray) -> np.ndarray:
     and ``M_ji`` from a symmetric product, with slack).
 
     Raises:
-        ValueError: If ``m`` is not a square 2-D matrix or not symmetric.
+        ValueError: If ``m`` is not a square 2-D matrix, not finite (float) or not symmetric.
     """
     m = np.asarray(m)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
@@ -69,6 +69,8 @@ def _check_symmetric(m: np.ndarray) -> np.ndarray:
             raise ValueError("Π̂ needs a symmetric matrix; the mpf matrix differs from Mᵀ")
         return m
     m = np.asarray(m, dtype=np.float64)
+    if not np.isfinite(m).all():
+        raise ValueError("Π̂ needs a finite matrix; got inf or nan entries")
     asymmetry = np.abs(m - m.T).max(initial=0.0)
     allowed = _FLOAT64_SYMMETRY_FACTOR * np.finfo(np.float64).eps * np.abs(m).max(initial=0.0)
     if not asymmetry <= allowed:

@@ -399,6 +399,12 @@ def test_non_symmetric_raises(name: str) -> None:
             structure.project(m)
 
 
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_non_finite_raises(bad: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        get_structure("tril").project(np.array([[1.0, bad], [bad, 1.0]]))
+
+
 def test_float64_symmetry_threshold() -> None:
     structure = get_structure("dense")
     # |M − Mᵀ| = 8·eps·1 <= 8·eps·max|M|: accepted; 16·eps: rejected.
