@@ -1,0 +1,277 @@
+"""Every structure operation (SPEC §2 list) against the oracle's dense computation.
+
+Members are general (non-symmetric), so ``K`` and ``Kᵀ`` differ.  References
+are float64 dense products of the *rounded* inputs, followed by the oracle's
+Π̂ where SPEC §2 says so.  Bounds are componentwise (Higham):
+``|computed − exact| ≤ bound · magnitude`` with ``magnitude`` the same
+expression evaluated on absolute values; each ``bound`` comes from
+:mod:`tests.tolerances` with the reduction lengths named next to it.  Closure:
+every result's entries outside the pattern are exactly zero.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from singd.structures import STRUCTURE_NAMES
+from tests.structures.strategies import (
+    DTYPES,
+    SCALARS,
+    Case,
+    assert_within,
+    cases,
+    structure_class,
+)
+from tests.tolerances import EPS, chain_bound, matmul_bound
+
+pytestmark = pytest.mark.parametrize("name", STRUCTURE_NAMES)
+
+
+def edge(name: str, dim: int, dtype: torch.dtype = torch.float64, cols: int = 3) -> Case:
+    return Case(name, dim, cols, dtype, seed=dim)
+
+
+def assert_member(case: Case, result: torch.Tensor) -> None:
+    """Closure: entries outside the pattern are exactly zero (and Toeplitz diagonals constant)."""
+    assert case.oracle.is_member(result.double().numpy(), atol=0.0)
+
+
+# ------------------------------------------------------------------ conversion
+@given(data=st.data())
+def test_dense_round_trip(name: str, data: st.DataObject) -> None:
+    case = data.draw(cases(name))
+    member, dense = case.member()
+    out = member.to_dense()
+    assert out.dtype == case.dtype
+    np.testing.assert_array_equal(out.double().numpy(), dense)  # exact: no arithmetic
+    general, _ = case.dense(case.dim, case.dim, stream=1)
+    assert_member(case, case.cls.from_dense(general).to_dense())
+
+
+@given(data=st.data())
+def test_storage_is_free_entries(name: str, data: st.DataObject) -> None:
+    case = data.draw(cases(name))
+    member, _ = case.member()
+    assert case.cls.storage_numel(case.dim) == case.oracle.num_free(case.dim)
+    assert member.nbytes == case.oracle.num_free(case.dim) * member.dtype.itemsize
+    assert all(t.dtype == case.dtype for t in member.storage.values())
+
+
+@given(data=st.data())
+def test_eye_and_zeros(name: str, data: st.DataObject) -> None:
+    case = data.draw(cases(name))
+    eye = case.cls.eye(case.dim, dtype=case.dtype)
+    zeros = case.cls.zeros(case.dim, dtype=case.dtype)
+    assert eye.dtype == zeros.dtype == case.dtype
+    np.testing.assert_array_equal(eye.to_dense().double().numpy(), np.eye(case.dim))  # exact
+    np.testing.assert_array_equal(zeros.to_dense().double().numpy(), 0.0)  # exact
+
+
+@given(data=st.data())
+def test_storage_serialises_as_plain_tensors(name: str, data: st.DataObject) -> None:
+    case = data.draw(cases(name))
+    member, dense = case.member()
+    buffer = io.BytesIO()
+    torch.save(member.storage, buffer)
+    buffer.seek(0)
+    loaded = case.cls.from_storage(case.dim, torch.load(buffer, weights_only=True))
+    np.testing.assert_array_equal(loaded.to_dense().double().numpy(), dense)  # exact copy
+
+
+# -------------------------------------------------------------------- products
+@given(data=st.data())
+@example(data=None)
+def test_matmul_and_t_matmul(name: str, data: st.DataObject | None) -> None:
+    case = data.draw(cases(name)) if data else edge(name, 1)
+    member, k = case.member()
+    x_t, x = case.dense(case.dim, case.cols, stream=1)
+    bound = matmul_bound(case.dtype, case.dim)  # one product, reduction length d
+    out = member.matmul(x_t)
+    assert out.dtype == case.dtype
+    assert_within(out, k @ x, np.abs(k) @ np.abs(x), bound)
+    out_t = member.t_matmul(x_t)
+    assert out_t.dtype == case.dtype
+    assert_within(out_t, k.T @ x, np.abs(k).T @ np.abs(x), bound)
+
+
+@given(data=st.data())
+def test_structured_product(name: str, data: st.DataObject) -> None:
+    case = data.draw(cases(name))
+    (member, k), (other, ell) = case.member(0), case.member(1)
+    product = member @ other
+    assert type(product) is type(member)
+    assert product.dtype == case.dtype
+    out = product.to_dense()
+    assert_member(case, out)
+    # one product, reduction length d
+    assert_within(out, k @ ell, np.abs(k) @ np.abs(ell), matmul_bound(case.dtype, case.dim))
+
+
+# ----------------------------------------------------------------- projections
+@given(data=st.data())
+def test_project(name: str, data: st.DataObject) -> None:
+    case = data.draw(cases(name))
+    _, x = case.dense(case.dim, case.dim, stream=1)
+    sym_t, sym = case.round((x + x.T) / 2)
+    out = case.cls.project(sym_t).to_dense()
+    assert out.dtype == case.dtype
+    assert_member(case, out)
+    # Π̂ sums at most d entries (Toeplitz diagonal mean; 2 for coupling entries)
+    bound = matmul_bound(case.dtype, case.dim)
+    assert_within(out, case.oracle.project(sym), case.oracle.project(np.abs(sym)), bound)
+
+
+@given(data=st.data())
+@example(data=None)
+def test_project_gram(name: str, data: st.DataObject | None) -> None:
+    case = data.draw(cases(name)) if data else edge(name, 33)
+    x_t, x = case.dense(case.dim, case.cols, stream=1)
+    out = case.cls.project_gram(x_t).to_dense()
+    assert out.dtype == case.dtype
+    assert_member(case, out)
+    magnitude = case.oracle.project(np.abs(x) @ np.abs(x).T)
+    # X Xᵀ (reduction m), then Π̂'s sum of at most d entries
+    bound = chain_bound(case.dtype, [case.cols, case.dim])
+    assert_within(out, case.oracle.project(x @ x.T), magnitude, bound)
+
+
+@given(data=st.data())
+@example(data=None)
+def test_project_inner(name: str, data: st.DataObject | None) -> None:
+    case = data.draw(cases(name)) if data else edge(name, 31)
+    member, k = case.member()
+    x_t, x = case.dense(case.dim, case.cols, stream=1)
+    out = member.project_inner(x_t)
+    assert type(out) is type(member)
+    assert out.dtype == case.dtype
+    assert_member(case, out.to_dense())
+    y, y_abs = k.T @ x, np.abs(k).T @ np.abs(x)
+    # Kᵀ X (reduction d) enters twice, Y Yᵀ (reduction m), Π̂ sums ≤ d entries
+    bound = chain_bound(case.dtype, [case.dim, case.dim, case.cols, case.dim])
+    expected = case.oracle.project(y @ y.T)
+    assert_within(out.to_dense(), expected, case.oracle.project(y_abs @ y_abs.T), bound)
+
+
+@given(data=st.data())
+def test_project_self_inner(name: str, data: st.DataObject) -> None:
+    case = data.draw(cases(name))
+    member, k = case.member()
+    out = member.project_self_inner()
+    assert type(out) is type(member)
+    assert out.dtype == case.dtype
+    assert_member(case, out.to_dense())
+    magnitude = case.oracle.project(np.abs(k).T @ np.abs(k))
+    # KᵀK (reduction d), then Π̂'s sum of at most d entries
+    bound = chain_bound(case.dtype, [case.dim, case.dim])
+    assert_within(out.to_dense(), case.oracle.project(k.T @ k), magnitude, bound)
+
+
+# ------------------------------------------------------------------ reductions
+@given(data=st.data())
+def test_trace_and_max_abs(name: str, data: st.DataObject) -> None:
+    case = data.draw(cases(name))
+    member, k = case.member()
+    trace = member.trace()
+    assert trace.ndim == 0
+    # a sum of d diagonal entries
+    assert_within(trace, np.trace(k), np.trace(np.abs(k)), matmul_bound(case.dtype, case.dim))
+    assert member.max_abs().item() == np.abs(k).max()  # exact: a stored entry
+
+
+# -------------------------------------------------------------------- in place
+@given(data=st.data(), scale=SCALARS, alpha=SCALARS)
+def test_in_place_ops(name: str, data: st.DataObject, scale: float, alpha: float) -> None:
+    case = data.draw(cases(name))
+    (member, k), (other, ell) = case.member(0), case.member(1)
+    one_rounding = matmul_bound(case.dtype, 1)  # s·K: one product, one rounding
+    out = member.clone().mul_(scale)
+    assert out.dtype == case.dtype
+    assert_member(case, out.to_dense())
+    assert_within(out.to_dense(), scale * k, np.abs(scale * k), one_rounding)
+    # K + α L: one product and one sum, each rounded: reduction length 2
+    out = member.clone().add_(other, alpha=alpha)
+    assert out.dtype == case.dtype
+    assert_member(case, out.to_dense())
+    magnitude = np.abs(k) + abs(alpha) * np.abs(ell)
+    assert_within(out.to_dense(), k + alpha * ell, magnitude, matmul_bound(case.dtype, 2))
+    out = member.clone().add_diag_(alpha)
+    assert out.dtype == case.dtype
+    assert_member(case, out.to_dense())
+    eye = np.eye(case.dim)
+    # one sum, rounded once, on the diagonal; elsewhere untouched (exact)
+    assert_within(out.to_dense(), k + alpha * eye, np.abs(k) + abs(alpha) * eye, one_rounding)
+    np.testing.assert_array_equal(member.to_dense().double().numpy(), k)  # clones untouched
+
+
+# ------------------------------------------------------------------ dtype rule
+@pytest.mark.parametrize("own", DTYPES)
+@pytest.mark.parametrize("operand", DTYPES)
+def test_mixed_dtypes_promote(name: str, own: torch.dtype, operand: torch.dtype) -> None:
+    cls = structure_class(name)
+    promoted = torch.promote_types(own, operand)
+    member = cls.eye(5, dtype=own)
+    x = torch.ones(5, 2, dtype=operand)
+    assert member.matmul(x).dtype == promoted
+    assert member.t_matmul(x).dtype == promoted
+    assert member.project_inner(x).dtype == promoted
+    assert (member @ cls.eye(5, dtype=operand)).dtype == promoted
+    assert member.clone().add_(cls.eye(5, dtype=operand)).dtype == own  # in place keeps own
+    assert member.clone().mul_(torch.tensor(2.0, dtype=operand)).dtype == own
+
+
+def test_to_changes_dtype(name: str) -> None:
+    member = structure_class(name).eye(4, dtype=torch.float32)
+    half = member.to(dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert member.dtype == torch.float32
+    np.testing.assert_array_equal(half.to_dense().double().numpy(), np.eye(4))  # exact
+
+
+def test_all_reduce_without_distribution_is_a_no_op(name: str) -> None:
+    member = structure_class(name).eye(3)
+    assert member.all_reduce_() is member
+    np.testing.assert_array_equal(member.to_dense().numpy(), np.eye(3))  # exact
+
+
+# ------------------------------------------------------------------- bad input
+def test_bad_input_raises(name: str) -> None:
+    cls = structure_class(name)
+    member = cls.eye(4)
+    with pytest.raises(ValueError, match="square"):
+        cls.from_dense(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="square"):
+        cls.project(torch.zeros(4))
+    with pytest.raises(ValueError, match="d × m"):
+        cls.project_gram(torch.zeros(4))
+    with pytest.raises(ValueError, match="4 × m"):
+        member.matmul(torch.zeros(5, 2))
+    with pytest.raises(ValueError, match="4 × m"):
+        member.t_matmul(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="4 × m"):
+        member.project_inner(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="dim 4"):
+        member.add_(cls.eye(5))
+    with pytest.raises(ValueError, match="dim 4"):
+        _ = member @ cls.eye(5)
+    with pytest.raises(ValueError, match="storage"):
+        cls.from_storage(4, {})
+    wrong = {key: torch.zeros(*t.shape, 7) for key, t in member.storage.items()}
+    with pytest.raises(ValueError, match="shape"):
+        cls.from_storage(4, wrong)
+
+
+def test_other_structure_is_rejected(name: str) -> None:
+    cls = structure_class(name)
+    other = "diagonal" if name != "diagonal" else "dense"
+    with pytest.raises(ValueError, match=f"expected a {name} matrix"):
+        cls.eye(4).add_(structure_class(other).eye(4))
+
+
+def test_low_precision_eps_table_covers_dtypes(name: str) -> None:
+    assert set(DTYPES) <= set(EPS)
