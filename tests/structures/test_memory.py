@@ -1,0 +1,118 @@
+"""Memory: storage = free entries × itemsize exactly; no ``d × d`` temporaries (SPEC §2).
+
+Temporaries are measured with a :class:`TorchDispatchMode` that records the
+number of elements of every tensor every aten op returns (views included)
+while one structure operation runs.  For structures whose storage is o(d²)
+nothing with ``d²`` or more elements may appear, at ``d = 256`` and ``d = 257``
+(a multiple and a non-multiple of small block sizes).
+
+Exempt, with the reason:
+
+* structures whose storage is itself Θ(d²) (``dense``, ``tril``, ``triu``, and
+  ``hierarchical`` whose blocks cover a quarter of the matrix or more): a
+  dense ``d × d`` temporary costs no more than the factor itself;
+* ``to_dense``, whose *result* is ``d × d`` by definition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from reference.structures import get_structure as oracle_structure
+from singd.structures import STRUCTURE_NAMES, StructuredMatrix
+from tests.structures.strategies import structure_class
+
+COLS = 32  # m: the width of X in K X, Π̂(Kᵀ X Xᵀ K)
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the largest ``numel`` of any tensor an aten op returns, and which op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+        self.op = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.numel:
+                self.numel, self.op = leaf.numel(), str(func)
+        return out
+
+
+Operation = Callable[
+    [type[StructuredMatrix], StructuredMatrix, StructuredMatrix, torch.Tensor, torch.Tensor], object
+]
+
+#: Every operation of SPEC §2 except ``to_dense``: (cls, K, L, X (d × m), M (d × d sym)).
+OPERATIONS: dict[str, Operation] = {
+    "matmul": lambda cls, k, ell, x, sym: k.matmul(x),
+    "t_matmul": lambda cls, k, ell, x, sym: k.t_matmul(x),
+    "structured_product": lambda cls, k, ell, x, sym: k @ ell,
+    "project_gram": lambda cls, k, ell, x, sym: cls.project_gram(x),
+    "project_inner": lambda cls, k, ell, x, sym: k.project_inner(x),
+    "project_self_inner": lambda cls, k, ell, x, sym: k.project_self_inner(),
+    "trace": lambda cls, k, ell, x, sym: k.trace(),
+    "max_abs": lambda cls, k, ell, x, sym: k.max_abs(),
+    "mul_": lambda cls, k, ell, x, sym: k.mul_(0.5),
+    "add_": lambda cls, k, ell, x, sym: k.add_(ell, alpha=-0.5),
+    "add_diag_": lambda cls, k, ell, x, sym: k.add_diag_(0.25),
+    "eye": lambda cls, k, ell, x, sym: cls.eye(k.dim),
+    "zeros": lambda cls, k, ell, x, sym: cls.zeros(k.dim),
+    "from_dense": lambda cls, k, ell, x, sym: cls.from_dense(sym),
+    "project": lambda cls, k, ell, x, sym: cls.project(sym),
+    "from_storage": lambda cls, k, ell, x, sym: cls.from_storage(k.dim, k.storage),
+    "clone": lambda cls, k, ell, x, sym: k.clone(),
+    "to": lambda cls, k, ell, x, sym: k.to(dtype=torch.float64),
+}
+
+
+def storage_is_quadratic(cls: type[StructuredMatrix], dim: int) -> bool:
+    """Θ(d²) storage (module docstring): at least a quarter of the ``d²`` entries."""
+    return 4 * cls.storage_numel(dim) >= dim * dim
+
+
+@pytest.mark.parametrize("dim", [256, 257])
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+@pytest.mark.parametrize("name", STRUCTURE_NAMES)
+def test_no_quadratic_temporaries(name: str, operation: str, dim: int) -> None:
+    cls = structure_class(name)
+    if storage_is_quadratic(cls, dim):
+        pytest.skip(f"{name} stores Θ(d²) entries at d={dim}: exempt (module docstring)")
+    generator = torch.Generator().manual_seed(dim)
+    sym = torch.randn(dim, dim, generator=generator)
+    sym = sym + sym.T
+    k, ell = cls.project(sym), cls.project(sym * 0.5).add_diag_(1.0)
+    x = torch.randn(dim, COLS, generator=generator)
+    recorder = LargestOutput()
+    with recorder:
+        OPERATIONS[operation](cls, k, ell, x, sym)
+    assert recorder.numel < dim * dim, (
+        f"{operation} made {recorder.numel} elements in {recorder.op}"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [1, 256, 257, 1024])
+@pytest.mark.parametrize("name", STRUCTURE_NAMES)
+def test_storage_bytes_are_free_entries(name: str, dim: int, dtype: torch.dtype) -> None:
+    cls = structure_class(name)
+    member = cls.eye(dim, dtype=dtype)
+    # exact: one stored number per free entry of the oracle's pattern
+    assert member.nbytes == oracle_structure(name).num_free(dim) * dtype.itemsize
+    assert cls.storage_numel(dim) == oracle_structure(name).num_free(dim)
+
+
+def test_recorder_sees_a_dense_temporary() -> None:
+    """The recorder itself works: a dense product of two ``d × d`` matrices is seen."""
+    recorder = LargestOutput()
+    with recorder:
+        torch.ones(8, 8) @ torch.ones(8, 8)
+    assert recorder.numel == 64
