@@ -1,0 +1,1 @@
+"""asv benchmarks for SINGD (run from ``asv_benches/``; see ``asv.conf.json``)."""
