@@ -12,10 +12,12 @@ every result's entries outside the pattern are exactly zero.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -237,6 +239,24 @@ def test_all_reduce_without_distribution_is_a_no_op(name: str) -> None:
     member = structure_class(name).eye(3)
     assert member.all_reduce_() is member
     np.testing.assert_array_equal(member.to_dense().numpy(), np.eye(3))  # exact
+
+
+@pytest.fixture(scope="module")
+def single_process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A one-rank gloo process group (the all-reduce code path without a launcher)."""
+    store = tmp_path_factory.mktemp("dist") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_all_reduce_with_one_rank_keeps_the_storage(name: str) -> None:
+    member = structure_class(name).eye(3).mul_(2.0)
+    assert member.all_reduce_() is member  # SUM over one rank
+    np.testing.assert_array_equal(member.to_dense().numpy(), 2 * np.eye(3))  # exact
+    member.all_reduce_(op=dist.ReduceOp.MAX)
+    np.testing.assert_array_equal(member.to_dense().numpy(), 2 * np.eye(3))  # exact
 
 
 # ------------------------------------------------------------------- bad input
