@@ -1,0 +1,392 @@
+"""Plumbing shared by SINGD and KFAC: param groups, hooks, the guarded step, checkpoints.
+
+:class:`KroneckerOptimizer` owns everything that is not an update equation.
+A subclass says how a layer's state is made, what a pass contributes
+(``summarise_input``/``summarise_grad``), how the factors move at a
+statistics step and how a gradient is preconditioned; the equations
+themselves live in :mod:`singd.optim.updates`.
+
+A step is computed in full before anything is written: new factors and every
+parameter's update direction are checked to be finite, then committed.  A
+step with inf/NaN gradients, statistics or results is skipped with a warning
+and leaves every piece of state (parameters, buffers, factors, ``steps``)
+untouched; its pending statistics are dropped.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from singd.optim import checkpoint, scaling
+from singd.optim.hooks import CurvatureCollector, GradScaleInfo, HookSettings, PendingStatistics
+from singd.optim.layers import Layer, fallback_params, find_layers, unwrap_model
+from singd.optim.statistics import split_weight_matrix, weight_gradient_matrix
+from singd.optim.updates import momentum_parameter_update
+from singd.optim.validation import check_bool, check_real, resolve_lr_cov
+
+LayerState = dict[str, Any]
+
+
+def _is_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+class KroneckerOptimizer(Optimizer, ABC):
+    """Base of :class:`~singd.SINGD` and :class:`~singd.KFAC` (plumbing only).
+
+    Args:
+        model: the model (``(Distributed)DataParallel`` wrappers are unwrapped).
+        params: parameters or param groups; ``None`` → every parameter of
+            ``model`` that requires grad.
+        defaults: default hyper-parameters of a group.
+        warn_unsupported: warn once, naming them, about fallback parameters.
+        init_grad_scale: ``s_div`` of the first statistics (SPEC §1.5).
+    """
+
+    #: ``GradScaler`` calls ``step`` itself and passes ``grad_scale``/``found_inf``.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Any,
+        defaults: dict[str, Any],
+        *,
+        warn_unsupported: bool,
+        init_grad_scale: float,
+    ) -> None:
+        self._model = unwrap_model(model)
+        self._distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+        check_bool("warn_unsupported", warn_unsupported)
+        self._grad_scale_prev = check_real(
+            "init_grad_scale", init_grad_scale, low=0.0, low_open=True
+        )
+        self._grad_scaler: Any = None
+        self.steps = 0
+        self._layers: dict[str, Layer] = {}
+        self._layer_states: dict[str, LayerState] = {}
+        if params is None:
+            params = [p for p in self._model.parameters() if p.requires_grad]
+        super().__init__(params, defaults)
+        self._collector = CurvatureCollector(
+            is_active=self._collects,
+            settings=self._hook_settings,
+            summarise_input=self._summarise_input,
+            summarise_grad=self._summarise_grad,
+            grad_scale_info=self._grad_scale_info,
+        )
+        self._fallback: dict[int, str] = {}
+        self._warn_unsupported = warn_unsupported
+        self._refresh_layers(stacklevel=4)
+
+    # ------------------------------------------------------------ subclass API
+    @abstractmethod
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate (and normalise) one param group's hyper-parameters in place."""
+
+    @abstractmethod
+    def _new_layer_state(self, layer: Layer, group: dict[str, Any]) -> LayerState:
+        """The initial factors of ``layer``."""
+
+    @abstractmethod
+    def _factor_dtypes(self, layer: Layer) -> tuple[torch.dtype, torch.dtype]:
+        """Dtypes in which ``A`` and ``G`` are formed (input factor, grad factor)."""
+
+    @abstractmethod
+    def _summarise_input(self, name: str, A: Tensor) -> Any:
+        """A pass's input summary from ``A`` (n_A × d_i~)."""
+
+    @abstractmethod
+    def _summarise_grad(self, name: str, G: Tensor) -> Any:
+        """A pass's gradient summary from ``G`` (n_G × d_o)."""
+
+    @abstractmethod
+    def _updated_layer_state(
+        self,
+        layer: Layer,
+        group: dict[str, Any],
+        pending: PendingStatistics,
+        correction: float,
+        lr_cov: float,
+    ) -> LayerState:
+        """The factors after a statistics step (a new object; the old one is untouched)."""
+
+    @abstractmethod
+    def _precondition(self, layer: Layer, state: LayerState, grad: Tensor) -> Tensor:
+        """The preconditioned ``∇W~`` (d_o × d_i~) with the factors in ``state``."""
+
+    @abstractmethod
+    def _state_to_storage(self, state: LayerState) -> dict[str, dict[str, Tensor]]:
+        """Plain tensors of a layer state: factor name → storage dict."""
+
+    @abstractmethod
+    def _layout(self, state: LayerState) -> dict[str, str]:
+        """Factor name → structure name (what a checkpoint must agree on)."""
+
+    @abstractmethod
+    def _state_from_storage(
+        self, layer: Layer, current: LayerState, storage: dict[str, dict[str, Tensor]]
+    ) -> LayerState:
+        """The inverse of :meth:`_state_to_storage`, shaped and placed like ``current``.
+
+        Raises ``ValueError`` on any mismatch.
+        """
+
+    # --------------------------------------------------------------- public API
+    def layer_names(self) -> list[str]:
+        """Qualified names of the Kronecker-preconditioned layers, in module order."""
+        return list(self._layers)
+
+    def layer_state(self, name: str) -> LayerState:
+        """The live factors of layer ``name`` (see the subclass for the keys)."""
+        if name not in self._layer_states:
+            raise ValueError(f"no Kronecker-preconditioned layer named {name!r}")
+        return self._layer_states[name]
+
+    def attach_grad_scaler(self, scaler: Any) -> None:
+        """Let the hooks read ``scaler``'s scale at backward time (SPEC §1.5).
+
+        Needed when gradients are unscaled before ``step`` (``scaler.unscale_``
+        e.g. for clipping); harmless otherwise.  Reading the scale costs one
+        host sync per layer on statistics passes.
+        """
+        if not callable(getattr(scaler, "get_scale", None)):
+            raise ValueError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self._grad_scaler = scaler
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (validated first; its supported layers get factors)."""
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+            if hasattr(self, "_collector"):
+                self._refresh_layers(stacklevel=3)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    # ------------------------------------------------------------------ layers
+    def _refresh_layers(self, stacklevel: int) -> None:
+        """Give factors and hooks to newly optimised layers; warn about new fallbacks."""
+        layers = find_layers(self._model, self.param_groups)
+        for layer in layers:
+            if layer.name not in self._layers:
+                group = self.param_groups[layer.group_index]
+                self._layer_states[layer.name] = self._new_layer_state(layer, group)
+                self._layers[layer.name] = layer
+                self._collector.add_layer(layer.name, layer.module)
+        new_fallback = fallback_params(self._model, self.param_groups, layers)
+        unseen = [name for key, name in new_fallback.items() if key not in self._fallback]
+        self._fallback = new_fallback
+        if unseen and self._warn_unsupported:
+            warnings.warn(
+                f"{type(self).__name__}: parameters outside supported layers (nn.Linear, "
+                f"nn.Conv2d) get momentum SGD on their raw gradient: {', '.join(unseen)}",
+                stacklevel=stacklevel,
+            )
+
+    def _collects(self, name: str) -> bool:
+        group = self.param_groups[self._layers[name].group_index]
+        return self.steps % group["T"] == 0
+
+    def _hook_settings(self, name: str) -> HookSettings:
+        layer = self._layers[name]
+        group = self.param_groups[layer.group_index]
+        input_dtype, grad_dtype = self._factor_dtypes(layer)
+        return HookSettings(group["kfac_approx"], group["loss_average"], input_dtype, grad_dtype)
+
+    def _grad_scale_info(self) -> GradScaleInfo:
+        if self._grad_scaler is not None:
+            scale = float(self._grad_scaler.get_scale())
+            return GradScaleInfo(scale, scale)
+        return GradScaleInfo(self._grad_scale_prev, None)
+
+    # -------------------------------------------------------------------- step
+    def _skip(self, reason: str) -> None:
+        warnings.warn(
+            f"{type(self).__name__}: step skipped ({reason}); no state was changed",
+            stacklevel=3,
+        )
+
+    def _unscaled_grads(self, grad_scale: float | None) -> dict[int, Tensor]:
+        grads = {}
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    grad = param.grad
+                    grads[id(param)] = grad if grad_scale is None else grad * (1.0 / grad_scale)
+        return grads
+
+    def _reduce_across_ranks(self, pending: dict[str, PendingStatistics]) -> None:
+        """Average statistics over ranks (DDP with a world size > 1)."""
+        if not (self._distributed and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        world = dist.get_world_size()
+        for stats in pending.values():
+            for summary in (stats.input_summary, stats.grad_summary):
+                if isinstance(summary, Tensor):
+                    dist.all_reduce(summary)
+                else:
+                    summary.all_reduce_()
+                summary.mul_(1.0 / world)
+
+    def _new_layer_states(
+        self, pending: dict[str, PendingStatistics], amp: scaling.AmpStepInfo
+    ) -> dict[str, LayerState]:
+        new_states = {}
+        for name, stats in pending.items():
+            layer = self._layers[name]
+            group = self.param_groups[layer.group_index]
+            correction = scaling.statistics_correction(stats.grad_scale, amp, name)
+            lr_cov = resolve_lr_cov(group["lr_cov"], self.steps)
+            new_states[name] = self._updated_layer_state(layer, group, stats, correction, lr_cov)
+        return new_states
+
+    def _directions(
+        self, grads: dict[int, Tensor], states: dict[str, LayerState]
+    ) -> dict[int, Tensor]:
+        """Every parameter's update direction ``ĝ`` (before weight decay, SPEC §1.4)."""
+        directions = {key: grad for key, grad in grads.items() if key in self._fallback}
+        for name, layer in self._layers.items():
+            weight_grad = grads.get(id(layer.weight))
+            bias_grad = None if layer.bias is None else grads.get(id(layer.bias))
+            if weight_grad is None and bias_grad is None:
+                continue
+            if weight_grad is None:
+                weight_grad = torch.zeros_like(layer.weight)
+            if layer.bias is not None and bias_grad is None:
+                bias_grad = torch.zeros_like(layer.bias)
+            matrix = weight_gradient_matrix(weight_grad, bias_grad)
+            preconditioned = self._precondition(layer, states[name], matrix)
+            weight_dir, bias_dir = split_weight_matrix(
+                preconditioned, layer.weight.shape, layer.bias is not None
+            )
+            directions[id(layer.weight)] = weight_dir
+            if layer.bias is not None:
+                directions[id(layer.bias)] = bias_dir
+        return directions
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step (SPEC §1.4a order); see the class docstring."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        amp = scaling.read_amp_attributes(self)
+        pending = self._collector.pop_all()
+        if amp.found_inf:
+            self._skip("the GradScaler found inf/NaN gradients")
+            return loss
+        grads = self._unscaled_grads(amp.grad_scale)
+        if not _is_finite(grads.values()):
+            self._skip("non-finite gradients")
+            return loss
+        try:
+            self._reduce_across_ranks(pending)
+            if not _is_finite(t for s in pending.values() for t in _summary_tensors(s)):
+                self._skip("non-finite curvature statistics")
+                return loss
+            new_states = self._new_layer_states(pending, amp)
+        except ValueError:
+            scaling.clear_amp_attributes(self)
+            raise
+        states = {**self._layer_states, **new_states}
+        directions = self._directions(grads, states)
+        new_tensors = [t for s in new_states.values() for f in self._state_to_storage(s).values()
+                       for t in f.values()]
+        if not _is_finite([*new_tensors, *directions.values()]):
+            self._skip("non-finite factors or update after the factor step")
+            return loss
+        self._layer_states.update(new_states)
+        for group in self.param_groups:
+            for param in group["params"]:
+                direction = directions.get(id(param))
+                if direction is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param)
+                momentum_parameter_update(
+                    param,
+                    direction,
+                    state["momentum_buffer"],
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    weight_decay=group["weight_decay"],
+                )
+        if amp.grad_scale is not None:
+            self._grad_scale_prev = amp.grad_scale
+        self.steps += 1
+        return loss
+
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's optimizer state plus an entry of plain tensors for the factors.
+
+        Loadable with ``torch.load(..., weights_only=True)``: a callable
+        ``lr_cov`` is saved as a marker and kept from the loading optimizer.
+        Statistics pending between a backward and ``step`` are not saved.
+        """
+        state = super().state_dict()
+        state["param_groups"] = [
+            checkpoint.plain_group(group) for group in state["param_groups"]
+        ]
+        state[checkpoint.KEY] = checkpoint.pack(
+            steps=self.steps,
+            grad_scale_prev=self._grad_scale_prev,
+            layers={
+                name: {"layout": self._layout(s), "factors": self._state_to_storage(s)}
+                for name, s in self._layer_states.items()
+            },
+        )
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; validated in full before anything changes.
+
+        Tensors move to the parameters' devices.  Raises ``ValueError`` on
+        missing/extra layers, shape, structure or type mismatches and
+        corrupted entries, leaving the optimizer unchanged.
+        """
+        entry = checkpoint.unpack(state_dict, self.layer_names())
+        groups = checkpoint.restore_groups(state_dict, self.param_groups)
+        for group in groups:
+            self._check_group(group)
+        checkpoint.check_param_state(state_dict, self.param_groups)
+        new_states = {}
+        for name, layer in self._layers.items():
+            current = self._layer_states[name]
+            saved = entry.layers[name]
+            if saved["layout"] != self._layout(current):
+                raise ValueError(
+                    f"load_state_dict: layer {name!r} has structures {saved['layout']}, "
+                    f"expected {self._layout(current)}"
+                )
+            for factor, storage in saved["factors"].items():
+                checkpoint.check_factor_tensors(f"{name}.{factor}", storage)
+            new_states[name] = self._state_from_storage(layer, current, saved["factors"])
+        torch_state = {k: v for k, v in state_dict.items() if k != checkpoint.KEY}
+        super().load_state_dict({**torch_state, "param_groups": groups})
+        self._layer_states.update(new_states)
+        self.steps = entry.steps
+        self._grad_scale_prev = entry.grad_scale_prev
+        self._collector.pop_all()
+
+
+def _summary_tensors(stats: PendingStatistics) -> list[Tensor]:
+    tensors = []
+    for summary in (stats.input_summary, stats.grad_summary):
+        tensors.extend([summary] if isinstance(summary, Tensor) else summary.storage.values())
+    return tensors
+

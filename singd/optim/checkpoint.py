@@ -1,0 +1,135 @@
+"""Checkpoint format of the Kronecker optimizers: plain containers and tensors only.
+
+``state_dict()[KEY]`` is::
+
+    {"steps": int, "grad_scale_prev": float,
+     "layers": {layer name: {"layout": {factor: structure name},
+                             "factors": {factor: {storage key: Tensor}}}}}
+
+which ``torch.load(..., weights_only=True)`` accepts.  Every function here
+validates and raises ``ValueError``; none of them changes an optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+KEY = "kronecker"
+#: Stands in for a callable ``lr_cov`` (not loadable with ``weights_only``).
+CALLABLE_MARKER = "<callable lr_cov: kept from the loading optimizer>"
+#: Group entries that fix the factors' layout; a checkpoint must agree on them.
+LAYOUT_KEYS = ("structures", "preconditioner_dtype", "upcast_half")
+
+
+class Entry(NamedTuple):
+    """The validated optimizer-specific part of a checkpoint."""
+
+    steps: int
+    grad_scale_prev: float
+    layers: dict[str, dict[str, Any]]
+
+
+def pack(
+    *, steps: int, grad_scale_prev: float, layers: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The checkpoint entry (see module docstring)."""
+    return {"steps": steps, "grad_scale_prev": grad_scale_prev, "layers": layers}
+
+
+def plain_group(group: dict[str, Any]) -> dict[str, Any]:
+    """A saved param group with a callable ``lr_cov`` replaced by :data:`CALLABLE_MARKER`."""
+    group = dict(group)
+    if callable(group.get("lr_cov")):
+        group["lr_cov"] = CALLABLE_MARKER
+    return group
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"load_state_dict: {message}")
+
+
+def unpack(state_dict: Any, layer_names: list[str]) -> Entry:
+    """Validate the entry: keys, types, exactly the layers ``layer_names``."""
+    _require(isinstance(state_dict, dict), "state_dict must be a dict")
+    _require(KEY in state_dict, f"missing entry {KEY!r} (not a checkpoint of this optimizer)")
+    entry = state_dict[KEY]
+    _require(isinstance(entry, dict) and set(entry) == {"steps", "grad_scale_prev", "layers"},
+             f"{KEY!r} must hold exactly 'steps', 'grad_scale_prev' and 'layers'")
+    steps, scale, layers = entry["steps"], entry["grad_scale_prev"], entry["layers"]
+    _require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
+             f"steps must be a non-negative int, got {steps!r}")
+    _require(isinstance(scale, float) and math.isfinite(scale) and scale > 0,
+             f"grad_scale_prev must be a positive finite float, got {scale!r}")
+    _require(isinstance(layers, dict), "layers must be a dict")
+    missing = sorted(set(layer_names) - set(layers))
+    extra = sorted(set(layers) - set(layer_names))
+    _require(not missing and not extra, f"layer mismatch: missing {missing}, unexpected {extra}")
+    for name, layer in layers.items():
+        _require(isinstance(layer, dict) and set(layer) == {"layout", "factors"},
+                 f"layer {name!r} must hold 'layout' and 'factors'")
+        _require(isinstance(layer["layout"], dict)
+                 and all(isinstance(v, str) for v in layer["layout"].values()),
+                 f"layer {name!r}: layout must map factor names to structure names")
+        factors = layer["factors"]
+        _require(isinstance(factors, dict) and all(
+            isinstance(storage, dict) and all(isinstance(t, Tensor) for t in storage.values())
+            for storage in factors.values()), f"layer {name!r}: factors must be dicts of tensors")
+    return Entry(steps, scale, layers)
+
+
+def check_factor_tensors(name: str, storage: dict[str, Tensor]) -> None:
+    """Every stored factor entry is a finite floating tensor."""
+    for key, tensor in storage.items():
+        _require(tensor.is_floating_point(), f"{name}[{key!r}] must be floating point")
+        _require(bool(tensor.isfinite().all()), f"{name}[{key!r}] holds non-finite entries")
+
+
+def restore_groups(
+    state_dict: dict[str, Any], current: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The saved groups, with markers replaced by the current callables.
+
+    Raises ``ValueError`` if the group count or a layout entry (structures,
+    factor dtypes) differs from the current groups.
+    """
+    saved = state_dict.get("param_groups")
+    _require(isinstance(saved, list) and len(saved) == len(current),
+             f"expected {len(current)} param groups, got "
+             f"{len(saved) if isinstance(saved, list) else type(saved).__name__}")
+    groups = []
+    for index, (old, new) in enumerate(zip(saved, current, strict=True)):
+        _require(isinstance(old, dict), f"param group {index} must be a dict")
+        group = dict(old)
+        for key in LAYOUT_KEYS:
+            if key in new:
+                _require(group.get(key) == new[key],
+                         f"param group {index}: {key} {group.get(key)!r} != current {new[key]!r}")
+        if group.get("lr_cov") == CALLABLE_MARKER:
+            current_lr_cov: Callable[[int], float] | float = new["lr_cov"]
+            _require(callable(current_lr_cov),
+                     f"param group {index}: the checkpoint's lr_cov was a callable; the "
+                     "loading optimizer must have a callable lr_cov too")
+            group["lr_cov"] = current_lr_cov
+        groups.append(group)
+    return groups
+
+
+def check_param_state(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> None:
+    """Per-parameter state: momentum buffers shaped like their parameters."""
+    state = state_dict.get("state")
+    _require(isinstance(state, dict), "missing per-parameter 'state'")
+    params = [p for group in groups for p in group["params"]]
+    for index, entry in state.items():
+        _require(isinstance(index, int) and 0 <= index < len(params),
+                 f"state key {index!r} is not a parameter index")
+        _require(isinstance(entry, dict), f"state[{index}] must be a dict")
+        buffer = entry.get("momentum_buffer")
+        _require(isinstance(buffer, Tensor) and buffer.shape == params[index].shape,
+                 f"state[{index}]['momentum_buffer'] must be a tensor of shape "
+                 f"{tuple(params[index].shape)}")
+        check_factor_tensors(f"state[{index}]", {"momentum_buffer": buffer})

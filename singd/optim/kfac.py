@@ -1,0 +1,166 @@
+"""The KFAC baseline (SPEC §1.2) with the same hooks and statistics as SINGD."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from singd.optim.base import KroneckerOptimizer, LayerState
+from singd.optim.hooks import PendingStatistics
+from singd.optim.layers import Layer
+from singd.optim.updates import kfac_factor_ema, kfac_precondition
+from singd.optim.validation import check_kfac_group
+
+FACTORS = ("S_K", "S_C")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class KFAC(KroneckerOptimizer):
+    r"""KFAC with exponential moving averages of the Kronecker factors (SPEC §1.2).
+
+    For every ``nn.Linear``/``nn.Conv2d`` whose weight is optimised, with
+    ``W~ = [W, b]`` (d_o × d_i~)::
+
+        S_K = (1 − λ) I (d_i~ × d_i~),  S_C = (1 − λ) I (d_o × d_o)
+            # so (S + λI)⁻¹ = I: SINGD's initial preconditioner K Kᵀ = I
+        for each step (steps = completed steps, from 0):
+            if steps % T == 0:                      # statistics were collected
+                U  = Σ_passes AᵀA;  Gc = Σ_passes GᵀG
+                S_K ← (1 − β1) S_K + β1 U;  S_C ← (1 − β1) S_C + β1 Gc
+            ĝ = (S_C + λI)⁻¹ ∇W~ (S_K + λI)⁻¹      # two Cholesky solves
+            ĝ += γ W~;  m_μ ← α2 m_μ + ĝ;  W~ ← W~ − β2 m_μ
+        other parameters: momentum SGD on the raw gradient, as in SINGD.
+
+    Half precision: torch has no Cholesky in bfloat16/float16, and inverting
+    a factor in such a narrow format is exactly what SINGD avoids.  A layer
+    whose factor dtype (``preconditioner_dtype``, else the weight's dtype) is
+    half therefore raises ``ValueError`` at construction, unless
+    ``upcast_half=True``: then the factors are kept, and all their linear
+    algebra done, in float32 (the update is cast back to the weight's dtype).
+
+    Hooks, statistics, ``GradScaler`` support (including
+    :meth:`attach_grad_scaler`), the non-finite skip, fallback parameters and
+    checkpoints work as for :class:`~singd.SINGD`; ``layer_state(name)``
+    holds the dense tensors ``"S_K"``, ``"S_C"``.
+
+    Args:
+        model, params, lr, momentum, damping, weight_decay, T, loss_average,
+        lr_cov, kfac_approx, warn_unsupported: as for :class:`~singd.SINGD`
+            (``damping`` ≤ 1 so that ``(1 − λ) I`` is positive semi-definite).
+        preconditioner_dtype: dtype of ``S_K`` and ``S_C`` (``None``: the weight's).
+        upcast_half: do half-precision factors' linear algebra in float32.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+        lr: float = 0.001,
+        momentum: float = 0.9,
+        damping: float = 0.001,
+        weight_decay: float = 0.0,
+        T: int = 10,
+        loss_average: str | None = "batch",
+        lr_cov: float | Callable[[int], float] = 1e-2,
+        kfac_approx: str = "expand",
+        warn_unsupported: bool = True,
+        preconditioner_dtype: torch.dtype | None = None,
+        upcast_half: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "damping": damping,
+            "weight_decay": weight_decay,
+            "T": T,
+            "loss_average": loss_average,
+            "lr_cov": lr_cov,
+            "kfac_approx": kfac_approx,
+            "preconditioner_dtype": preconditioner_dtype,
+            "upcast_half": upcast_half,
+        }
+        super().__init__(
+            model, params, defaults, warn_unsupported=warn_unsupported, init_grad_scale=1.0
+        )
+
+    # ----------------------------------------------------------- subclass hooks
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_kfac_group(group)
+
+    def _factor_dtype(self, layer: Layer) -> torch.dtype:
+        group = self.param_groups[layer.group_index]
+        dtype = group["preconditioner_dtype"] or layer.weight.dtype
+        if dtype in HALF_DTYPES:
+            if not group["upcast_half"]:
+                raise ValueError(
+                    f"KFAC: layer {layer.name!r} would keep its factors in {dtype}, where torch "
+                    "has no Cholesky factorisation; pass upcast_half=True to do KFAC's linear "
+                    "algebra in float32, or use SINGD, which needs no inverse"
+                )
+            return torch.float32
+        return dtype
+
+    def _factor_dtypes(self, layer: Layer) -> tuple[torch.dtype, torch.dtype]:
+        dtype = self._factor_dtype(layer)
+        return dtype, dtype
+
+    def _new_layer_state(self, layer: Layer, group: dict[str, Any]) -> LayerState:
+        dtype, device = self._factor_dtype(layer), layer.weight.device
+        scale = 1.0 - group["damping"]
+        return {
+            "S_K": scale * torch.eye(layer.input_dim, dtype=dtype, device=device),
+            "S_C": scale * torch.eye(layer.output_dim, dtype=dtype, device=device),
+        }
+
+    def _summarise_input(self, name: str, A: Tensor) -> Tensor:
+        return A.T @ A
+
+    def _summarise_grad(self, name: str, G: Tensor) -> Tensor:
+        return G.T @ G
+
+    def _updated_layer_state(
+        self,
+        layer: Layer,
+        group: dict[str, Any],
+        pending: PendingStatistics,
+        correction: float,
+        lr_cov: float,
+    ) -> LayerState:
+        state = self._layer_states[layer.name]
+        return {
+            "S_K": kfac_factor_ema(state["S_K"], pending.input_summary, lr_cov),
+            "S_C": kfac_factor_ema(state["S_C"], pending.grad_summary * correction, lr_cov),
+        }
+
+    def _precondition(self, layer: Layer, state: LayerState, grad: Tensor) -> Tensor:
+        damping = self.param_groups[layer.group_index]["damping"]
+        S_K, S_C = state["S_K"], state["S_C"]
+        return kfac_precondition(S_K, S_C, grad, damping, compute_dtype=S_K.dtype)
+
+    def _layout(self, state: LayerState) -> dict[str, str]:
+        return {factor: "dense" for factor in FACTORS}
+
+    def _state_to_storage(self, state: LayerState) -> dict[str, dict[str, Tensor]]:
+        return {factor: {"matrix": state[factor]} for factor in FACTORS}
+
+    def _state_from_storage(
+        self, layer: Layer, current: LayerState, storage: dict[str, dict[str, Tensor]]
+    ) -> LayerState:
+        if set(storage) != set(FACTORS):
+            raise ValueError(
+                f"load_state_dict: layer {layer.name!r} factors {sorted(storage)} != {FACTORS}"
+            )
+        restored = {}
+        for factor in FACTORS:
+            like = current[factor]
+            saved = storage[factor]
+            if set(saved) != {"matrix"} or saved["matrix"].shape != like.shape:
+                raise ValueError(
+                    f"load_state_dict: {layer.name}.{factor} must be {{'matrix': tensor of "
+                    f"shape {tuple(like.shape)}}}"
+                )
+            restored[factor] = saved["matrix"].to(dtype=like.dtype, device=like.device, copy=True)
+        return restored

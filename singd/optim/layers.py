@@ -1,0 +1,115 @@
+"""Which parameters belong to which supported layer, and which fall back.
+
+A supported layer (``nn.Linear``/``nn.Conv2d``, :mod:`singd.optim.statistics`)
+is preconditioned as one matrix ``W~ = [W, b]`` (SPEC §1), so its weight and
+bias must live in the same param group.  Every other optimised parameter is a
+*fallback* parameter (momentum SGD on its raw gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from singd.optim.statistics import is_supported
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A supported layer handled with Kronecker factors.
+
+    Attributes:
+        name: qualified name in the unwrapped model's ``named_modules()``.
+        module: the layer.
+        group_index: index of the param group holding its weight (and bias).
+        has_bias: whether the bias column is part of ``W~``.
+    """
+
+    name: str
+    module: nn.Module
+    group_index: int
+    has_bias: bool
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.module.bias if self.has_bias else None
+
+    @property
+    def input_dim(self) -> int:
+        """``d_i~``: ``d_i`` plus one for the bias column."""
+        return self.module.weight[0].numel() + int(self.has_bias)
+
+    @property
+    def output_dim(self) -> int:
+        """``d_o``."""
+        return self.module.weight.shape[0]
+
+    def params(self) -> list[Tensor]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+
+def unwrap_model(model: Any) -> nn.Module:
+    """The module to hook: ``model.module`` for ``(Distributed)DataParallel``."""
+    if isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def find_layers(model: nn.Module, param_groups: list[dict[str, Any]]) -> list[Layer]:
+    """The supported layers whose weight is optimised, in module order.
+
+    Raises:
+        ValueError: if a layer's weight and bias are in different param groups
+            (or one of them in none while the other is optimised), or a
+            parameter is shared by two supported layers.
+    """
+    group_of = {id(p): index for index, group in enumerate(param_groups) for p in group["params"]}
+    owner: dict[int, str] = {}
+    layers = []
+    for name, module in model.named_modules():
+        if not is_supported(module):
+            continue
+        weight, bias = module.weight, module.bias
+        weight_group = group_of.get(id(weight))
+        bias_group = None if bias is None else group_of.get(id(bias))
+        if weight_group is None and bias_group is None:
+            continue
+        needs_bias = bias is not None and (bias.requires_grad or bias_group is not None)
+        if needs_bias and weight_group != bias_group:
+            raise ValueError(
+                f"layer {name!r}: weight and bias must be in the same param group (they form "
+                f"one matrix [W, b]); weight is in group {weight_group}, bias in {bias_group}"
+            )
+        for param in (weight, bias):
+            if param is not None and id(param) in owner:
+                raise ValueError(
+                    f"layer {name!r} shares a parameter with layer {owner[id(param)]!r}; "
+                    "shared weights are not supported"
+                )
+            if param is not None:
+                owner[id(param)] = name
+        layers.append(Layer(name, module, weight_group, bias_group is not None))
+    return layers
+
+
+def fallback_params(
+    model: nn.Module, param_groups: list[dict[str, Any]], layers: list[Layer]
+) -> dict[int, str]:
+    """``id(param) → name`` of every optimised parameter outside ``layers``."""
+    covered = {id(p) for layer in layers for p in layer.params()}
+    names = {id(p): name for name, p in model.named_parameters()}
+    result = {}
+    for index, group in enumerate(param_groups):
+        for position, param in enumerate(group["params"]):
+            if id(param) not in covered:
+                result[id(param)] = names.get(id(param), f"param_groups[{index}][{position}]")
+    return result

@@ -1,0 +1,222 @@
+"""The SINGD optimizer (SPEC §1.3–§1.5): state and plumbing around :mod:`.updates`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from singd.optim.base import KroneckerOptimizer, LayerState
+from singd.optim.hooks import PendingStatistics
+from singd.optim.layers import Layer
+from singd.optim.updates import FactorState, singd_precondition, singd_update_factors
+from singd.optim.validation import check_singd_group
+from singd.structures import get_structure
+
+FACTORS = ("K", "C", "m_K", "m_C")
+
+
+class SINGD(KroneckerOptimizer):
+    r"""Structured inverse-free natural gradient descent (Lin et al., ICML 2024).
+
+    For every ``nn.Linear``/``nn.Conv2d`` whose weight is optimised, with
+    ``W~ = [W, b]`` (d_o × d_i~) and structured factors ``K`` (d_i~ × d_i~),
+    ``C`` (d_o × d_o) initialised to ``I``, momenta ``m_K = m_C = 0``::
+
+        β2 = lr, α2 = momentum, λ = damping, γ = weight_decay, β1 = lr_cov(steps)
+        for each step (steps = completed steps, from 0):
+            if steps % T == 0:                      # statistics were collected
+                H_K = Σ_passes Π̂((KᵀAᵀ)(KᵀAᵀ)ᵀ)     # forward hook, current K
+                H_C = Σ_passes Π̂((CᵀGᵀ)(CᵀGᵀ)ᵀ)     # output-tensor hook, current C
+                c² = λ tr(CᵀC); κ² = λ tr(KᵀK)
+                m_K ← α1 m_K + ½/d_o (tr(H_C) H_K + c² Π̂(KᵀK) − d_o I)
+                m_C ← α1 m_C + ½/d_i (tr(H_K) H_C + κ² Π̂(CᵀC) − d_i I)
+                    # kfac_like (IKFAC, α1 = 0): m = ½(H + λ Π̂(·ᵀ·) − I)
+                    # normalize_lr_cov: ½(1 − α1) and β1 / max(1, ‖m‖_∞)
+                K ← K − β1 K m_K;  C ← C − β1 C m_C
+            ĝ = C Cᵀ ∇W~ K Kᵀ                        # the just-updated factors
+            ĝ += γ W~;  m_μ ← α2 m_μ + ĝ;  W~ ← W~ − β2 m_μ
+        other parameters (fallback, warned about once):
+            ĝ = ∇p + γ p;  m_μ ← α2 m_μ + ĝ;  p ← p − β2 m_μ
+
+    ``A``/``G`` are formed per SPEC §1.1 (``kfac_approx``, ``loss_average``)
+    in the factors' dtypes (``preconditioner_dtype``: one per factor, ``None``
+    → the weight's dtype), only in training mode with grad enabled, and
+    summed over the backward passes before a step.  When ``α1 = 0`` the
+    momenta are never read, so ``m_K``/``m_C`` stay zero matrices.
+
+    Mixed precision (SPEC §1.5).  ``GradScaler.step(opt)`` calls ``step``
+    itself (``_step_supports_amp_scaling``) with ``found_inf`` and
+    ``grad_scale``: inf steps are skipped (with a warning; no state changes),
+    scaled gradients are unscaled here, and the statistics — divided by
+    ``sqrt(s_div)`` in the hook — are corrected by ``s_div / s_t²``.  If the
+    gradients were already unscaled (``scaler.unscale_(opt)``, e.g. for
+    clipping), torch passes ``grad_scale=None`` and the scale of the backward
+    is lost; :meth:`attach_grad_scaler` lets the hooks read it at backward
+    time instead.  Without it, such a statistics step raises ``ValueError``
+    rather than use wrongly scaled statistics.
+
+    ``layer_state(name)`` maps ``"K"``, ``"C"``, ``"m_K"``, ``"m_C"`` to the
+    live ``StructuredMatrix`` objects of a layer (replaced, not mutated, by a
+    step); ``state[p]["momentum_buffer"]`` is ``m_μ``.
+
+    Robustness: a step with non-finite gradients, statistics or results is
+    skipped with a warning, drops its statistics and changes no state.
+
+    Args:
+        model: the model (``DistributedDataParallel``/``DataParallel`` are
+            unwrapped; hooks go on the wrapped module).
+        params: parameters or param groups (``None``: all of ``model`` that
+            require grad).  Every hyper-parameter below except ``model``,
+            ``warn_unsupported`` and ``init_grad_scale`` may be set per group;
+            a layer's weight and bias must share a group.
+        lr: β2.
+        momentum: α2 ∈ [0, 1).
+        damping: λ ≥ 0.
+        alpha1: Riemannian momentum α1 ∈ [0, 1) (0 with ``kfac_like``).
+        weight_decay: γ ≥ 0.
+        T: update the factors every ``T`` steps.
+        loss_average: ``"batch"``, ``"batch+sequence"`` or ``None`` (sum).
+        lr_cov: β1 ∈ [0, 1] or a callable of ``steps``.
+        structures: structure names of (``K``, ``C``), SPEC §2.
+        kfac_approx: ``"expand"`` or ``"reduce"``.
+        warn_unsupported: warn about fallback parameters.
+        kfac_like: IKFAC mode.
+        preconditioner_dtype: dtypes of (``K``, ``C``) or ``None``.
+        init_grad_scale: ``s_div`` of the first statistics step.
+        normalize_lr_cov: normalised covariance step (SPEC §1.3).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> opt = SINGD(model, lr=0.1)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+        lr: float = 0.001,
+        momentum: float = 0.9,
+        damping: float = 0.001,
+        alpha1: float = 0.5,
+        weight_decay: float = 0.0,
+        T: int = 10,
+        loss_average: str | None = "batch",
+        lr_cov: float | Callable[[int], float] = 1e-2,
+        structures: tuple[str, str] = ("dense", "dense"),
+        kfac_approx: str = "expand",
+        warn_unsupported: bool = True,
+        kfac_like: bool = False,
+        preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
+        init_grad_scale: float = 1.0,
+        normalize_lr_cov: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "damping": damping,
+            "alpha1": alpha1,
+            "weight_decay": weight_decay,
+            "T": T,
+            "loss_average": loss_average,
+            "lr_cov": lr_cov,
+            "structures": structures,
+            "kfac_approx": kfac_approx,
+            "kfac_like": kfac_like,
+            "preconditioner_dtype": preconditioner_dtype,
+            "normalize_lr_cov": normalize_lr_cov,
+        }
+        super().__init__(
+            model,
+            params,
+            defaults,
+            warn_unsupported=warn_unsupported,
+            init_grad_scale=init_grad_scale,
+        )
+
+    # ----------------------------------------------------------- subclass hooks
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_singd_group(group)
+
+    def _factor_dtypes(self, layer: Layer) -> tuple[torch.dtype, torch.dtype]:
+        dtype_K, dtype_C = self.param_groups[layer.group_index]["preconditioner_dtype"]
+        return (dtype_K or layer.weight.dtype, dtype_C or layer.weight.dtype)
+
+    def _new_layer_state(self, layer: Layer, group: dict[str, Any]) -> LayerState:
+        structure_K, structure_C = (get_structure(name) for name in group["structures"])
+        dtype_K, dtype_C = self._factor_dtypes(layer)
+        device = layer.weight.device
+        d_i, d_o = layer.input_dim, layer.output_dim
+        return {
+            "K": structure_K.eye(d_i, dtype=dtype_K, device=device),
+            "C": structure_C.eye(d_o, dtype=dtype_C, device=device),
+            "m_K": structure_K.zeros(d_i, dtype=dtype_K, device=device),
+            "m_C": structure_C.zeros(d_o, dtype=dtype_C, device=device),
+        }
+
+    def _summarise_input(self, name: str, A: Tensor) -> Any:
+        return self._layer_states[name]["K"].project_inner(A.T)
+
+    def _summarise_grad(self, name: str, G: Tensor) -> Any:
+        return self._layer_states[name]["C"].project_inner(G.T)
+
+    def _updated_layer_state(
+        self,
+        layer: Layer,
+        group: dict[str, Any],
+        pending: PendingStatistics,
+        correction: float,
+        lr_cov: float,
+    ) -> LayerState:
+        state = self._layer_states[layer.name]
+        new = singd_update_factors(
+            FactorState(state["K"], state["C"], state["m_K"], state["m_C"]),
+            pending.input_summary,
+            pending.grad_summary,
+            lr_cov=lr_cov,
+            damping=group["damping"],
+            alpha1=group["alpha1"],
+            kfac_like=group["kfac_like"],
+            normalize_lr_cov=group["normalize_lr_cov"],
+            grad_scale_correction=correction,
+        )
+        keep_momenta = group["alpha1"] != 0.0
+        return {
+            "K": new.K,
+            "C": new.C,
+            "m_K": new.m_K if keep_momenta else state["m_K"],
+            "m_C": new.m_C if keep_momenta else state["m_C"],
+        }
+
+    def _precondition(self, layer: Layer, state: LayerState, grad: Tensor) -> Tensor:
+        return singd_precondition(state["K"], state["C"], grad)
+
+    def _layout(self, state: LayerState) -> dict[str, str]:
+        return {factor: state[factor].name for factor in FACTORS}
+
+    def _state_to_storage(self, state: LayerState) -> dict[str, dict[str, Tensor]]:
+        return {factor: dict(state[factor].storage) for factor in FACTORS}
+
+    def _state_from_storage(
+        self, layer: Layer, current: LayerState, storage: dict[str, dict[str, Tensor]]
+    ) -> LayerState:
+        if set(storage) != set(FACTORS):
+            raise ValueError(
+                f"load_state_dict: layer {layer.name!r} factors {sorted(storage)} != {FACTORS}"
+            )
+        restored = {}
+        for factor in FACTORS:
+            like = current[factor]
+            placed = {
+                key: tensor.to(dtype=like.dtype, device=like.device, copy=True)
+                for key, tensor in storage[factor].items()
+            }
+            try:
+                restored[factor] = type(like).from_storage(like.dim, placed)
+            except ValueError as error:
+                raise ValueError(f"load_state_dict: {layer.name}.{factor}: {error}") from None
+        return restored

@@ -1,0 +1,195 @@
+"""Curvature statistics ``A`` and ``G`` of one pass through a layer (SPEC §1.1).
+
+Every supported layer is first brought into one canonical *weight-sharing
+format* ``[batch, shared, features]``:
+
+* ``nn.Linear`` input/output ``[B, ..., d]`` → ``[B, S, d]`` with ``S`` the
+  product of the extra dims (``S = 1`` without weight sharing);
+* ``nn.Conv2d`` input → unfolded patches ``[B, L, (C_in/groups)·k_h·k_w]``
+  (channel groups averaged into one group), output gradient
+  ``[B, C_out, H_o, W_o]`` → ``[B, L, C_out]`` with ``L = H_o·W_o``.
+
+From there one pair of functions covers both approximations:
+
+* KFAC-expand: shared positions become rows (``n = B·S``);
+* KFAC-reduce: inputs averaged, gradients summed over them (``n = B``);
+
+and the loss-reduction scaling ``A ← A / sqrt(n_A)``, ``G ← G · sqrt(N)``.
+All functions are pure; they never see the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Approx = Literal["expand", "reduce"]
+LossAverage = Literal["batch", "batch+sequence"] | None
+
+#: The layer types whose weights are preconditioned with Kronecker factors.
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly a supported layer (subclasses are not: their
+    ``forward`` may not use the weight the way the statistics assume)."""
+    return type(module) in SUPPORTED_LAYERS
+
+
+# ---------------------------------------------------------------- canonical format
+def linear_shared_format(tensor: Tensor) -> Tensor:
+    """A Linear layer's input or output gradient in ``[batch, shared, features]``.
+
+    Args:
+        tensor: ``[d]``, ``[B, d]`` or ``[B, ..., d]``.
+
+    Returns:
+        ``[B, S, d]`` with ``S`` the product of the dims between batch and features.
+    """
+    if tensor.ndim == 1:
+        return tensor.reshape(1, 1, -1)
+    return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
+
+
+def conv2d_explicit_padding(
+    kernel_size: tuple[int, int], dilation: tuple[int, int], padding: str | tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """Padding ``(left, right, top, bottom)`` that ``nn.Conv2d`` applies for ``padding``.
+
+    ``'same'`` pads ``dilation·(k − 1)`` in total per spatial dim with the odd
+    element on the right/bottom, as torch does; ``'valid'`` pads nothing.
+    """
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        total_h = dilation[0] * (kernel_size[0] - 1)
+        total_w = dilation[1] * (kernel_size[1] - 1)
+        return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be 'same', 'valid' or ints, got {padding!r}")
+    pad_h, pad_w = padding
+    return (pad_w, pad_w, pad_h, pad_h)
+
+
+def conv2d_input_shared_format(
+    x: Tensor,
+    *,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: str | tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """A Conv2d input as unfolded patches (SPEC §1.1, Conv2d).
+
+    Args:
+        x: ``[B, C_in, H, W]`` or unbatched ``[C_in, H, W]``.
+
+    Returns:
+        ``[B, L, (C_in/groups)·k_h·k_w]``, ``L`` output locations; the ``groups``
+        channel groups of a patch are averaged into one.
+    """
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    pad = conv2d_explicit_padding(kernel_size, dilation, padding)
+    if any(pad):
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+        x = F.pad(x, pad, mode=mode)
+    patches = F.unfold(x, kernel_size, dilation=dilation, padding=0, stride=stride)
+    batch, features, locations = patches.shape
+    patches = patches.reshape(batch, groups, features // groups, locations).mean(dim=1)
+    return patches.transpose(1, 2)
+
+
+def conv2d_grad_shared_format(grad_output: Tensor) -> Tensor:
+    """A Conv2d output gradient ``[B, C_out, H_o, W_o]`` (or unbatched) → ``[B, L, C_out]``."""
+    if grad_output.ndim == 3:
+        grad_output = grad_output.unsqueeze(0)
+    return grad_output.flatten(start_dim=2).transpose(1, 2)
+
+
+# ------------------------------------------------------------ rows and scaling
+def input_matrix(shared: Tensor, *, approx: Approx, bias: bool) -> Tensor:
+    """``A`` (n_A × d_i~) from inputs in ``[B, S, d_i]`` (SPEC §1.1).
+
+    Expand flattens shared positions into rows, reduce averages over them; a
+    bias appends a column of ones; finally ``A ← A / sqrt(n_A)``.
+    """
+    if approx == "expand":
+        rows = shared.reshape(-1, shared.shape[-1])
+    else:
+        rows = shared.mean(dim=1)
+    if bias:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows / math.sqrt(rows.shape[0])
+
+
+def loss_terms(batch: int, shared: int, loss_average: LossAverage) -> int:
+    """``N``, the number of terms the loss is averaged over (SPEC §1.1, scaling)."""
+    if loss_average == "batch":
+        return batch
+    if loss_average == "batch+sequence":
+        return batch * shared
+    return 1
+
+
+def grad_matrix(shared: Tensor, *, approx: Approx, loss_average: LossAverage) -> Tensor:
+    """``G`` (n_G × d_o) from output gradients in ``[B, S, d_o]`` (SPEC §1.1).
+
+    Expand flattens shared positions into rows, reduce sums over them; then
+    ``G ← G · sqrt(N)`` undoes the loss average.
+    """
+    batch, positions, _ = shared.shape
+    rows = shared.reshape(-1, shared.shape[-1]) if approx == "expand" else shared.sum(dim=1)
+    return rows * math.sqrt(loss_terms(batch, positions, loss_average))
+
+
+# ------------------------------------------------------------- per layer type
+def layer_input_matrix(module: nn.Module, x: Tensor, *, approx: Approx) -> Tensor:
+    """``A`` for a supported layer's input ``x`` (canonical format + :func:`input_matrix`)."""
+    if isinstance(module, nn.Conv2d):
+        shared = conv2d_input_shared_format(
+            x,
+            kernel_size=module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            padding_mode=module.padding_mode,
+        )
+    else:
+        shared = linear_shared_format(x)
+    return input_matrix(shared, approx=approx, bias=module.bias is not None)
+
+
+def layer_grad_matrix(
+    module: nn.Module, grad_output: Tensor, *, approx: Approx, loss_average: LossAverage
+) -> Tensor:
+    """``G`` for a supported layer's output gradient (canonical format + :func:`grad_matrix`)."""
+    if isinstance(module, nn.Conv2d):
+        shared = conv2d_grad_shared_format(grad_output)
+    else:
+        shared = linear_shared_format(grad_output)
+    return grad_matrix(shared, approx=approx, loss_average=loss_average)
+
+
+def weight_gradient_matrix(weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
+    """``∇W~ = [∇W, ∇b]`` as a ``d_o × d_i~`` matrix (conv weights flattened from dim 1)."""
+    matrix = weight_grad.reshape(weight_grad.shape[0], -1)
+    if bias_grad is None:
+        return matrix
+    return torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
+
+
+def split_weight_matrix(
+    matrix: Tensor, weight_shape: torch.Size, has_bias: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Inverse of :func:`weight_gradient_matrix`: ``d_o × d_i~`` → (weight-shaped, bias)."""
+    if not has_bias:
+        return matrix.reshape(weight_shape), None
+    return matrix[:, :-1].reshape(weight_shape), matrix[:, -1].clone()

@@ -1,0 +1,199 @@
+"""The update equations as pure functions of tensors (SPEC §1.2–§1.4).
+
+Nothing here knows about modules, hooks or optimizer state: each function
+takes the factors and statistics of one layer and returns new values (the
+parameter update of §1.4 works in place on the tensors it is given, as torch's
+functional optimizers do).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from singd.structures.base import StructuredMatrix
+
+
+class FactorState(NamedTuple):
+    """One layer's SINGD factors (SPEC §1.3): ``K`` (d_i × d_i), ``C`` (d_o × d_o)
+    and their momenta ``m_K``, ``m_C``."""
+
+    K: StructuredMatrix
+    C: StructuredMatrix
+    m_K: StructuredMatrix
+    m_C: StructuredMatrix
+
+
+def singd_factor_momenta(
+    state: FactorState,
+    H_K: StructuredMatrix,
+    H_C: StructuredMatrix,
+    *,
+    damping: float,
+    alpha1: float,
+    kfac_like: bool,
+    normalize_lr_cov: bool,
+    grad_scale_correction: float = 1.0,
+) -> tuple[StructuredMatrix, StructuredMatrix]:
+    """New momenta ``m_K``, ``m_C`` (SPEC §1.3, order of §1.4a).
+
+    Default (SINGD/INGD), with ``c² = λ tr(CᵀC)``, ``κ² = λ tr(KᵀK)``::
+
+        m_K ← α1 m_K + coef/d_o · (tr(H_C) H_K + c² Π̂(KᵀK) − d_o I)
+        m_C ← α1 m_C + coef/d_i · (tr(H_K) H_C + κ² Π̂(CᵀC) − d_i I)
+
+    IKFAC (``kfac_like``, α1 = 0): ``m_K = coef·(H_K + λ Π̂(KᵀK) − I)`` and
+    likewise for ``C``.  ``coef = ½``, or ``½(1 − α1)`` with
+    ``normalize_lr_cov``.  ``grad_scale_correction`` is the factor
+    ``s_{t−1}/s_t²`` of SPEC §1.5 that ``H_C`` still carries; in the default
+    mode it enters only through the (float64) trace weights, so ``H_C`` is
+    never rescaled in a narrow dtype.  Traces are read as Python floats (one
+    host sync per factor update).
+
+    Args:
+        state: the factors and momenta from before this update.
+        H_K: ``Π̂(Kᵀ U K)`` (d_i × d_i), computed with the current ``K``.
+        H_C: ``Π̂(Cᵀ Gc C)`` (d_o × d_o), computed with the current ``C``.
+
+    Returns:
+        ``(m_K_new, m_C_new)`` in the factors' dtypes.
+    """
+    K, C, m_K, m_C = state
+    d_i, d_o = K.dim, C.dim
+    coef = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
+    K_sq = K.project_self_inner()
+    C_sq = C.project_self_inner()
+    if kfac_like:
+        bracket_K = H_K.clone().add_(K_sq, alpha=damping).add_diag_(-1.0)
+        bracket_C = H_C.clone().mul_(grad_scale_correction).add_(C_sq, alpha=damping)
+        bracket_C.add_diag_(-1.0)
+        return bracket_K.mul_(coef), bracket_C.mul_(coef)
+    trace_H_C = float(H_C.trace()) * grad_scale_correction
+    trace_H_K = float(H_K.trace()) * grad_scale_correction
+    c_sq = damping * float(C_sq.trace())
+    kappa_sq = damping * float(K_sq.trace())
+    bracket_K = H_K.clone().mul_(trace_H_C).add_(K_sq, alpha=c_sq)
+    bracket_K.add_diag_(-float(d_o))
+    bracket_C = H_C.clone().mul_(trace_H_K).add_(C_sq, alpha=kappa_sq)
+    bracket_C.add_diag_(-float(d_i))
+    new_m_K = bracket_K.mul_(coef / d_o).add_(m_K, alpha=alpha1)
+    new_m_C = bracket_C.mul_(coef / d_i).add_(m_C, alpha=alpha1)
+    return new_m_K, new_m_C
+
+
+def normalized_lr_cov(lr_cov: float, momentum: StructuredMatrix, normalize: bool) -> float:
+    """``β1``, or ``β1 / max(1, ‖m‖_∞)`` with ``normalize_lr_cov`` (SPEC §1.3)."""
+    if not normalize:
+        return lr_cov
+    return lr_cov / max(1.0, float(momentum.max_abs()))
+
+
+def singd_factor_step(
+    factor: StructuredMatrix, momentum: StructuredMatrix, lr_cov: float
+) -> StructuredMatrix:
+    """``K ← K (I − β1 m) = K − β1 · K m`` (SPEC §1.3, first order, §1.4a)."""
+    return factor.clone().add_(factor @ momentum, alpha=-lr_cov)
+
+
+def singd_update_factors(
+    state: FactorState,
+    H_K: StructuredMatrix,
+    H_C: StructuredMatrix,
+    *,
+    lr_cov: float,
+    damping: float,
+    alpha1: float,
+    kfac_like: bool,
+    normalize_lr_cov: bool,
+    grad_scale_correction: float = 1.0,
+) -> FactorState:
+    """One covariance step of SPEC §1.3: momenta, then ``K``, ``C``.
+
+    Returns the new state; the momenta are the new ones (callers keep zeros
+    instead when ``α1 = 0``, where they are never read again).
+    """
+    new_m_K, new_m_C = singd_factor_momenta(
+        state,
+        H_K,
+        H_C,
+        damping=damping,
+        alpha1=alpha1,
+        kfac_like=kfac_like,
+        normalize_lr_cov=normalize_lr_cov,
+        grad_scale_correction=grad_scale_correction,
+    )
+    new_K = singd_factor_step(
+        state.K, new_m_K, normalized_lr_cov(lr_cov, new_m_K, normalize_lr_cov)
+    )
+    new_C = singd_factor_step(
+        state.C, new_m_C, normalized_lr_cov(lr_cov, new_m_C, normalize_lr_cov)
+    )
+    return FactorState(new_K, new_C, new_m_K, new_m_C)
+
+
+def singd_precondition(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
+    """``ĝ = C Cᵀ ∇W~ K Kᵀ`` (SPEC §1.4), in the factors' dtypes, cast back.
+
+    ``∇W~ K Kᵀ`` is computed as ``(K (Kᵀ ∇W~ᵀ))ᵀ`` so only products with
+    ``K``/``Kᵀ`` are needed.
+
+    Args:
+        grad: ``∇W~`` (d_o × d_i~).
+
+    Returns:
+        ``ĝ`` (d_o × d_i~) in ``grad``'s dtype.
+    """
+    left = C.matmul(C.t_matmul(grad.to(C.dtype)))
+    right = K.matmul(K.t_matmul(left.T.to(K.dtype)))
+    return right.T.to(grad.dtype)
+
+
+def kfac_factor_ema(factor: Tensor, statistic: Tensor, lr_cov: float) -> Tensor:
+    """``S ← (1 − β1) S + β1 U`` (SPEC §1.2)."""
+    return torch.lerp(factor, statistic.to(factor.dtype), lr_cov)
+
+
+def kfac_precondition(
+    S_K: Tensor, S_C: Tensor, grad: Tensor, damping: float, compute_dtype: torch.dtype
+) -> Tensor:
+    """``ΔW~ = (S_C + λI)⁻¹ ∇W~ (S_K + λI)⁻¹`` via Cholesky (SPEC §1.2).
+
+    Args:
+        S_K: ``d_i~ × d_i~`` symmetric PSD factor.
+        S_C: ``d_o × d_o`` symmetric PSD factor.
+        grad: ``∇W~`` (d_o × d_i~).
+        compute_dtype: dtype of the linear algebra (float32 or float64).
+
+    Returns:
+        ``ΔW~`` in ``grad``'s dtype.
+    """
+    eye_K = torch.eye(S_K.shape[0], dtype=compute_dtype, device=S_K.device)
+    eye_C = torch.eye(S_C.shape[0], dtype=compute_dtype, device=S_C.device)
+    chol_K = torch.linalg.cholesky(S_K.to(compute_dtype) + damping * eye_K)
+    chol_C = torch.linalg.cholesky(S_C.to(compute_dtype) + damping * eye_C)
+    left = torch.cholesky_solve(grad.to(compute_dtype), chol_C)
+    return torch.cholesky_solve(left.T, chol_K).T.to(grad.dtype)
+
+
+def momentum_parameter_update(
+    param: Tensor,
+    direction: Tensor,
+    momentum_buffer: Tensor,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """SPEC §1.4, in place: ``ĝ += γ W``; ``m ← α2 m + ĝ``; ``W ← W − β2 m``.
+
+    Args:
+        param: the parameter ``W`` (any shape).
+        direction: the (preconditioned) gradient ``ĝ``, same shape as ``param``.
+        momentum_buffer: ``m``, same shape, updated in place.
+    """
+    if weight_decay != 0.0:
+        direction = direction.add(param, alpha=weight_decay)
+    momentum_buffer.mul_(momentum).add_(direction)
+    param.add_(momentum_buffer, alpha=-lr)
