@@ -56,6 +56,18 @@ def test_dense_round_trip(name: str, data: st.DataObject) -> None:
     assert_member(case, case.cls.from_dense(general).to_dense())
 
 
+@pytest.mark.parametrize("dim", [1, 7, 31])
+def test_from_dense_reads_strided_views(name: str, dim: int) -> None:
+    """Transposed, offset and step-2 views read the same entries as a contiguous copy."""
+    cls = structure_class(name)
+    generator = torch.Generator().manual_seed(dim)
+    parent = torch.randn(2 * dim + 2, 2 * dim + 2, generator=generator, dtype=torch.float64)
+    views = [parent[:dim, :dim].T, parent[1 : dim + 1, 2 : dim + 2], parent[::2, ::2][:dim, :dim]]
+    for view in views:
+        expected = cls.from_dense(view.contiguous()).to_dense()
+        torch.testing.assert_close(cls.from_dense(view).to_dense(), expected, rtol=0, atol=0)
+
+
 @given(data=st.data())
 def test_storage_is_free_entries(name: str, data: st.DataObject) -> None:
     case = data.draw(cases(name))
