@@ -1,0 +1,160 @@
+"""Torch statistics ``A``, ``G`` (singd.optim.statistics, the hooks) vs the oracle (SPEC §1.1).
+
+Cases are drawn in float64 and fed to both sides.  Tolerance rule: every
+entry of ``A`` is a mean of ``r = groups·S`` inputs (reduce) or ``groups``
+(expand) divided by ``sqrt(n)``; every entry of ``G`` a sum of ``S``
+gradients times ``sqrt(N)``.  So the error is at most
+``matmul_bound(float64, r) · max|entry magnitude|`` (Higham Thm. 3.5 with the
+square-root scaling as one more rounding, covered by the ``+2``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from torch import nn
+
+from reference.statistics import conv2d_statistics, kfac_factors, linear_statistics
+from singd import KFAC
+from singd.optim.statistics import layer_grad_matrix, layer_input_matrix
+from tests.tolerances import matmul_bound
+
+DTYPE = torch.float64
+APPROX = st.sampled_from(["expand", "reduce"])
+LOSS_AVERAGE = st.sampled_from(["batch", "batch+sequence", None])
+
+
+def _assert_close(actual: torch.Tensor, expected: np.ndarray, reduction: int, scale: float):
+    """``|actual − expected| ≤ matmul_bound(float64, reduction) · scale`` entrywise."""
+    assert tuple(actual.shape) == expected.shape
+    error = float(np.abs(actual.numpy() - expected).max(initial=0.0))
+    assert error <= matmul_bound(DTYPE, reduction) * scale  # rule: module docstring
+
+
+@given(
+    batch=st.integers(1, 3),
+    shared=st.lists(st.integers(1, 3), max_size=2),
+    d_in=st.integers(1, 4),
+    d_out=st.integers(1, 4),
+    bias=st.booleans(),
+    approx=APPROX,
+    loss_average=LOSS_AVERAGE,
+    seed=st.integers(0, 2**16),
+)
+@example(batch=2, shared=[3, 2], d_in=3, d_out=2, bias=True, approx="reduce",
+         loss_average="batch+sequence", seed=0)
+def test_linear_statistics_match_oracle(batch, shared, d_in, d_out, bias, approx, loss_average,
+                                        seed):
+    """Linear with any number of weight-sharing dims, expand/reduce, every loss average."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(batch, *shared, d_in, generator=gen, dtype=DTYPE)
+    g = torch.randn(batch, *shared, d_out, generator=gen, dtype=DTYPE)
+    layer = nn.Linear(d_in, d_out, bias=bias, dtype=DTYPE)
+    A = layer_input_matrix(layer, a, approx=approx)
+    G = layer_grad_matrix(layer, g, approx=approx, loss_average=loss_average)
+    A_ref, G_ref = linear_statistics(a.numpy(), g.numpy(), bias=bias, approx=approx,
+                                     loss_average=loss_average)
+    positions = math.prod(shared)
+    _assert_close(A, A_ref, positions, float(a.abs().max()) + 1.0)
+    n_terms = batch * positions
+    _assert_close(G, G_ref, positions, positions * float(g.abs().max()) * math.sqrt(n_terms))
+
+
+@given(
+    batch=st.integers(1, 2),
+    groups=st.sampled_from([1, 2]),
+    channels_per_group=st.integers(1, 2),
+    out_per_group=st.integers(1, 2),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 2)),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.sampled_from([0, 1, (1, 0), "valid"]),
+    bias=st.booleans(),
+    approx=APPROX,
+    loss_average=LOSS_AVERAGE,
+    seed=st.integers(0, 2**16),
+)
+@example(batch=2, groups=2, channels_per_group=2, out_per_group=1, kernel=(3, 2),
+         stride=(1, 1), dilation=(2, 1), padding="valid", bias=True, approx="reduce",
+         loss_average="batch+sequence", seed=1)
+def test_conv2d_statistics_match_oracle(batch, groups, channels_per_group, out_per_group, kernel,
+                                        stride, dilation, padding, bias, approx, loss_average,
+                                        seed):
+    """Conv2d: stride, dilation, int/tuple/'valid' padding, groups, bias, expand/reduce."""
+    gen = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(groups * channels_per_group, groups * out_per_group, kernel, stride=stride,
+                     padding=padding, dilation=dilation, groups=groups, bias=bias, dtype=DTYPE)
+    x = torch.randn(batch, groups * channels_per_group, 6, 5, generator=gen, dtype=DTYPE)
+    out_shape = conv(x).shape
+    g = torch.randn(out_shape, generator=gen, dtype=DTYPE)
+    A = layer_input_matrix(conv, x, approx=approx)
+    G = layer_grad_matrix(conv, g, approx=approx, loss_average=loss_average)
+    A_ref, G_ref = conv2d_statistics(
+        x.numpy(), g.numpy(), kernel_size=kernel, stride=stride, padding=padding,
+        dilation=dilation, groups=groups, bias=bias, approx=approx, loss_average=loss_average)
+    locations = out_shape[2] * out_shape[3]
+    _assert_close(A, A_ref, groups * locations, float(x.abs().max()) + 1.0)
+    _assert_close(G, G_ref, locations,
+                  locations * float(g.abs().max()) * math.sqrt(batch * locations))
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 3), (4, 1)])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_conv2d_same_padding_matches_oracle(kernel, dilation):
+    """``padding='same'`` pads asymmetrically for even kernels, exactly as torch."""
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(2, 3, kernel, padding="same", dilation=dilation, dtype=DTYPE)
+    x = torch.randn(2, 2, 5, 6, generator=gen, dtype=DTYPE)
+    g = torch.randn(conv(x).shape, generator=gen, dtype=DTYPE)
+    A = layer_input_matrix(conv, x, approx="expand")
+    A_ref, _ = conv2d_statistics(x.numpy(), g.numpy(), kernel_size=kernel, padding="same",
+                                 dilation=dilation, bias=True, approx="expand")
+    _assert_close(A, A_ref, 1, float(x.abs().max()) + 1.0)
+
+
+class _Recorder:
+    """Captures a layer's input and output gradient with the test's own hooks."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.inputs: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        layer.register_forward_hook(self._forward)
+
+    def _forward(self, module, args, output):
+        self.inputs.append(args[0].detach().clone())
+        output.register_hook(lambda grad: self.grads.append(grad.detach().clone()))
+
+
+def test_hooks_feed_kfac_factors_through_inplace_relu():
+    """With β1 = 1, KFAC's factors after one step are this pass's ``AᵀA``, ``GᵀG``.
+
+    The conv is followed by ``ReLU(inplace=True)``: the hooks must still see
+    the gradient w.r.t. the conv output (entries zeroed by the ReLU).
+    """
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, dtype=DTYPE)
+    model = nn.Sequential(conv, nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 2, dtype=DTYPE))
+    recorder = _Recorder(conv)
+    opt = KFAC(model, lr=0.0, lr_cov=1.0, T=1)
+    x = torch.randn(3, 2, 4, 4, dtype=DTYPE)
+    model(x).square().mean().backward()
+    opt.step()
+    A_ref, G_ref = conv2d_statistics(recorder.inputs[0].numpy(), recorder.grads[0].numpy(),
+                                     kernel_size=3, padding=1, bias=True)
+    U_ref, Gc_ref = kfac_factors(A_ref, G_ref)
+    state = opt.layer_state("0")
+    rows = A_ref.shape[0]
+    # rule: a Gram matrix of n rows is one product of reduction length n.
+    assert np.abs(state["S_K"].numpy() - U_ref).max() <= (
+        matmul_bound(DTYPE, rows) * float(np.abs(A_ref).max()) ** 2 * rows
+    )
+    assert np.abs(state["S_C"].numpy() - Gc_ref).max() <= (
+        matmul_bound(DTYPE, rows) * float(np.abs(G_ref).max()) ** 2 * rows
+    )
+    assert (recorder.grads[0] == 0).any()  # the in-place ReLU really masked entries
