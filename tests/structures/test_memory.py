@@ -1,10 +1,12 @@
 """Memory: storage = free entries × itemsize exactly; no ``d × d`` temporaries (SPEC §2).
 
 Temporaries are measured with a :class:`TorchDispatchMode` that records the
-number of elements of every tensor every aten op returns (views included)
-while one structure operation runs.  For structures whose storage is o(d²)
-nothing with ``d²`` or more elements may appear, at ``d = 256`` and ``d = 257``
-(a multiple and a non-multiple of small block sizes).
+number of elements of every tensor an aten op *allocates* while one structure
+operation runs: every output except those sharing memory with an input (views
+such as ``Mᵀ`` or a slice, and in-place results), which allocate nothing.
+For structures whose storage is o(d²) nothing with ``d²`` or more elements
+may appear, at ``d = 256`` and ``d = 257`` (a multiple and a non-multiple of
+small block sizes).
 
 Exempt, with the reason:
 
@@ -31,8 +33,19 @@ from tests.structures.strategies import structure_class
 COLS = 32  # m: the width of X in K X, Π̂(Kᵀ X Xᵀ K)
 
 
+def _storage_pointers(tree: object) -> set[int]:
+    return {
+        leaf.untyped_storage().data_ptr()
+        for leaf in tree_leaves(tree)
+        if isinstance(leaf, torch.Tensor)
+    }
+
+
 class LargestOutput(TorchDispatchMode):
-    """Records the largest ``numel`` of any tensor an aten op returns, and which op."""
+    """Records the largest ``numel`` of any tensor an aten op allocates, and which op.
+
+    Outputs whose memory is an input's (views, in-place results) are not counted.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -40,9 +53,13 @@ class LargestOutput(TorchDispatchMode):
         self.op = ""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        inputs = _storage_pointers((args, kwargs))
+        out = func(*args, **kwargs)
         for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.numel:
+            if not isinstance(leaf, torch.Tensor) or leaf.untyped_storage().data_ptr() in inputs:
+                continue
+            if leaf.numel() > self.numel:
                 self.numel, self.op = leaf.numel(), str(func)
         return out
 
@@ -110,9 +127,13 @@ def test_storage_bytes_are_free_entries(name: str, dim: int, dtype: torch.dtype)
     assert cls.storage_numel(dim) == oracle_structure(name).num_free(dim)
 
 
-def test_recorder_sees_a_dense_temporary() -> None:
-    """The recorder itself works: a dense product of two ``d × d`` matrices is seen."""
+def test_recorder_counts_allocations_not_views() -> None:
+    """The recorder itself: a dense product is seen; a transpose and an in-place op are not."""
+    matrix = torch.ones(8, 8)
     recorder = LargestOutput()
     with recorder:
-        torch.ones(8, 8) @ torch.ones(8, 8)
+        matrix.T.diagonal().add_(1.0)
+    assert recorder.numel == 0
+    with recorder:
+        matrix @ matrix
     assert recorder.numel == 64
