@@ -359,6 +359,30 @@ def test_ikfac_fixed_point(u: np.ndarray, gc: np.ndarray) -> None:
         assert residual <= rho**steps * np.max(np.abs(b - 1) / b) + floor
 
 
+@given(u=spd_matrices(4, cond=10.0, scale=1.5))
+def test_ikfac_follows_its_scalar_recursion(u: np.ndarray) -> None:
+    """Constant U, K₀ = I: K_t = k_t(B) in U's eigenbasis, ``k ← k (1 − β1 (b k² − 1)/2)``."""
+    beta1, damping, steps = 0.5, 1e-3, 20
+    hyper = SINGDHyperparameters(
+        lr=0.0, kfac_like=True, alpha1=0.0, damping=damping, lr_cov=beta1, T=1
+    )
+    record = StepRecord(grad=np.zeros((1, 4)), stats=((matrix_sqrt_factor(u), np.ones((1, 1))),))
+    states = singd_trajectory(record.grad, [record] * steps, hyper)
+    eigenvalues, basis = np.linalg.eigh(u)
+    b = eigenvalues + damping
+    k = np.ones_like(b)
+    for _ in range(steps):
+        k = k * (1 - beta1 * (b * k**2 - 1) / 2)
+    predicted = (basis * k**2) @ basis.T
+    # Rounding: per step a chain of 4 products of length d, (d + 2)·eps each,
+    # relative to |K|² <= 1/b_min; the scalar map's Lipschitz constant is at
+    # most L = 1 + β1/2 (|1 − β1(3bk² − 1)/2| with bk² between b and 1), so the errors
+    # of `steps` steps grow by at most L^steps.
+    d = len(b)
+    bound = steps * 4 * (d + 2) * EPS64 / b.min() * (1 + beta1 / 2) ** steps
+    assert np.abs(states[-1].K @ states[-1].K.T - predicted).max() <= bound
+
+
 # ------------------------------------------------------------- invariance
 def scaled_records(records: list[StepRecord], c: float) -> list[StepRecord]:
     """``A → √c A``, ``G → G/√c`` (so ``H_K → cH_K``, ``H_C → H_C/c``)."""
