@@ -1,0 +1,174 @@
+"""``torch.amp``: GradScaler protocol (SPEC §1.5) including clipping after ``unscale_``.
+
+Tolerance rule for scaler-vs-plain runs in float32: scaling by a power of two
+is exact, so gradients, clipping and ``H_K`` agree bitwise; only ``G/sqrt(s)``
+with an odd power ``s = 2^(2k+1)`` rounds (one eps relative per entry), which
+enters ``H_C`` (a Gram product, ``matmul_bound(float32, n)``) and from there
+every later factor and parameter.  Over ``steps`` contractive steps the
+parameters therefore agree to ``steps · matmul_bound(float32, n) · max|W|``
+with ``n`` the largest reduction length (first order, tests/tolerances.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from singd import KFAC, SINGD
+from tests.tolerances import matmul_bound
+
+STEPS = 6
+BATCH = 8
+OPTIMIZERS: dict[str, Callable[[nn.Module], Any]] = {
+    "singd": lambda m: SINGD(m, lr=0.05, T=2, lr_cov=0.1),
+    "kfac": lambda m: KFAC(m, lr=0.05, T=2, lr_cov=0.1),
+}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+
+
+def _loss(model: nn.Module, step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(step)
+    x = torch.randn(BATCH, 6, generator=gen)
+    return model(x).square().mean()
+
+
+def _run(name: str, *, scaler: torch.amp.GradScaler | None, clip: float | None,
+         unscale: bool, attach: bool) -> nn.Module:
+    model = _model()
+    opt = OPTIMIZERS[name](model)
+    if attach:
+        opt.attach_grad_scaler(scaler)
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss = _loss(model, step)
+        if scaler is None:
+            loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            continue
+        scaler.scale(loss).backward()
+        if unscale:
+            scaler.unscale_(opt)
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(opt)
+        scaler.update()
+    assert opt.steps == STEPS
+    return model
+
+
+def _max_deviation(left: nn.Module, right: nn.Module) -> tuple[float, float]:
+    pairs = zip(left.parameters(), right.parameters(), strict=True)
+    error = max(float((a - b).detach().abs().max()) for a, b in pairs)
+    magnitude = max(float(p.detach().abs().max()) for p in left.parameters())
+    return error, magnitude
+
+
+def _scaler(init_scale: float) -> torch.amp.GradScaler:
+    # growth every 2 steps: the scale changes between statistics steps (s_prev ≠ s_t)
+    return torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=2)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_clipping_after_unscale_matches_plain_run(name):
+    """``unscale_`` + ``clip_grad_norm_`` + attached scaler == the same run without scaler."""
+    clip = 0.05  # small enough to clip on every step
+    plain = _run(name, scaler=None, clip=clip, unscale=False, attach=False)
+    scaled = _run(name, scaler=_scaler(2.0**10), clip=clip, unscale=True, attach=True)
+    error, magnitude = _max_deviation(plain, scaled)
+    # rule: module docstring (n = BATCH rows in the Gram products).
+    assert error <= STEPS * matmul_bound(torch.float32, BATCH) * magnitude
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("attach", [False, True])
+def test_scaler_step_without_unscale_matches_plain_run(name, attach):
+    """Plain ``scaler.step``: ``grad_scale`` arrives at step, statistics corrected by s_div/s²."""
+    plain = _run(name, scaler=None, clip=None, unscale=False, attach=False)
+    scaled = _run(name, scaler=_scaler(2.0**12), clip=None, unscale=False, attach=attach)
+    error, magnitude = _max_deviation(plain, scaled)
+    # rule: module docstring.
+    assert error <= STEPS * matmul_bound(torch.float32, BATCH) * magnitude
+
+
+def _state_snapshot(opt: Any, model: nn.Module) -> list[torch.Tensor]:
+    tensors: list[torch.Tensor] = [p.detach().clone() for p in model.parameters()]
+    for name in opt.layer_names():
+        for value in opt.layer_state(name).values():
+            dense = value if isinstance(value, torch.Tensor) else value.to_dense()
+            tensors.append(dense.clone())
+    tensors += [s["momentum_buffer"].clone() for s in opt.state.values()]
+    return tensors
+
+
+def test_unscale_without_attached_scaler_raises_on_statistics_step():
+    """The backward's scale is unknown: a clear error, never silently wrong statistics."""
+    model = _model()
+    opt = SINGD(model, T=1)
+    scaler = _scaler(2.0**8)
+    scaler.scale(_loss(model, 0)).backward()
+    scaler.unscale_(opt)
+    before = _state_snapshot(opt, model)
+    with pytest.raises(ValueError, match="attach_grad_scaler"):
+        scaler.step(opt)
+    assert opt.steps == 0 and not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    assert all(torch.equal(a, b) for a, b in zip(before, _state_snapshot(opt, model),
+                                                 strict=True))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_inf_step_is_skipped_and_leaves_state_untouched(name):
+    model = _model()
+    opt = OPTIMIZERS[name](model)
+    opt.attach_grad_scaler(scaler := _scaler(2.0**8))
+    for step in range(3):  # reach a state with non-trivial factors and buffers
+        opt.zero_grad()
+        scaler.scale(_loss(model, step)).backward()
+        scaler.step(opt)
+        scaler.update()
+    before, scale = _state_snapshot(opt, model), scaler.get_scale()
+    opt.zero_grad()
+    scaler.scale(_loss(model, 3)).backward()
+    model[0].weight.grad[0, 0] = float("inf")  # an overflow in this backward
+    with pytest.warns(UserWarning, match="skipped"):
+        scaler.step(opt)
+    scaler.update()
+    assert opt.steps == 3 and scaler.get_scale() == scale / 2
+    assert all(torch.equal(a, b) for a, b in zip(before, _state_snapshot(opt, model),
+                                                 strict=True))
+    opt.zero_grad()  # the next step proceeds with fresh statistics
+    scaler.scale(_loss(model, 3)).backward()
+    scaler.step(opt)
+    assert opt.steps == 4
+
+
+@pytest.mark.parametrize(
+    "preconditioner_dtype", [(None, None), (torch.bfloat16, torch.bfloat16),
+                             (torch.float32, torch.bfloat16)])
+def test_autocast_bfloat16_keeps_factor_dtypes(preconditioner_dtype):
+    """Under bf16 autocast the statistics are formed in each factor's own dtype."""
+    model = _model()
+    opt = SINGD(model, T=1, lr=0.05, preconditioner_dtype=preconditioner_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = _loss(model, step)
+            loss.backward()
+            opt.step()
+    assert opt.steps == 3
+    state = opt.layer_state("0")
+    assert state["K"].dtype == (preconditioner_dtype[0] or torch.float32)
+    assert state["C"].dtype == (preconditioner_dtype[1] or torch.float32)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
