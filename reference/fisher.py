@@ -152,7 +152,8 @@ class DeepLinearProblem:
                     "loss_average='batch+sequence' has no meaning in the reduce setting "
                     "(one loss term per sample)"
                 )
-        out_shape = (*x.shape[:-1][: 1 if self.reduce_after is not None else None], width)
+        leading = x.shape[:1] if self.reduce_after is not None else x.shape[:-1]
+        out_shape = (*leading, width)
         y = np.asarray(self.y)
         expected = out_shape if self.loss == "mse" else out_shape[:-1]
         if y.shape != expected:
@@ -192,7 +193,7 @@ class DeepLinearProblem:
             return False
         return self.reduce_after is None or layer <= self.reduce_after
 
-    def public(self, h: np.ndarray, layer: int) -> np.ndarray:
+    def hook_shape(self, h: np.ndarray, layer: int) -> np.ndarray:
         """An internal ``[..., B, S_l, d]`` array in the shape a hook on ``layer`` sees."""
         return h if self.keeps_shared_dim(layer) else h[..., 0, :]
 
@@ -271,13 +272,13 @@ def _loss_gradient(problem: DeepLinearProblem, f: np.ndarray) -> np.ndarray:
 def layer_inputs(problem: DeepLinearProblem) -> list[np.ndarray]:
     """What a forward hook sees: each layer's input ``[B, (S), d_{l-1}]``, no ones column."""
     inputs, _ = _forward(problem)
-    return [problem.public(a, layer) for layer, a in enumerate(inputs)]
+    return [problem.hook_shape(a, layer) for layer, a in enumerate(inputs)]
 
 
 def network_output(problem: DeepLinearProblem) -> np.ndarray:
     """``f``, shape ``[B, (S), d_L]`` (no ``S`` in the reduce setting)."""
     _, f = _forward(problem)
-    return problem.public(f, len(problem.weights))
+    return problem.hook_shape(f, len(problem.weights))
 
 
 def loss_value(problem: DeepLinearProblem) -> Any:
@@ -328,7 +329,7 @@ def output_gradients(problem: DeepLinearProblem) -> list[np.ndarray]:
     """
     _, f = _forward(problem)
     at_outputs = _backward(problem, _loss_gradient(problem, f))
-    return [problem.public(v, layer) for layer, v in enumerate(at_outputs)]
+    return [problem.hook_shape(v, layer) for layer, v in enumerate(at_outputs)]
 
 
 def per_sample_gradients(problem: DeepLinearProblem) -> list[np.ndarray]:
@@ -405,4 +406,4 @@ def ggn_backprop_vectors(problem: DeepLinearProblem) -> list[np.ndarray]:
     """
     roots = loss_hessian_sqrt(problem)  # [B, S_out, d_L, C]
     seeds = np.moveaxis(roots, -1, 0) / problem.loss_terms  # [C, B, S_out, d_L]
-    return [problem.public(v, layer) for layer, v in enumerate(_backward(problem, seeds))]
+    return [problem.hook_shape(v, layer) for layer, v in enumerate(_backward(problem, seeds))]

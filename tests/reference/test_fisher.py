@@ -215,7 +215,7 @@ def test_kfac_reduce_is_exact_in_reduce_setting(problem: DeepLinearProblem) -> N
 
 
 @given(problem=problems("plain", losses=("mse",)))
-def test_kfac_is_exact_without_weight_sharing_for_batch_size_one_per_term(
+def test_kfac_is_exact_without_weight_sharing(
     problem: DeepLinearProblem,
 ) -> None:
     """No shared dim: KFAC (expand == reduce) is exact for deep linear MSE as well."""

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -129,6 +129,18 @@ def test_extract_patches_equals_unfold(case: dict) -> None:
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 @given(case=conv_cases(), bias=st.booleans())
+@example(  # torch's asymmetric 'same': even kernel, the extra zero goes bottom/right
+    case={
+        "x": np.arange(30.0).reshape(1, 2, 3, 5) / 30,
+        "c_out": 2,
+        "kernel_size": (2, 3),
+        "stride": (1, 1),
+        "padding": "same",
+        "dilation": (1, 1),
+        "groups": 2,
+    },
+    bias=True,
+)
 def test_conv2d_forward_equals_torch_conv2d(case: dict, bias: bool) -> None:
     """The patch-based convolution equals ``nn.Conv2d`` for every padding kind, incl. 'same'."""
     conv = torch_conv(case, bias)
