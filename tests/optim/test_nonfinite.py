@@ -1,0 +1,115 @@
+"""Non-finite gradients or statistics (no scaler): the step is skipped, nothing changes."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from singd import KFAC, SINGD
+
+OPTIMIZERS: dict[str, Callable[[nn.Module], Any]] = {
+    "singd": lambda m: SINGD(m, lr=0.05, T=1, lr_cov=0.1, weight_decay=1e-2,
+                               warn_unsupported=False),
+    "singd-structured": lambda m: SINGD(m, lr=0.05, T=1, structures=("tril", "diagonal"),
+                                          warn_unsupported=False),
+    "kfac": lambda m: KFAC(m, lr=0.05, T=1, lr_cov=0.1, warn_unsupported=False),
+}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2), nn.LayerNorm(2))
+
+
+def _inputs(step: int) -> torch.Tensor:
+    return torch.randn(5, 4, generator=torch.Generator().manual_seed(step))
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for key in sorted(tree, key=str) for t in _tensors(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _tensors(item)]
+    return []
+
+
+def _snapshot(opt: Any, model: nn.Module) -> tuple[list[torch.Tensor], Any]:
+    state = copy.deepcopy(opt.state_dict())
+    tensors = [t.clone() for t in _tensors(state)] + [p.detach().clone()
+                                                       for p in model.parameters()]
+    plain = {k: v for k, v in state.items() if k not in ("state", "kronecker")}
+    return tensors, (plain, state["kronecker"]["steps"], state["kronecker"]["grad_scale_prev"])
+
+
+def _assert_unchanged(before, after) -> None:
+    (left, left_plain), (right, right_plain) = before, after
+    assert left_plain == right_plain
+    assert len(left) == len(right)
+    assert all(torch.equal(a, b) for a, b in zip(left, right, strict=True))
+
+
+def _warm_up(name: str) -> tuple[nn.Module, Any]:
+    model = _model()
+    opt = OPTIMIZERS[name](model)
+    for step in range(2):
+        opt.zero_grad()
+        model(_inputs(step)).square().mean().backward()
+        opt.step()
+    return model, opt
+
+
+def _poison_gradient(model: nn.Module, opt: Any) -> None:
+    model(_inputs(2)).square().mean().backward()
+    model[2].bias.grad[0] = float("nan")
+
+
+def _poison_fallback_gradient(model: nn.Module, opt: Any) -> None:
+    model(_inputs(2)).square().mean().backward()
+    model[3].weight.grad[1] = float("inf")
+
+
+def _poison_statistics(model: nn.Module, opt: Any) -> None:
+    """Finite gradients, non-finite statistics: an inf input whose gradient path is cut."""
+    x = _inputs(2)
+    hidden = model[1](model[0](x))
+    model[2](hidden + torch.where(torch.arange(3) == 0, float("inf"), 0.0)).sum().mul(0).backward()
+    for p in model.parameters():  # gradients are zero or NaN here; make them finite
+        if p.grad is not None:
+            p.grad.nan_to_num_(0.0)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize(
+    "poison", [_poison_gradient, _poison_fallback_gradient, _poison_statistics],
+    ids=["layer-grad", "fallback-grad", "statistics"])
+def test_nonfinite_step_is_skipped_and_changes_nothing(name, poison):
+    model, opt = _warm_up(name)
+    before = _snapshot(opt, model)
+    opt.zero_grad()
+    poison(model, opt)
+    with pytest.warns(UserWarning, match="skipped"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, model))
+    assert opt.steps == 2
+
+    opt.zero_grad()  # the statistics were dropped: the next step uses only its own pass
+    model(_inputs(3)).square().mean().backward()
+    opt.step()
+    assert opt.steps == 3
+    assert all(torch.isfinite(t).all() for t in _tensors(opt.state_dict()))
+
+
+def test_each_skip_warns():
+    model, opt = _warm_up("singd")
+    for _ in range(2):
+        opt.zero_grad()
+        _poison_gradient(model, opt)
+        with pytest.warns(UserWarning, match="non-finite gradients"):
+            opt.step()
