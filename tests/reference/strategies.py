@@ -36,7 +36,9 @@ def dims(min_value: int = 1, max_value: int = 8) -> st.SearchStrategy[int]:
 
 def matrices(rows: int, cols: int) -> st.SearchStrategy[np.ndarray]:
     """General float64 matrices (``rows × cols``) with entries from :data:`ENTRIES`."""
-    return hnp.arrays(np.float64, (rows, cols), elements=ENTRIES)
+    # fill=nothing: every entry is drawn independently (hypothesis otherwise fills
+    # most of an array with one repeated value, which hides index bugs).
+    return hnp.arrays(np.float64, (rows, cols), elements=ENTRIES, fill=st.nothing())
 
 
 def symmetric_matrices(d: int) -> st.SearchStrategy[np.ndarray]:
@@ -76,7 +78,11 @@ def spd_matrices(draw: st.DrawFn, d: int, cond: float = 1e3, scale: float = 1.0)
     """
     basis = draw(orthogonal_matrices(d))
     log_cond = float(np.log(cond))
-    logs = draw(hnp.arrays(np.float64, (d,), elements=st.floats(-log_cond, 0.0, width=64)))
+    logs = draw(
+        hnp.arrays(
+            np.float64, (d,), elements=st.floats(-log_cond, 0.0, width=64), fill=st.nothing()
+        )
+    )
     if d >= 2:
         logs[0], logs[-1] = 0.0, -log_cond
     spd = (basis * (scale * np.exp(logs))) @ basis.T
