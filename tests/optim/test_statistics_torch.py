@@ -103,6 +103,7 @@ def test_conv2d_statistics_match_oracle(batch, groups, channels_per_group, out_p
                   locations * float(g.abs().max()) * math.sqrt(batch * locations))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 @pytest.mark.parametrize("kernel", [(3, 3), (2, 3), (4, 1)])
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_conv2d_same_padding_matches_oracle(kernel, dilation):
