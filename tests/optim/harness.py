@@ -12,23 +12,22 @@ In low precision the oracle is fed the *same* recorded low-precision tensors,
 upcast exactly to float64, so the comparison measures only the optimizer's own
 rounding, never the model's.
 
-Tolerance rule (first-order rounding-error analysis, ``tests/tolerances.py``):
-one step adds to every state entry an error of at most ``ρ · M`` where
-``ρ = chain_bound(dtype, [every reduction length of one step])`` and ``M`` is
-the entry's *magnitude*, the same expression evaluated on absolute values
-(Higham: error relative to ``|A||B|``, never to ``|AB|``).  Over ``s`` steps
-the errors add (``s · ρ · M``), and an error already in ``K`` is multiplied
-by ``‖I − β1 m‖_∞ ≤ 1 + β1 ‖m‖_∞`` at each factor update, so the sum grows by
-at most ``G = exp(Σ_t β1_t ‖m_t‖_∞)`` (:func:`growth_factor`, first order:
-the dependence of ``m`` on ``K`` is second order in the rounding error times
-``β1``; the cases use small ``β1`` so that ``G`` stays near 1).  The
-parameter update inherits the factors' relative error four times
-(``C Cᵀ ∇W K Kᵀ``), hence ``PRECONDITIONER_ERROR_TERMS = 5``.
+Tolerance rule (first-order rounding-error analysis, as in ``tests/tolerances.py``):
+the bound on every state entry is *propagated along the oracle trajectory*.
+Each operation of SPEC §1.1–§1.4 adds its own rounding error, ``(n + 2)·eps``
+times the magnitude of its result evaluated on absolute values (Higham: error
+relative to ``|A||B|``, never to ``|AB|``; ``n`` the reduction length), and
+passes on the errors already in its operands to first order
+(``|X1|…(δ_i 𝟙)…|Xk|`` for a perturbed factor of a product).  So the factor
+errors grow with ``β1 |m|`` per update, the parameter error with ``β2`` times
+the momentum error, and every stored number adds ``eps`` of its magnitude
+(in bf16, updates below half an ulp are lost: that is this ``eps`` per step).
+Π̂ is accounted as at most doubling an entry (tril/triu/hierarchical coupling
+blocks) plus a ``d``-term average (Toeplitz).  Nothing is fitted to the data.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -39,11 +38,16 @@ from torch import Tensor, nn
 from reference.kfac import KFACHyperparameters, KFACState, kfac_trajectory
 from reference.numbers import FLOAT64
 from reference.statistics import conv2d_statistics, linear_statistics
-from reference.updates import SINGDHyperparameters, SINGDState, StepRecord, singd_trajectory
-from tests.tolerances import EPS, chain_bound
+from reference.updates import (
+    SINGDHyperparameters,
+    SINGDState,
+    StepRecord,
+    lr_cov_at,
+    singd_init,
+    singd_trajectory,
+)
+from tests.tolerances import EPS, chain_bound, matmul_bound
 
-#: Rounding of ``C Cᵀ ∇W K Kᵀ`` itself plus the relative error of its four factors.
-PRECONDITIONER_ERROR_TERMS = 5
 #: Π̂ at most doubles an entry (tril/triu/hierarchical coupling blocks, SPEC §2).
 PROJECTION_GAIN = 2.0
 
@@ -292,15 +296,15 @@ def replay_kfac(
 # ------------------------------------------------------------- comparison
 @dataclass(frozen=True)
 class Deviation:
-    """Largest deviation of one state entry over a trajectory.
+    """Largest deviation (relative to its bound) of one state entry over a trajectory.
 
     Attributes:
         layer: The layer name.
         key: The state entry (``"K"``, ``"W"``, …).
         step: The step (0-based) where ``error / bound`` is largest.
         error: ``max |torch − oracle|`` at that step.
-        bound: The allowed error at that step.
-        magnitude: The magnitude ``M`` the bound was built from.
+        bound: The propagated first-order bound at that step.
+        magnitude: The entry's magnitude at that step (for reports in eps units).
     """
 
     layer: str
@@ -319,53 +323,142 @@ def _abs_chain(*matrices: np.ndarray) -> np.ndarray:
     return result
 
 
-def _momentum_magnitude(
-    k: np.ndarray, c: np.ndarray, stats: Sequence[tuple[np.ndarray, np.ndarray]], hyper
-) -> tuple[float, float]:
-    """Magnitudes of the new ``m_K`` and ``m_C`` brackets (SPEC §1.3) from ``|·|`` values."""
-    h_k = sum(PROJECTION_GAIN * _abs_chain(k.T, a.T, a, k) for a, _ in stats)
-    h_c = sum(PROJECTION_GAIN * _abs_chain(c.T, g.T, g, c) for _, g in stats)
-    gram_k = PROJECTION_GAIN * _abs_chain(k.T, k)
-    gram_c = PROJECTION_GAIN * _abs_chain(c.T, c)
-    d_i, d_o = k.shape[0], c.shape[0]
-    if hyper.kfac_like:
-        m_k = h_k.max() + hyper.damping * gram_k.max() + 1
-        m_c = h_c.max() + hyper.damping * gram_c.max() + 1
-    else:
-        m_k = (np.trace(h_c) * h_k.max() + hyper.damping * np.trace(gram_c) * gram_k.max()) / d_o
-        m_c = (np.trace(h_k) * h_c.max() + hyper.damping * np.trace(gram_k) * gram_c.max()) / d_i
-        m_k, m_c = m_k + 1, m_c + 1
-    return float(m_k), float(m_c)
+def _perturbed(matrices: Sequence[np.ndarray], errors: Sequence[float]) -> float:
+    """First-order bound on ``max |δ(X1 … Xk)|`` when ``Xi`` has entry errors ``<= errors[i]``.
 
-
-def reduction_lengths(run: RecordedRun, name: str) -> list[int]:
-    """Every reduction length of one SINGD step of layer ``name`` (SPEC §1.1–§1.4).
-
-    Statistics: the averaging/summing over shared positions (``s``), ``Kᵀ Aᵀ``
-    (``d_i``), the Gram product (``n``), ``KᵀK`` (``d_i``), ``K m`` (``d_i``),
-    the traces (``d``), the same for ``C``; preconditioning: two products with
-    ``d_o`` and two with ``d_i``; the momentum/parameter updates (``1`` each).
+    ``Σ_i |X1| … |X_{i-1}| (errors[i] · 𝟙) |X_{i+1}| … |Xk|``, largest entry.
     """
-    d_o, d_i = run.initial_weights[name].shape
-    first = run.steps[0][name].passes[0]
-    rows = first.inputs.numel() // max(first.inputs.shape[-1], 1)
-    shared = max(rows // first.inputs.shape[0], 1)
-    per_factor = [shared, rows]
-    return per_factor + [d_i] * 4 + per_factor + [d_o] * 4 + [d_o, d_o, d_i, d_i] + [1, 1, 1]
-
-
-def growth_factor(states: Sequence[SINGDState], hyper: SINGDHyperparameters) -> float:
-    """``G = exp(Σ_t β1_t (‖m_K‖_∞ + ‖m_C‖_∞))`` over the factor updates (module docstring)."""
     total = 0.0
-    for t, state in enumerate(states):
-        if t % hyper.T:
+    for index, error in enumerate(errors):
+        if error == 0:
             continue
-        beta1 = hyper.lr_cov(t) if callable(hyper.lr_cov) else hyper.lr_cov
-        for m in (state.m_K, state.m_C):
-            norm = float(np.abs(m).sum(axis=1).max())
-            scale = 1 / max(1, np.abs(m).max()) if hyper.normalize_lr_cov else 1
-            total += beta1 * scale * norm
-    return math.exp(total)
+        factors = [np.abs(m) for m in matrices]
+        factors[index] = np.full(np.shape(matrices[index]), error)
+        total = total + _abs_chain(*factors)
+    return float(np.max(total))
+
+
+@dataclass
+class _FactorBound:
+    """Running bounds for one factor ``K`` (or ``C``) and its momentum.
+
+    Attributes:
+        factor: Bound on ``max |δK|``.
+        momentum: Bound on ``max |δm_K|``.
+        momentum_magnitude: Magnitude of the latest ``m_K`` (for reports).
+    """
+
+    factor: float = 0.0
+    momentum: float = 0.0
+    momentum_magnitude: float = 0.0
+
+
+def _inner_bound(
+    dtype: torch.dtype,
+    factor: np.ndarray,
+    error: float,
+    statistics: Sequence[np.ndarray],
+    shared: int,
+) -> tuple[np.ndarray, float]:
+    """Magnitude and error bound of ``H = Σ_passes Π̂(Kᵀ AᵀA K)`` (SPEC §1.1).
+
+    Rounding: the statistic itself (averaging over ``shared`` positions and
+    the scaling, once per appearance), ``Kᵀ Aᵀ`` (``d``), the Gram product
+    (``n``), Π̂ (at most a ``d``-term average) and the sum over passes; plus
+    the propagated ``δK`` (first order).
+    """
+    d = factor.shape[0]
+    magnitude = np.zeros_like(factor)
+    error_h = 0.0
+    for a in statistics:
+        rho = chain_bound(dtype, [shared, shared, d, a.shape[0], d, len(statistics)])
+        chain = [factor.T, a.T, a, factor]
+        term = PROJECTION_GAIN * _abs_chain(*chain)
+        magnitude = magnitude + term
+        error_h += rho * float(term.max()) + PROJECTION_GAIN * _perturbed(
+            chain, [error, 0, 0, error]
+        )
+    return magnitude, error_h
+
+
+def _gram_bound(dtype: torch.dtype, factor: np.ndarray, error: float) -> tuple[np.ndarray, float]:
+    """Magnitude and error bound of ``Π̂(KᵀK)`` (product ``d``, Π̂ ``d``, propagated ``δK``)."""
+    d = factor.shape[0]
+    magnitude = PROJECTION_GAIN * _abs_chain(factor.T, factor)
+    error_gram = chain_bound(dtype, [d, d]) * float(magnitude.max())
+    error_gram += PROJECTION_GAIN * _perturbed([factor.T, factor], [error, error])
+    return magnitude, error_gram
+
+
+def _trace_bound(dtype: torch.dtype, magnitude: np.ndarray, error: float) -> tuple[float, float]:
+    """Magnitude and error bound of ``tr(X)`` from entry magnitude/error bounds of ``X``."""
+    d = magnitude.shape[0]
+    trace = float(np.trace(magnitude))
+    return trace, d * error + chain_bound(dtype, [d]) * trace
+
+
+def _momentum_bound(
+    dtype: torch.dtype,
+    hyper: SINGDHyperparameters,
+    own: tuple[np.ndarray, float, np.ndarray, float],
+    other: tuple[np.ndarray, float, np.ndarray, float],
+    old_momentum: np.ndarray,
+    old_error: float,
+) -> tuple[float, float]:
+    """Magnitude and error bound of the new ``m_K`` (SPEC §1.3; ``m_C`` with roles swapped).
+
+    Args:
+        dtype: The dtype whose rounding is bounded.
+        hyper: The hyper-parameters.
+        own: ``(|H_K|, δH_K, |Π̂(KᵀK)|, δΠ̂(KᵀK))``.
+        other: The same for ``C``.
+        old_momentum: The oracle's previous ``m_K``.
+        old_error: Bound on the previous ``δm_K``.
+    """
+    h, error_h, gram, error_gram = own
+    h_other, error_h_other, gram_other, error_gram_other = other
+    d_other = h_other.shape[0]
+    if hyper.kfac_like:
+        terms = float(h.max()) + hyper.damping * float(gram.max()) + 1
+        error = error_h + hyper.damping * error_gram
+        divisor = 1
+    else:
+        trace_h, error_trace_h = _trace_bound(dtype, h_other, error_h_other)
+        trace_gram, error_trace_gram = _trace_bound(dtype, gram_other, error_gram_other)
+        terms = trace_h * float(h.max()) + hyper.damping * trace_gram * float(gram.max()) + d_other
+        error = error_trace_h * float(h.max()) + trace_h * error_h
+        error += hyper.damping * (error_trace_gram * float(gram.max()) + trace_gram * error_gram)
+        divisor = d_other
+    # Three additions, the scaling and the storage of the bracket round once each.
+    error += 4 * EPS[dtype] * terms
+    old = hyper.alpha1 * float(np.abs(old_momentum).max())
+    magnitude = 0.5 * terms / divisor + old
+    return magnitude, 0.5 * error / divisor + hyper.alpha1 * old_error + 2 * EPS[dtype] * (
+        old + magnitude
+    )
+
+
+def _factor_step_bound(
+    dtype: torch.dtype,
+    factor: np.ndarray,
+    new_factor: np.ndarray,
+    momentum: np.ndarray,
+    bounds: _FactorBound,
+    beta1: float,
+    normalize: bool,
+) -> float:
+    """Bound on ``δK`` after ``K ← K − β K m`` (SPEC §1.4a).
+
+    ``β = β1 / max(1, ‖m‖_∞)`` with ``normalize_lr_cov``; ``1/max(1, x)`` is
+    1-Lipschitz, so ``δβ ≤ β1 δm``.
+    """
+    d = factor.shape[0]
+    step = beta1 / max(1.0, float(np.abs(momentum).max())) if normalize else beta1
+    error_step = beta1 * bounds.momentum if normalize else 0.0
+    product = float(_abs_chain(factor, momentum).max())
+    error = bounds.factor + step * _perturbed([factor, momentum], [bounds.factor, bounds.momentum])
+    error += step * matmul_bound(dtype, d) * product + error_step * product
+    return error + EPS[dtype] * (float(np.abs(new_factor).max()) + step * product)
 
 
 def compare_singd(
@@ -378,71 +471,102 @@ def compare_singd(
 ) -> list[Deviation]:
     """Worst deviation (relative to its bound) of every layer's K, C, m_K, m_C, W~, m_W~.
 
-    The bound at step ``t`` (``s = t + 1`` steps, ``u`` factor updates so far)
-    is ``u · ρ · G · M`` for the factors and their momenta and
-    ``s · ρ · G · M`` for ``W~``, ``m_W~``, with ``M`` the running maximum
-    of each entry's magnitude (see the module docstring):
-
-    * ``K``, ``C``: ``max |K|`` (``K ← K − β1 K m`` rounds relative to
-      ``|K| (1 + β1 |m|)``, and ``β1 |m| ≤ 1``);
-    * ``m_K``, ``m_C``: the bracket's magnitude (traces times ``|H|`` plus the
-      damping term plus ``I``) divided by ``1 − α1`` (the momentum sums them);
-    * ``m_W~``: ``PRECONDITIONER_ERROR_TERMS · max |C||Cᵀ||∇W||K||Kᵀ| + γ |W~|``
-      over ``1 − α2``;
-    * ``W~``: ``max |W~|`` (storage rounding) plus ``β2`` times the above
-      (the update error enters with the learning rate).
+    The bound of every entry is propagated step by step along the oracle
+    trajectory (module docstring): each operation of SPEC §1.3/§1.4 adds its
+    rounding error ``(n + 2) · eps · |magnitude|`` and passes on the errors of
+    its inputs to first order (:func:`_perturbed`).  ``m_K``/``m_C`` are not
+    compared with ``α1 = 0``, where the optimizer need not store them.
     """
+    eps = EPS[dtype]
     deviations = []
     for name, states in oracle.items():
-        rho = chain_bound(dtype, reduction_lengths(run, name))
-        growth = growth_factor(states, hyper)
         records = step_records(run, name, approx, loss_average)
+        d_o, d_i = run.initial_weights[name].shape
+        shared = _shared_positions(run, name, approx)
+        bound_k, bound_c = _FactorBound(), _FactorBound()
+        error_w, error_m_w = 0.0, 0.0
+        before = singd_init(run.initial_weights[name], hyper, FLOAT64)
         worst: dict[str, Deviation] = {}
-        running = dict.fromkeys(("K", "C", "m_K", "m_C", "m_W", "W"), 0.0)
-        factor_updates = 0
-        previous = (np.eye(states[0].K.shape[0]), np.eye(states[0].C.shape[0]))
         for t, (state, record) in enumerate(zip(states, records, strict=True)):
             if t % hyper.T == 0:
-                factor_updates += 1
-                m_k_mag, m_c_mag = _momentum_magnitude(*previous, record.stats, hyper)
-                running["m_K"] = max(running["m_K"], m_k_mag / (1 - hyper.alpha1))
-                running["m_C"] = max(running["m_C"], m_c_mag / (1 - hyper.alpha1))
-            running["K"] = max(running["K"], float(np.abs(state.K).max()))
-            running["C"] = max(running["C"], float(np.abs(state.C).max()))
-            g_hat = PRECONDITIONER_ERROR_TERMS * _abs_chain(
-                state.C, state.C.T, record.grad, state.K, state.K.T
-            ).max() + hyper.weight_decay * float(np.abs(state.W).max())
-            running["m_W"] = max(running["m_W"], g_hat / (1 - hyper.momentum))
-            running["W"] = max(
-                running["W"], float(np.abs(state.W).max()) + hyper.lr * running["m_W"]
+                own_k = (
+                    *_inner_bound(
+                        dtype, before.K, bound_k.factor, [a for a, _ in record.stats], shared
+                    ),
+                    *_gram_bound(dtype, before.K, bound_k.factor),
+                )
+                own_c = (
+                    *_inner_bound(
+                        dtype, before.C, bound_c.factor, [g for _, g in record.stats], shared
+                    ),
+                    *_gram_bound(dtype, before.C, bound_c.factor),
+                )
+                bound_k.momentum_magnitude, bound_k.momentum = _momentum_bound(
+                    dtype, hyper, own_k, own_c, before.m_K, bound_k.momentum
+                )
+                bound_c.momentum_magnitude, bound_c.momentum = _momentum_bound(
+                    dtype, hyper, own_c, own_k, before.m_C, bound_c.momentum
+                )
+                beta1 = lr_cov_at(hyper.lr_cov, t)
+                for bound, old, new, momentum in (
+                    (bound_k, before.K, state.K, state.m_K),
+                    (bound_c, before.C, state.C, state.m_C),
+                ):
+                    bound.factor = _factor_step_bound(
+                        dtype, old, new, momentum, bound, beta1, hyper.normalize_lr_cov
+                    )
+            chain = [state.C, state.C.T, record.grad, state.K, state.K.T]
+            magnitude_g = float(_abs_chain(*chain).max())
+            error_g = chain_bound(dtype, [d_o, d_o, d_i, d_i]) * magnitude_g
+            error_g += _perturbed(chain, [bound_c.factor] * 2 + [0] + [bound_k.factor] * 2)
+            w_old = float(np.abs(before.W).max())
+            error_g += hyper.weight_decay * (error_w + eps * w_old) + eps * (
+                magnitude_g + hyper.weight_decay * w_old
             )
+            m_w_old = hyper.momentum * float(np.abs(before.m_W).max())
+            m_w = float(np.abs(state.m_W).max())
+            error_m_w = hyper.momentum * error_m_w + error_g + eps * (m_w_old + m_w)
+            w = float(np.abs(state.W).max())
+            error_w = error_w + hyper.lr * error_m_w + eps * (hyper.lr * m_w + w)
+            bounds = {
+                "K": (bound_k.factor, float(np.abs(state.K).max())),
+                "C": (bound_c.factor, float(np.abs(state.C).max())),
+                "m_K": (bound_k.momentum, bound_k.momentum_magnitude),
+                "m_C": (bound_c.momentum, bound_c.momentum_magnitude),
+                "W": (error_w, w),
+                "m_W": (error_m_w, m_w),
+            }
             torch_state = run.steps[t][name].state
-            for key, counter in (
-                ("K", factor_updates),
-                ("C", factor_updates),
-                ("m_K", factor_updates),
-                ("m_C", factor_updates),
-                ("W", t + 1),
-                ("m_W", t + 1),
-            ):
-                if key not in torch_state:
-                    continue
+            for key, (bound, magnitude) in bounds.items():
+                if key not in torch_state or (key in ("m_K", "m_C") and hyper.alpha1 == 0):
+                    continue  # with α1 = 0 the momenta need no storage (SPEC §1.4a)
                 error = float(np.abs(torch_state[key] - getattr(state, key)).max())
-                bound = counter * rho * growth * running[key]
-                candidate = Deviation(name, key, t, error, bound, running[key])
-                if key not in worst or error / bound > worst[key].error / worst[key].bound:
+                candidate = Deviation(name, key, t, error, bound, magnitude)
+                if key not in worst or error * worst[key].bound > worst[key].error * bound:
                     worst[key] = candidate
-            previous = (state.K, state.C)
+            before = state
         deviations.extend(worst.values())
     return deviations
 
 
+def _shared_positions(run: RecordedRun, name: str, approx: str) -> int:
+    """Positions averaged into one row of ``A`` (reduce) or 1 (expand), plus conv groups."""
+    module = run.layers[name]
+    first = run.steps[0][name].passes[0]
+    groups = module.groups if isinstance(module, nn.Conv2d) else 1
+    if approx == "expand":
+        return groups
+    if isinstance(module, nn.Conv2d):
+        locations = first.output_grads[0, 0].numel()
+    else:
+        locations = first.inputs[0].numel() // first.inputs.shape[-1]
+    return groups * locations
+
+
 def relative_errors_in_eps(deviations: Sequence[Deviation], dtype: torch.dtype) -> float:
-    """Largest ``error / M`` over ``deviations`` in units of ``eps(dtype)`` (for reports)."""
-    return (
-        max((d.error / d.magnitude for d in deviations if d.magnitude > 0), default=0.0)
-        / EPS[dtype]
-    )
+    """Largest ``error / magnitude`` over ``deviations`` in units of ``eps(dtype)`` (reports)."""
+    ratios = [d.error / d.magnitude for d in deviations if d.magnitude > 0]
+    return max(ratios, default=0.0) / EPS[dtype]
 
 
 def violations(deviations: Sequence[Deviation]) -> list[Deviation]:

@@ -1,0 +1,315 @@
+"""The torch optimizer against the float64 oracle on real small models (SPEC §3, last point).
+
+Two layers of checks:
+
+* the optimizer's pure statistics functions (``singd.optim.statistics``)
+  equal ``reference.statistics`` on the same raw inputs/gradients;
+* whole training runs: the harness (``tests/optim/harness.py``) records a run
+  of the torch ``SINGD`` with its own hooks, replays it through the oracle
+  stepper in float64 and compares factors, factor momenta, parameters and
+  parameter momenta after every step, with the bound derived in the harness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from reference.updates import SINGDHyperparameters
+from singd import SINGD
+from singd.optim.statistics import layer_grad_matrix, layer_input_matrix
+from tests.optim.harness import (
+    LayerPass,
+    RecordedRun,
+    compare_singd,
+    layer_statistics,
+    record_run,
+    replay_singd,
+    to_numpy,
+    violations,
+)
+from tests.tolerances import EPS, chain_bound
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+APPROXIMATIONS = ("expand", "reduce")
+LOSS_AVERAGES = ("batch", "batch+sequence", None)
+
+
+# ----------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class LayerCase:
+    """A layer and the shape of its input.
+
+    Attributes:
+        name: Test id.
+        make: Builds the layer (seeded by the caller).
+        input_shape: Shape of the layer input.
+        shared: Number of shared positions ``S`` of the layer.
+        groups: Channel groups (1 for Linear).
+    """
+
+    name: str
+    make: type[nn.Module] | object
+    input_shape: tuple[int, ...]
+    shared: int
+    groups: int = 1
+
+
+LAYER_CASES = (
+    LayerCase("linear", lambda: nn.Linear(5, 3), (4, 5), 1),
+    LayerCase("linear-nobias", lambda: nn.Linear(5, 3, bias=False), (4, 5), 1),
+    LayerCase("linear-seq", lambda: nn.Linear(5, 3), (3, 4, 5), 4),
+    LayerCase("linear-2shared", lambda: nn.Linear(4, 2, bias=False), (2, 3, 2, 4), 6),
+    LayerCase(
+        "conv-stride-pad-groups",
+        lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+        (2, 4, 5, 5),
+        9,
+        2,
+    ),
+    LayerCase(
+        "conv-dilation-nobias",
+        lambda: nn.Conv2d(2, 3, 2, dilation=2, padding="same", bias=False),
+        (2, 2, 4, 4),
+        16,
+    ),
+)
+
+
+@pytest.mark.parametrize("loss_average", LOSS_AVERAGES, ids=str)
+@pytest.mark.parametrize("approx", APPROXIMATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda case: case.name)
+def test_statistics_match_reference(
+    case: LayerCase, dtype: torch.dtype, approx: str, loss_average: str | None
+) -> None:
+    """``A``, ``G`` of ``singd.optim.statistics`` equal the oracle's from the same ``a``, ``g``."""
+    torch.manual_seed(0)
+    module = case.make().to(dtype)
+    inputs = torch.randn(case.input_shape).to(dtype)
+    output_grads = torch.randn(module(inputs).shape).to(dtype)
+    torch_a = layer_input_matrix(module, inputs, approx=approx)
+    torch_g = layer_grad_matrix(module, output_grads, approx=approx, loss_average=loss_average)
+    oracle_a, oracle_g = layer_statistics(
+        module, LayerPass(inputs, output_grads), approx, loss_average
+    )
+    # The same statistic of |a| and |g| is the magnitude of every entry (it is linear).
+    magnitude_a, magnitude_g = layer_statistics(
+        module, LayerPass(inputs.abs(), output_grads.abs()), approx, loss_average
+    )
+    reduced = case.shared if approx == "reduce" else 1
+    # A: averages over `reduced` positions and `groups` channel groups, one scaling.
+    bound_a = chain_bound(dtype, [reduced, case.groups]) * magnitude_a
+    # G: sums over `reduced` positions, one scaling.
+    bound_g = chain_bound(dtype, [reduced]) * magnitude_g
+    assert torch_a.dtype == dtype and torch_g.dtype == dtype
+    assert np.all(np.abs(to_numpy(torch_a) - oracle_a) <= bound_a)
+    assert np.all(np.abs(to_numpy(torch_g) - oracle_g) <= bound_g)
+
+
+# --------------------------------------------------------------- trajectories
+#: Hyper-parameters shared by the torch optimizer and the oracle, per variant.
+#: Small ``lr_cov`` keeps the factor maps near-contractive (harness: ``G``).
+BASE_HYPER = {
+    "lr": 0.05,
+    "momentum": 0.5,
+    "damping": 1e-3,
+    "alpha1": 0.5,
+    "weight_decay": 0.0,
+    "T": 1,
+    "lr_cov": 0.02,
+    "kfac_like": False,
+    "normalize_lr_cov": False,
+    "structures": ("dense", "dense"),
+}
+
+
+def _beta1_schedule(steps: int) -> float:
+    """A decaying ``β1`` schedule of the completed steps."""
+    return 0.03 / (1 + 0.1 * steps)
+
+
+VARIANTS = {
+    "singd": {},
+    "ikfac": {"kfac_like": True, "alpha1": 0.0},
+    "normalized": {"normalize_lr_cov": True, "lr_cov": 0.05},
+    "ikfac-normalized": {"kfac_like": True, "alpha1": 0.0, "normalize_lr_cov": True},
+    "schedule": {"lr_cov": _beta1_schedule},
+    "T3": {"T": 3},
+    "weight-decay": {"weight_decay": 0.1},
+    "alpha1-0": {"alpha1": 0.0},
+}
+
+STRUCTURE_PAIRS = (
+    ("dense", "dense"),
+    ("diagonal", "dense"),
+    ("block2diagonal", "block3diagonal"),
+    ("hierarchical2_3", "hierarchical1_1"),
+    ("triltoeplitz", "triutoeplitz"),
+    ("tril", "triu"),
+    ("trilbottomrightdiagonal", "triutopleftdiagonal"),
+    ("triltopleftdiagonal", "triubottomrightdiagonal"),
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A model, its data and the statistics settings of one recorded run.
+
+    Attributes:
+        name: Test id.
+        make_model: Builds the float32 model (seeded by the caller).
+        input_shape: Shape of one micro-batch of inputs; targets match the output.
+        approx: KFAC flavour of the statistics.
+        loss_average: Loss reduction (also used to scale the loss itself).
+        micro_batches: Backward passes per step (gradient accumulation).
+    """
+
+    name: str
+    make_model: object
+    input_shape: tuple[int, ...]
+    approx: str = "expand"
+    loss_average: str | None = "batch"
+    micro_batches: int = 1
+
+
+def _mlp(bias: bool = True) -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 5, bias=bias), nn.Tanh(), nn.Linear(5, 3, bias=bias))
+
+
+def _conv() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 3, bias=False),
+    )
+
+
+SCENARIOS = {
+    "mlp": Scenario("mlp", _mlp, (4, 6)),
+    "mlp-nobias-sum": Scenario("mlp-nobias-sum", lambda: _mlp(False), (4, 6), loss_average=None),
+    "seq-expand": Scenario("seq-expand", _mlp, (3, 4, 6), "expand", "batch+sequence"),
+    "seq-reduce": Scenario("seq-reduce", _mlp, (3, 4, 6), "reduce", "batch"),
+    "conv": Scenario("conv", _conv, (2, 4, 5, 5)),
+    "mlp-accumulate": Scenario("mlp-accumulate", _mlp, (3, 6), micro_batches=2),
+}
+
+
+def _loss_terms(shape: tuple[int, ...], loss_average: str | None) -> int:
+    """Number of terms the loss is averaged over (matches SPEC §1.1's ``N``)."""
+    if loss_average == "batch":
+        return shape[0]
+    if loss_average == "batch+sequence":
+        return int(np.prod(shape[:-1]))
+    return 1
+
+
+def run_and_replay(
+    scenario: Scenario,
+    hyper_overrides: dict,
+    dtype: torch.dtype = torch.float64,
+    preconditioner_dtype: torch.dtype | None = None,
+    steps: int = 20,
+) -> tuple[RecordedRun, dict, SINGDHyperparameters]:
+    """Record ``steps`` steps of SINGD on ``scenario`` and replay them through the oracle."""
+    torch.manual_seed(0)
+    model = scenario.make_model().to(dtype)
+    hyper = SINGDHyperparameters(**{**BASE_HYPER, **hyper_overrides})
+    optimizer = SINGD(
+        model,
+        lr=hyper.lr,
+        momentum=hyper.momentum,
+        damping=hyper.damping,
+        alpha1=hyper.alpha1,
+        weight_decay=hyper.weight_decay,
+        T=hyper.T,
+        lr_cov=hyper.lr_cov,
+        kfac_like=hyper.kfac_like,
+        normalize_lr_cov=hyper.normalize_lr_cov,
+        structures=hyper.structures,
+        loss_average=scenario.loss_average,
+        kfac_approx=scenario.approx,
+        preconditioner_dtype=(preconditioner_dtype, preconditioner_dtype),
+    )
+    generator = torch.Generator().manual_seed(1)
+    terms = _loss_terms(scenario.input_shape, scenario.loss_average)
+
+    def loss_fn(module: nn.Module, index: int) -> Tensor:
+        inputs = torch.randn(scenario.input_shape, generator=generator).to(dtype)
+        outputs = module(inputs)
+        targets = torch.randn(outputs.shape, generator=generator).to(dtype)
+        return 0.5 * ((outputs - targets) ** 2).sum() / terms
+
+    run = record_run(model, optimizer, loss_fn, steps, scenario.micro_batches)
+    oracle = replay_singd(run, hyper, scenario.approx, scenario.loss_average)
+    return run, oracle, hyper
+
+
+def _assert_within_bounds(
+    run: RecordedRun,
+    oracle: dict,
+    hyper: SINGDHyperparameters,
+    dtype: torch.dtype,
+    scenario: Scenario,
+) -> None:
+    """Every state entry of every layer stays within the harness bound of the oracle."""
+    deviations = compare_singd(run, oracle, hyper, dtype, scenario.approx, scenario.loss_average)
+    assert {d.key for d in deviations} >= {"K", "C", "W", "m_W"}
+    # Bound per entry: (steps or factor updates) · ρ(dtype) · G · M (harness docstring).
+    assert violations(deviations) == []
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_float64_trajectory_matches_oracle(scenario: str, variant: str) -> None:
+    """float64 model and optimizer: 20 steps agree with the oracle to ``s · ρ(eps64) · G · M``."""
+    case = SCENARIOS[scenario]
+    run, oracle, hyper = run_and_replay(case, VARIANTS[variant])
+    _assert_within_bounds(run, oracle, hyper, torch.float64, case)
+
+
+@pytest.mark.parametrize("structures", STRUCTURE_PAIRS, ids="-".join)
+@pytest.mark.parametrize("scenario", ["mlp", "conv"])
+def test_structured_trajectory_matches_oracle(scenario: str, structures: tuple[str, str]) -> None:
+    """Structured factors (blocks/hierarchy splitting small layers, Toeplitz, tri, recursive)."""
+    case = SCENARIOS[scenario]
+    run, oracle, hyper = run_and_replay(case, {"structures": structures, "T": 2})
+    _assert_within_bounds(run, oracle, hyper, torch.float64, case)
+
+
+LOW_PRECISION_CASES = (
+    # (model dtype, preconditioner dtype)
+    (torch.float32, None),
+    (torch.bfloat16, None),
+    (torch.float16, None),
+    (torch.float32, torch.bfloat16),
+)
+
+
+@pytest.mark.parametrize("variant", ["singd", "ikfac"])
+@pytest.mark.parametrize(
+    "structures", [("dense", "dense"), ("block2diagonal", "tril")], ids="-".join
+)
+@pytest.mark.parametrize(
+    ("dtype", "preconditioner_dtype"), LOW_PRECISION_CASES, ids=lambda d: str(d).split(".")[-1]
+)
+def test_low_precision_trajectory_matches_oracle(
+    dtype: torch.dtype,
+    preconditioner_dtype: torch.dtype | None,
+    structures: tuple[str, str],
+    variant: str,
+) -> None:
+    """Low precision: the oracle is fed the same recorded low-precision tensors upcast exactly.
+
+    The bound uses the coarsest dtype of model and factors (harness docstring).
+    """
+    case = SCENARIOS["mlp"]
+    overrides = {**VARIANTS[variant], "structures": structures}
+    run, oracle, hyper = run_and_replay(case, overrides, dtype, preconditioner_dtype)
+    coarsest = max((dtype, preconditioner_dtype or dtype), key=lambda d: EPS[d])
+    _assert_within_bounds(run, oracle, hyper, coarsest, case)
