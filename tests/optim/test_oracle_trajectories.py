@@ -351,3 +351,28 @@ def test_kfac_trajectory_matches_oracle(scenario: str, T: int) -> None:
     assert {d.key for d in deviations} == {"S_K", "S_C", "W", "m_W"}
     # Bound per entry: propagated rounding incl. κ-scaled Cholesky solves (harness.compare_kfac).
     assert violations(deviations) == []
+
+
+GRID_SETTINGS = [
+    (approx, loss_average) for approx in APPROXIMATIONS for loss_average in LOSS_AVERAGES
+]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("structures", STRUCTURE_PAIRS, ids="-".join)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize(("approx", "loss_average"), GRID_SETTINGS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_full_grid_matches_oracle(
+    dtype: torch.dtype,
+    approx: str,
+    loss_average: str | None,
+    variant: str,
+    structures: tuple[str, str],
+) -> None:
+    """Slow tier: every flavour × loss average × variant × structure pair × dtype, 20 steps."""
+    case = Scenario("grid", _mlp, (3, 4, 6), approx, loss_average)
+    run, oracle, hyper = run_and_replay(
+        case, {**VARIANTS[variant], "structures": structures}, dtype
+    )
+    _assert_within_bounds(run, oracle, hyper, dtype, case)
