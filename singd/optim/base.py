@@ -303,8 +303,12 @@ class KroneckerOptimizer(Optimizer, ABC):
             raise
         states = {**self._layer_states, **new_states}
         directions = self._directions(grads, states)
-        new_tensors = [t for s in new_states.values() for f in self._state_to_storage(s).values()
-                       for t in f.values()]
+        new_tensors = [
+            t
+            for s in new_states.values()
+            for f in self._state_to_storage(s).values()
+            for t in f.values()
+        ]
         if not _is_finite([*new_tensors, *directions.values()]):
             self._skip("non-finite factors or update after the factor step")
             return loss
@@ -339,9 +343,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         Statistics pending between a backward and ``step`` are not saved.
         """
         state = super().state_dict()
-        state["param_groups"] = [
-            checkpoint.plain_group(group) for group in state["param_groups"]
-        ]
+        state["param_groups"] = [checkpoint.plain_group(group) for group in state["param_groups"]]
         state[checkpoint.KEY] = checkpoint.pack(
             steps=self.steps,
             grad_scale_prev=self._grad_scale_prev,
@@ -389,4 +391,3 @@ def _summary_tensors(stats: PendingStatistics) -> list[Tensor]:
     for summary in (stats.input_summary, stats.grad_summary):
         tensors.extend([summary] if isinstance(summary, Tensor) else summary.storage.values())
     return tensors
-

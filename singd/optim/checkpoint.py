@@ -58,27 +58,42 @@ def unpack(state_dict: Any, layer_names: list[str]) -> Entry:
     _require(isinstance(state_dict, dict), "state_dict must be a dict")
     _require(KEY in state_dict, f"missing entry {KEY!r} (not a checkpoint of this optimizer)")
     entry = state_dict[KEY]
-    _require(isinstance(entry, dict) and set(entry) == {"steps", "grad_scale_prev", "layers"},
-             f"{KEY!r} must hold exactly 'steps', 'grad_scale_prev' and 'layers'")
+    _require(
+        isinstance(entry, dict) and set(entry) == {"steps", "grad_scale_prev", "layers"},
+        f"{KEY!r} must hold exactly 'steps', 'grad_scale_prev' and 'layers'",
+    )
     steps, scale, layers = entry["steps"], entry["grad_scale_prev"], entry["layers"]
-    _require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
-             f"steps must be a non-negative int, got {steps!r}")
-    _require(isinstance(scale, float) and math.isfinite(scale) and scale > 0,
-             f"grad_scale_prev must be a positive finite float, got {scale!r}")
+    _require(
+        isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
+        f"steps must be a non-negative int, got {steps!r}",
+    )
+    _require(
+        isinstance(scale, float) and math.isfinite(scale) and scale > 0,
+        f"grad_scale_prev must be a positive finite float, got {scale!r}",
+    )
     _require(isinstance(layers, dict), "layers must be a dict")
     missing = sorted(set(layer_names) - set(layers))
     extra = sorted(set(layers) - set(layer_names))
     _require(not missing and not extra, f"layer mismatch: missing {missing}, unexpected {extra}")
     for name, layer in layers.items():
-        _require(isinstance(layer, dict) and set(layer) == {"layout", "factors"},
-                 f"layer {name!r} must hold 'layout' and 'factors'")
-        _require(isinstance(layer["layout"], dict)
-                 and all(isinstance(v, str) for v in layer["layout"].values()),
-                 f"layer {name!r}: layout must map factor names to structure names")
+        _require(
+            isinstance(layer, dict) and set(layer) == {"layout", "factors"},
+            f"layer {name!r} must hold 'layout' and 'factors'",
+        )
+        _require(
+            isinstance(layer["layout"], dict)
+            and all(isinstance(v, str) for v in layer["layout"].values()),
+            f"layer {name!r}: layout must map factor names to structure names",
+        )
         factors = layer["factors"]
-        _require(isinstance(factors, dict) and all(
-            isinstance(storage, dict) and all(isinstance(t, Tensor) for t in storage.values())
-            for storage in factors.values()), f"layer {name!r}: factors must be dicts of tensors")
+        _require(
+            isinstance(factors, dict)
+            and all(
+                isinstance(storage, dict) and all(isinstance(t, Tensor) for t in storage.values())
+                for storage in factors.values()
+            ),
+            f"layer {name!r}: factors must be dicts of tensors",
+        )
     return Entry(steps, scale, layers)
 
 
@@ -98,22 +113,28 @@ def restore_groups(
     factor dtypes) differs from the current groups.
     """
     saved = state_dict.get("param_groups")
-    _require(isinstance(saved, list) and len(saved) == len(current),
-             f"expected {len(current)} param groups, got "
-             f"{len(saved) if isinstance(saved, list) else type(saved).__name__}")
+    _require(
+        isinstance(saved, list) and len(saved) == len(current),
+        f"expected {len(current)} param groups, got "
+        f"{len(saved) if isinstance(saved, list) else type(saved).__name__}",
+    )
     groups = []
     for index, (old, new) in enumerate(zip(saved, current, strict=True)):
         _require(isinstance(old, dict), f"param group {index} must be a dict")
         group = dict(old)
         for key in LAYOUT_KEYS:
             if key in new:
-                _require(group.get(key) == new[key],
-                         f"param group {index}: {key} {group.get(key)!r} != current {new[key]!r}")
+                _require(
+                    group.get(key) == new[key],
+                    f"param group {index}: {key} {group.get(key)!r} != current {new[key]!r}",
+                )
         if group.get("lr_cov") == CALLABLE_MARKER:
             current_lr_cov: Callable[[int], float] | float = new["lr_cov"]
-            _require(callable(current_lr_cov),
-                     f"param group {index}: the checkpoint's lr_cov was a callable; the "
-                     "loading optimizer must have a callable lr_cov too")
+            _require(
+                callable(current_lr_cov),
+                f"param group {index}: the checkpoint's lr_cov was a callable; the "
+                "loading optimizer must have a callable lr_cov too",
+            )
             group["lr_cov"] = current_lr_cov
         groups.append(group)
     return groups
@@ -125,11 +146,15 @@ def check_param_state(state_dict: dict[str, Any], groups: list[dict[str, Any]]) 
     _require(isinstance(state, dict), "missing per-parameter 'state'")
     params = [p for group in groups for p in group["params"]]
     for index, entry in state.items():
-        _require(isinstance(index, int) and 0 <= index < len(params),
-                 f"state key {index!r} is not a parameter index")
+        _require(
+            isinstance(index, int) and 0 <= index < len(params),
+            f"state key {index!r} is not a parameter index",
+        )
         _require(isinstance(entry, dict), f"state[{index}] must be a dict")
         buffer = entry.get("momentum_buffer")
-        _require(isinstance(buffer, Tensor) and buffer.shape == params[index].shape,
-                 f"state[{index}]['momentum_buffer'] must be a tensor of shape "
-                 f"{tuple(params[index].shape)}")
+        _require(
+            isinstance(buffer, Tensor) and buffer.shape == params[index].shape,
+            f"state[{index}]['momentum_buffer'] must be a tensor of shape "
+            f"{tuple(params[index].shape)}",
+        )
         check_factor_tensors(f"state[{index}]", {"momentum_buffer": buffer})

@@ -24,8 +24,15 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_real(name: str, value: Any, *, low: float, high: float = math.inf,
-               low_open: bool = False, high_open: bool = True) -> float:
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> float:
     """``value`` as a float if it is a finite real number in the given interval."""
     if not _is_real(value) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
@@ -63,8 +70,7 @@ def resolve_lr_cov(value: float | Callable[[int], float], steps: int) -> float:
     """β1 for the step after ``steps`` completed ones; checks a schedule's output."""
     if not callable(value):
         return value
-    return check_real("lr_cov (schedule output)", value(steps), low=0.0, high=1.0,
-                      high_open=False)
+    return check_real("lr_cov (schedule output)", value(steps), low=0.0, high=1.0, high_open=False)
 
 
 def check_loss_average(value: Any) -> str | None:
@@ -94,8 +100,10 @@ def check_dtype_pair(value: Any) -> tuple[torch.dtype | None, torch.dtype | None
         raise ValueError(
             f"preconditioner_dtype must be a pair (dtype for K, dtype for C), got {value!r}"
         )
-    return (check_dtype("preconditioner_dtype[0]", value[0]),
-            check_dtype("preconditioner_dtype[1]", value[1]))
+    return (
+        check_dtype("preconditioner_dtype[0]", value[0]),
+        check_dtype("preconditioner_dtype[1]", value[1]),
+    )
 
 
 def check_structures(value: Any) -> tuple[str, str]:

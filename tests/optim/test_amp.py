@@ -41,8 +41,14 @@ def _loss(model: nn.Module, step: int) -> torch.Tensor:
     return model(x).square().mean()
 
 
-def _run(name: str, *, scaler: torch.amp.GradScaler | None, clip: float | None,
-         unscale: bool, attach: bool) -> nn.Module:
+def _run(
+    name: str,
+    *,
+    scaler: torch.amp.GradScaler | None,
+    clip: float | None,
+    unscale: bool,
+    attach: bool,
+) -> nn.Module:
     model = _model()
     opt = OPTIMIZERS[name](model)
     if attach:
@@ -122,8 +128,7 @@ def test_unscale_without_attached_scaler_raises_on_statistics_step():
     with pytest.raises(ValueError, match="attach_grad_scaler"):
         scaler.step(opt)
     assert opt.steps == 0 and not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
-    assert all(torch.equal(a, b) for a, b in zip(before, _state_snapshot(opt, model),
-                                                 strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, _state_snapshot(opt, model), strict=True))
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -144,8 +149,7 @@ def test_inf_step_is_skipped_and_leaves_state_untouched(name):
         scaler.step(opt)
     scaler.update()
     assert opt.steps == 3 and scaler.get_scale() == scale / 2
-    assert all(torch.equal(a, b) for a, b in zip(before, _state_snapshot(opt, model),
-                                                 strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, _state_snapshot(opt, model), strict=True))
     opt.zero_grad()  # the next step proceeds with fresh statistics
     scaler.scale(_loss(model, 3)).backward()
     scaler.step(opt)
@@ -153,8 +157,9 @@ def test_inf_step_is_skipped_and_leaves_state_untouched(name):
 
 
 @pytest.mark.parametrize(
-    "preconditioner_dtype", [(None, None), (torch.bfloat16, torch.bfloat16),
-                             (torch.float32, torch.bfloat16)])
+    "preconditioner_dtype",
+    [(None, None), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+)
 def test_autocast_bfloat16_keeps_factor_dtypes(preconditioner_dtype):
     """Under bf16 autocast the statistics are formed in each factor's own dtype."""
     model = _model()

@@ -14,18 +14,38 @@ from singd import KFAC, SINGD, get_structure
 from tests.tolerances import matmul_bound
 
 SINGD_SIGNATURE = [
-    ("model", inspect.Parameter.empty), ("params", None), ("lr", 0.001), ("momentum", 0.9),
-    ("damping", 0.001), ("alpha1", 0.5), ("weight_decay", 0.0), ("T", 10),
-    ("loss_average", "batch"), ("lr_cov", 1e-2), ("structures", ("dense", "dense")),
-    ("kfac_approx", "expand"), ("warn_unsupported", True), ("kfac_like", False),
-    ("preconditioner_dtype", (None, None)), ("init_grad_scale", 1.0),
+    ("model", inspect.Parameter.empty),
+    ("params", None),
+    ("lr", 0.001),
+    ("momentum", 0.9),
+    ("damping", 0.001),
+    ("alpha1", 0.5),
+    ("weight_decay", 0.0),
+    ("T", 10),
+    ("loss_average", "batch"),
+    ("lr_cov", 1e-2),
+    ("structures", ("dense", "dense")),
+    ("kfac_approx", "expand"),
+    ("warn_unsupported", True),
+    ("kfac_like", False),
+    ("preconditioner_dtype", (None, None)),
+    ("init_grad_scale", 1.0),
     ("normalize_lr_cov", False),
 ]
 KFAC_SIGNATURE = [
-    ("model", inspect.Parameter.empty), ("params", None), ("lr", 0.001), ("momentum", 0.9),
-    ("damping", 0.001), ("weight_decay", 0.0), ("T", 10), ("loss_average", "batch"),
-    ("lr_cov", 1e-2), ("kfac_approx", "expand"), ("warn_unsupported", True),
-    ("preconditioner_dtype", None), ("upcast_half", False),
+    ("model", inspect.Parameter.empty),
+    ("params", None),
+    ("lr", 0.001),
+    ("momentum", 0.9),
+    ("damping", 0.001),
+    ("weight_decay", 0.0),
+    ("T", 10),
+    ("loss_average", "batch"),
+    ("lr_cov", 1e-2),
+    ("kfac_approx", "expand"),
+    ("warn_unsupported", True),
+    ("preconditioner_dtype", None),
+    ("upcast_half", False),
 ]
 
 
@@ -101,8 +121,7 @@ def test_no_statistics_in_eval_mode_or_without_grad():
     assert not opt._collector.has_pending()
 
 
-@given(parts=st.sampled_from([2, 3, 6]),
-       structure=st.sampled_from(["dense", "diagonal", "tril"]))
+@given(parts=st.sampled_from([2, 3, 6]), structure=st.sampled_from(["dense", "diagonal", "tril"]))
 def test_gradient_accumulation_matches_the_full_batch(parts, structure):
     """Micro-batches with loss/parts summed over passes == one full-batch pass (SPEC §1.4a).
 
@@ -151,8 +170,13 @@ def test_linear_with_leading_dims_and_conv_variants(cls, kfac_approx):
         nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"),
     )
     sequence = nn.Linear(5, 3)
-    opt = cls(nn.ModuleList([convs, sequence]), T=1, lr=0.05, kfac_approx=kfac_approx,
-              loss_average="batch+sequence")
+    opt = cls(
+        nn.ModuleList([convs, sequence]),
+        T=1,
+        lr=0.05,
+        kfac_approx=kfac_approx,
+        loss_average="batch+sequence",
+    )
     assert opt.layer_names() == ["0.0", "0.1", "0.2", "0.3", "1"]
     for step in range(2):
         opt.zero_grad()

@@ -14,18 +14,26 @@ from singd import KFAC, SINGD
 
 OPTIMIZERS: dict[str, Callable[[nn.Module], Any]] = {
     "singd-dense": lambda m: SINGD(m, lr=0.05, T=2, lr_cov=0.1, weight_decay=1e-3),
-    "singd-structured": lambda m: SINGD(m, lr=0.05, T=2, lr_cov=0.1,
-                                        structures=("diagonal", "block2diagonal")),
-    "ikfac-schedule": lambda m: SINGD(m, lr=0.05, T=1, kfac_like=True, alpha1=0.0,
-                                      lr_cov=lambda step: 0.1 / (1 + step)),
+    "singd-structured": lambda m: SINGD(
+        m, lr=0.05, T=2, lr_cov=0.1, structures=("diagonal", "block2diagonal")
+    ),
+    "ikfac-schedule": lambda m: SINGD(
+        m, lr=0.05, T=1, kfac_like=True, alpha1=0.0, lr_cov=lambda step: 0.1 / (1 + step)
+    ),
     "kfac": lambda m: KFAC(m, lr=0.05, T=2, lr_cov=0.1),
 }
 
 
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(),
-                         nn.Linear(3 * 4 * 4, 5), nn.Tanh(), nn.Linear(5, 2))
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5),
+        nn.Tanh(),
+        nn.Linear(5, 2),
+    )
 
 
 def _batch(step: int) -> torch.Tensor:
@@ -110,17 +118,20 @@ def _corruptions() -> dict[str, Callable[[dict[str, Any]], None]]:
         "missing entry": lambda sd: sd.pop("kronecker"),
         "missing layer": lambda sd: sd["kronecker"]["layers"].pop("3"),
         "extra layer": lambda sd: sd["kronecker"]["layers"].update(
-            extra=sd["kronecker"]["layers"]["0"]),
+            extra=sd["kronecker"]["layers"]["0"]
+        ),
         "wrong shape": lambda sd: set_storage(sd, torch.zeros(3, 3)),
         "non-finite": lambda sd: set_storage(sd, torch.full((49, 49), float("nan"))),
         "integer tensor": lambda sd: set_storage(sd, torch.zeros(49, 49, dtype=torch.int64)),
         "missing factor": lambda sd: factors(sd).pop("m_C"),
         "structure mismatch": lambda sd: sd["kronecker"]["layers"]["3"]["layout"].update(
-            K="diagonal"),
+            K="diagonal"
+        ),
         "negative steps": lambda sd: sd["kronecker"].update(steps=-1),
         "bad grad scale": lambda sd: sd["kronecker"].update(grad_scale_prev=float("inf")),
         "group structures": lambda sd: sd["param_groups"][0].update(
-            structures=("diagonal", "dense")),
+            structures=("diagonal", "dense")
+        ),
         "group lr": lambda sd: sd["param_groups"][0].update(lr=-1.0),
         "group count": lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])),
         "momentum shape": lambda sd: sd["state"][0].update(momentum_buffer=torch.zeros(2)),
@@ -137,14 +148,16 @@ def test_corrupted_checkpoint_raises_and_changes_nothing(corruption):
     _corruptions()[corruption](saved)
     _train(model, opt, range(2, 3))
     before = _snapshot(opt, model)
-    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
-                                   for g in opt.param_groups])
+    groups_before = copy.deepcopy(
+        [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    )
     with pytest.raises(ValueError, match=r"load_state_dict|lr|loaded state dict"):
         opt.load_state_dict(saved)
     assert opt.steps == 3
     assert _bitwise_equal(before, _snapshot(opt, model))
-    assert groups_before == [{k: v for k, v in g.items() if k != "params"}
-                             for g in opt.param_groups]
+    assert groups_before == [
+        {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups
+    ]
 
 
 def test_callable_lr_cov_needs_callable_in_loader():

@@ -17,8 +17,9 @@ from singd import KFAC, SINGD
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(inplace=True), nn.Flatten(),
-                         nn.Linear(2 * 2 * 2, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(2 * 2 * 2, 3)
+    )
 
 
 def _train(model: nn.Module, opt, steps: int = 3) -> None:
@@ -33,8 +34,9 @@ def _train(model: nn.Module, opt, steps: int = 3) -> None:
 def gloo_group(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}",
-                            rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
     yield
     dist.destroy_process_group()
 

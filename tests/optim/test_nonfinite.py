@@ -13,10 +13,12 @@ from torch import nn
 from singd import KFAC, SINGD
 
 OPTIMIZERS: dict[str, Callable[[nn.Module], Any]] = {
-    "singd": lambda m: SINGD(m, lr=0.05, T=1, lr_cov=0.1, weight_decay=1e-2,
-                               warn_unsupported=False),
-    "singd-structured": lambda m: SINGD(m, lr=0.05, T=1, structures=("tril", "diagonal"),
-                                          warn_unsupported=False),
+    "singd": lambda m: SINGD(
+        m, lr=0.05, T=1, lr_cov=0.1, weight_decay=1e-2, warn_unsupported=False
+    ),
+    "singd-structured": lambda m: SINGD(
+        m, lr=0.05, T=1, structures=("tril", "diagonal"), warn_unsupported=False
+    ),
     "kfac": lambda m: KFAC(m, lr=0.05, T=1, lr_cov=0.1, warn_unsupported=False),
 }
 
@@ -42,8 +44,9 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 def _snapshot(opt: Any, model: nn.Module) -> tuple[list[torch.Tensor], Any]:
     state = copy.deepcopy(opt.state_dict())
-    tensors = [t.clone() for t in _tensors(state)] + [p.detach().clone()
-                                                       for p in model.parameters()]
+    tensors = [t.clone() for t in _tensors(state)] + [
+        p.detach().clone() for p in model.parameters()
+    ]
     plain = {k: v for k, v in state.items() if k not in ("state", "kronecker")}
     return tensors, (plain, state["kronecker"]["steps"], state["kronecker"]["grad_scale_prev"])
 
@@ -87,8 +90,10 @@ def _poison_statistics(model: nn.Module, opt: Any) -> None:
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize(
-    "poison", [_poison_gradient, _poison_fallback_gradient, _poison_statistics],
-    ids=["layer-grad", "fallback-grad", "statistics"])
+    "poison",
+    [_poison_gradient, _poison_fallback_gradient, _poison_statistics],
+    ids=["layer-grad", "fallback-grad", "statistics"],
+)
 def test_nonfinite_step_is_skipped_and_changes_nothing(name, poison):
     model, opt = _warm_up(name)
     before = _snapshot(opt, model)

@@ -23,10 +23,14 @@ def _step(model: nn.Module, opt, step: int) -> None:
 
 def test_groups_carry_their_own_structures_and_T():
     model = _model()
-    opt = SINGD(model, params=[
-        {"params": model[0].parameters(), "structures": ("diagonal", "tril"), "T": 1},
-        {"params": model[2].parameters(), "T": 3, "lr": 0.5},
-    ], lr=0.1)
+    opt = SINGD(
+        model,
+        params=[
+            {"params": model[0].parameters(), "structures": ("diagonal", "tril"), "T": 1},
+            {"params": model[2].parameters(), "T": 3, "lr": 0.5},
+        ],
+        lr=0.1,
+    )
     assert opt.layer_state("0")["K"].name == "diagonal"
     assert opt.layer_state("0")["C"].name == "tril"
     assert opt.layer_state("2")["K"].name == "dense"
@@ -45,8 +49,13 @@ def test_groups_carry_their_own_structures_and_T():
 def test_weight_and_bias_in_different_groups_is_rejected(cls):
     model = _model()
     with pytest.raises(ValueError, match="same param group"):
-        cls(model, params=[{"params": [model[0].weight, model[2].weight, model[2].bias]},
-                           {"params": [model[0].bias]}])
+        cls(
+            model,
+            params=[
+                {"params": [model[0].weight, model[2].weight, model[2].bias]},
+                {"params": [model[0].bias]},
+            ],
+        )
 
 
 def test_bias_left_out_while_it_requires_grad_is_rejected():

@@ -46,10 +46,19 @@ def _assert_close(actual: torch.Tensor, expected: np.ndarray, reduction: int, sc
     loss_average=LOSS_AVERAGE,
     seed=st.integers(0, 2**16),
 )
-@example(batch=2, shared=[3, 2], d_in=3, d_out=2, bias=True, approx="reduce",
-         loss_average="batch+sequence", seed=0)
-def test_linear_statistics_match_oracle(batch, shared, d_in, d_out, bias, approx, loss_average,
-                                        seed):
+@example(
+    batch=2,
+    shared=[3, 2],
+    d_in=3,
+    d_out=2,
+    bias=True,
+    approx="reduce",
+    loss_average="batch+sequence",
+    seed=0,
+)
+def test_linear_statistics_match_oracle(
+    batch, shared, d_in, d_out, bias, approx, loss_average, seed
+):
     """Linear with any number of weight-sharing dims, expand/reduce, every loss average."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(batch, *shared, d_in, generator=gen, dtype=DTYPE)
@@ -57,8 +66,9 @@ def test_linear_statistics_match_oracle(batch, shared, d_in, d_out, bias, approx
     layer = nn.Linear(d_in, d_out, bias=bias, dtype=DTYPE)
     A = layer_input_matrix(layer, a, approx=approx)
     G = layer_grad_matrix(layer, g, approx=approx, loss_average=loss_average)
-    A_ref, G_ref = linear_statistics(a.numpy(), g.numpy(), bias=bias, approx=approx,
-                                     loss_average=loss_average)
+    A_ref, G_ref = linear_statistics(
+        a.numpy(), g.numpy(), bias=bias, approx=approx, loss_average=loss_average
+    )
     positions = math.prod(shared)
     _assert_close(A, A_ref, positions, float(a.abs().max()) + 1.0)
     n_terms = batch * positions
@@ -79,28 +89,69 @@ def test_linear_statistics_match_oracle(batch, shared, d_in, d_out, bias, approx
     loss_average=LOSS_AVERAGE,
     seed=st.integers(0, 2**16),
 )
-@example(batch=2, groups=2, channels_per_group=2, out_per_group=1, kernel=(3, 2),
-         stride=(1, 1), dilation=(2, 1), padding="valid", bias=True, approx="reduce",
-         loss_average="batch+sequence", seed=1)
-def test_conv2d_statistics_match_oracle(batch, groups, channels_per_group, out_per_group, kernel,
-                                        stride, dilation, padding, bias, approx, loss_average,
-                                        seed):
+@example(
+    batch=2,
+    groups=2,
+    channels_per_group=2,
+    out_per_group=1,
+    kernel=(3, 2),
+    stride=(1, 1),
+    dilation=(2, 1),
+    padding="valid",
+    bias=True,
+    approx="reduce",
+    loss_average="batch+sequence",
+    seed=1,
+)
+def test_conv2d_statistics_match_oracle(
+    batch,
+    groups,
+    channels_per_group,
+    out_per_group,
+    kernel,
+    stride,
+    dilation,
+    padding,
+    bias,
+    approx,
+    loss_average,
+    seed,
+):
     """Conv2d: stride, dilation, int/tuple/'valid' padding, groups, bias, expand/reduce."""
     gen = torch.Generator().manual_seed(seed)
-    conv = nn.Conv2d(groups * channels_per_group, groups * out_per_group, kernel, stride=stride,
-                     padding=padding, dilation=dilation, groups=groups, bias=bias, dtype=DTYPE)
+    conv = nn.Conv2d(
+        groups * channels_per_group,
+        groups * out_per_group,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        dtype=DTYPE,
+    )
     x = torch.randn(batch, groups * channels_per_group, 6, 5, generator=gen, dtype=DTYPE)
     out_shape = conv(x).shape
     g = torch.randn(out_shape, generator=gen, dtype=DTYPE)
     A = layer_input_matrix(conv, x, approx=approx)
     G = layer_grad_matrix(conv, g, approx=approx, loss_average=loss_average)
     A_ref, G_ref = conv2d_statistics(
-        x.numpy(), g.numpy(), kernel_size=kernel, stride=stride, padding=padding,
-        dilation=dilation, groups=groups, bias=bias, approx=approx, loss_average=loss_average)
+        x.numpy(),
+        g.numpy(),
+        kernel_size=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        approx=approx,
+        loss_average=loss_average,
+    )
     locations = out_shape[2] * out_shape[3]
     _assert_close(A, A_ref, groups * locations, float(x.abs().max()) + 1.0)
-    _assert_close(G, G_ref, locations,
-                  locations * float(g.abs().max()) * math.sqrt(batch * locations))
+    _assert_close(
+        G, G_ref, locations, locations * float(g.abs().max()) * math.sqrt(batch * locations)
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
@@ -113,8 +164,15 @@ def test_conv2d_same_padding_matches_oracle(kernel, dilation):
     x = torch.randn(2, 2, 5, 6, generator=gen, dtype=DTYPE)
     g = torch.randn(conv(x).shape, generator=gen, dtype=DTYPE)
     A = layer_input_matrix(conv, x, approx="expand")
-    A_ref, _ = conv2d_statistics(x.numpy(), g.numpy(), kernel_size=kernel, padding="same",
-                                 dilation=dilation, bias=True, approx="expand")
+    A_ref, _ = conv2d_statistics(
+        x.numpy(),
+        g.numpy(),
+        kernel_size=kernel,
+        padding="same",
+        dilation=dilation,
+        bias=True,
+        approx="expand",
+    )
     _assert_close(A, A_ref, 1, float(x.abs().max()) + 1.0)
 
 
@@ -139,15 +197,17 @@ def test_hooks_feed_kfac_factors_through_inplace_relu():
     """
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, 3, padding=1, dtype=DTYPE)
-    model = nn.Sequential(conv, nn.ReLU(inplace=True), nn.Flatten(),
-                          nn.Linear(3 * 4 * 4, 2, dtype=DTYPE))
+    model = nn.Sequential(
+        conv, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 4 * 4, 2, dtype=DTYPE)
+    )
     recorder = _Recorder(conv)
     opt = KFAC(model, lr=0.0, lr_cov=1.0, T=1)
     x = torch.randn(3, 2, 4, 4, dtype=DTYPE)
     model(x).square().mean().backward()
     opt.step()
-    A_ref, G_ref = conv2d_statistics(recorder.inputs[0].numpy(), recorder.grads[0].numpy(),
-                                     kernel_size=3, padding=1, bias=True)
+    A_ref, G_ref = conv2d_statistics(
+        recorder.inputs[0].numpy(), recorder.grads[0].numpy(), kernel_size=3, padding=1, bias=True
+    )
     U_ref, Gc_ref = kfac_factors(A_ref, G_ref)
     state = opt.layer_state("0")
     rows = A_ref.shape[0]

@@ -17,8 +17,9 @@ class _SubclassedLinear(nn.Linear):
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Embedding(6, 4), nn.Linear(4, 3), nn.LayerNorm(3),
-                         _SubclassedLinear(3, 2))
+    return nn.Sequential(
+        nn.Embedding(6, 4), nn.Linear(4, 3), nn.LayerNorm(3), _SubclassedLinear(3, 2)
+    )
 
 
 def _loss(model: nn.Module, step: int) -> torch.Tensor:
@@ -55,10 +56,14 @@ def test_fallback_update_is_momentum_sgd():
     """
     lr, momentum, weight_decay = 0.1, 0.8, 0.01
     model, reference = _model(), _model()
-    opt = SINGD(model, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                warn_unsupported=False)
-    sgd = torch.optim.SGD([p for n, p in reference.named_parameters() if n in UNSUPPORTED],
-                          lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=False)
+    opt = SINGD(model, lr=lr, momentum=momentum, weight_decay=weight_decay, warn_unsupported=False)
+    sgd = torch.optim.SGD(
+        [p for n, p in reference.named_parameters() if n in UNSUPPORTED],
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        foreach=False,
+    )
     for step in range(3):
         for model_, opt_ in ((model, opt), (reference, sgd)):
             opt_.zero_grad()

@@ -12,28 +12,56 @@ from singd import KFAC, SINGD
 
 #: (argument, bad value) for both optimizers.
 COMMON_BAD = [
-    ("lr", -0.1), ("lr", math.nan), ("lr", "0.1"), ("lr", True),
-    ("momentum", -0.1), ("momentum", 1.0), ("momentum", math.inf),
-    ("damping", -1e-3), ("damping", math.nan),
-    ("weight_decay", -1.0), ("weight_decay", None),
-    ("T", 0), ("T", -1), ("T", 2.0), ("T", True),
-    ("loss_average", "mean"), ("loss_average", "sum"), ("loss_average", False),
-    ("lr_cov", -0.01), ("lr_cov", 1.5), ("lr_cov", math.nan), ("lr_cov", "0.1"),
-    ("kfac_approx", "full"), ("kfac_approx", None),
-    ("warn_unsupported", 1), ("warn_unsupported", None),
+    ("lr", -0.1),
+    ("lr", math.nan),
+    ("lr", "0.1"),
+    ("lr", True),
+    ("momentum", -0.1),
+    ("momentum", 1.0),
+    ("momentum", math.inf),
+    ("damping", -1e-3),
+    ("damping", math.nan),
+    ("weight_decay", -1.0),
+    ("weight_decay", None),
+    ("T", 0),
+    ("T", -1),
+    ("T", 2.0),
+    ("T", True),
+    ("loss_average", "mean"),
+    ("loss_average", "sum"),
+    ("loss_average", False),
+    ("lr_cov", -0.01),
+    ("lr_cov", 1.5),
+    ("lr_cov", math.nan),
+    ("lr_cov", "0.1"),
+    ("kfac_approx", "full"),
+    ("kfac_approx", None),
+    ("warn_unsupported", 1),
+    ("warn_unsupported", None),
 ]
 SINGD_BAD = [
-    ("alpha1", -0.5), ("alpha1", 1.0), ("alpha1", math.nan),
-    ("structures", "dense"), ("structures", ("dense",)), ("structures", ("dense", "sparse")),
-    ("structures", ("block0diagonal", "dense")), ("structures", ("dense", 3)),
-    ("kfac_like", "yes"), ("normalize_lr_cov", 0),
-    ("preconditioner_dtype", torch.float32), ("preconditioner_dtype", (torch.int32, None)),
-    ("preconditioner_dtype", (None, "float32")), ("preconditioner_dtype", (None,)),
-    ("init_grad_scale", 0.0), ("init_grad_scale", -1.0), ("init_grad_scale", math.inf),
+    ("alpha1", -0.5),
+    ("alpha1", 1.0),
+    ("alpha1", math.nan),
+    ("structures", "dense"),
+    ("structures", ("dense",)),
+    ("structures", ("dense", "sparse")),
+    ("structures", ("block0diagonal", "dense")),
+    ("structures", ("dense", 3)),
+    ("kfac_like", "yes"),
+    ("normalize_lr_cov", 0),
+    ("preconditioner_dtype", torch.float32),
+    ("preconditioner_dtype", (torch.int32, None)),
+    ("preconditioner_dtype", (None, "float32")),
+    ("preconditioner_dtype", (None,)),
+    ("init_grad_scale", 0.0),
+    ("init_grad_scale", -1.0),
+    ("init_grad_scale", math.inf),
 ]
 KFAC_BAD = [
     ("damping", 1.5),
-    ("preconditioner_dtype", (None, None)), ("preconditioner_dtype", torch.int64),
+    ("preconditioner_dtype", (None, None)),
+    ("preconditioner_dtype", torch.int64),
     ("upcast_half", "no"),
 ]
 
@@ -84,8 +112,9 @@ def test_kfac_half_precision_needs_explicit_upcast(half):
     assert opt.steps == 1 and model[0].weight.dtype == half
 
 
-@pytest.mark.parametrize(("name", "value"), [("lr", -1.0), ("structures", ("x", "dense")),
-                                             ("T", 0)])
+@pytest.mark.parametrize(
+    ("name", "value"), [("lr", -1.0), ("structures", ("x", "dense")), ("T", 0)]
+)
 def test_bad_param_group_is_not_added(name, value):
     model = _model()
     opt = SINGD(model, params=model[0].parameters())
