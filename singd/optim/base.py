@@ -21,11 +21,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from singd.optim import checkpoint, scaling
+from singd.optim import checkpoint, distributed, scaling
 from singd.optim.hooks import CurvatureCollector, GradScaleInfo, HookSettings, PendingStatistics
 from singd.optim.layers import Layer, fallback_params, find_layers, unwrap_model
 from singd.optim.statistics import split_weight_matrix, weight_gradient_matrix
@@ -66,7 +65,6 @@ class KroneckerOptimizer(Optimizer, ABC):
         init_grad_scale: float,
     ) -> None:
         self._model = unwrap_model(model)
-        self._distributed = isinstance(model, nn.parallel.DistributedDataParallel)
         check_bool("warn_unsupported", warn_unsupported)
         self._grad_scale_prev = check_real(
             "init_grad_scale", init_grad_scale, low=0.0, low_open=True
@@ -228,17 +226,16 @@ class KroneckerOptimizer(Optimizer, ABC):
         return grads
 
     def _reduce_across_ranks(self, pending: dict[str, PendingStatistics]) -> None:
-        """Average statistics over ranks (DDP with a world size > 1)."""
-        if not (self._distributed and dist.is_initialized() and dist.get_world_size() > 1):
+        """Full-batch statistics on every rank (:mod:`singd.optim.distributed`)."""
+        world = distributed.world_size()
+        if world == 1:
             return
-        world = dist.get_world_size()
-        for stats in pending.values():
-            for summary in (stats.input_summary, stats.grad_summary):
-                if isinstance(summary, Tensor):
-                    dist.all_reduce(summary)
-                else:
-                    summary.all_reduce_()
-                summary.mul_(1.0 / world)
+        layers = [
+            (pending[name], self.param_groups[layer.group_index]["loss_average"])
+            for name, layer in self._layers.items()
+            if name in pending
+        ]
+        distributed.all_reduce_statistics_(layers, world)
 
     def _new_layer_states(
         self, pending: dict[str, PendingStatistics], amp: scaling.AmpStepInfo
@@ -294,7 +291,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             return loss
         try:
             self._reduce_across_ranks(pending)
-            if not _is_finite(t for s in pending.values() for t in _summary_tensors(s)):
+            if not _is_finite(t for stats in pending.values() for t in stats.tensors()):
                 self._skip("non-finite curvature statistics")
                 return loss
             new_states = self._new_layer_states(pending, amp)
@@ -384,10 +381,3 @@ class KroneckerOptimizer(Optimizer, ABC):
         self.steps = entry.steps
         self._grad_scale_prev = entry.grad_scale_prev
         self._collector.pop_all()
-
-
-def _summary_tensors(stats: PendingStatistics) -> list[Tensor]:
-    tensors = []
-    for summary in (stats.input_summary, stats.grad_summary):
-        tensors.extend([summary] if isinstance(summary, Tensor) else summary.storage.values())
-    return tensors

@@ -28,9 +28,11 @@ from singd.optim import statistics
 
 
 class Summable(Protocol):
-    """What a statistic summary supports: in-place addition (Tensor, StructuredMatrix)."""
+    """What a statistic summary supports: in-place sums and scaling (Tensor, StructuredMatrix)."""
 
     def add_(self, other: Any) -> Any: ...
+
+    def mul_(self, scalar: float) -> Any: ...
 
 
 class HookSettings(NamedTuple):
@@ -67,6 +69,14 @@ class PendingStatistics:
     grad_summary: Summable
     passes: int
     grad_scale: GradScaleInfo
+
+    def tensors(self) -> list[Tensor]:
+        """The plain tensors holding both summaries (a structure's storage)."""
+        return [
+            tensor
+            for summary in (self.input_summary, self.grad_summary)
+            for tensor in ([summary] if isinstance(summary, Tensor) else summary.storage.values())
+        ]
 
 
 class CurvatureCollector:
