@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from reference.fisher import DeepLinearProblem, exact_ggn, ggn_backprop_vectors, layer_inputs
 from reference.statistics import kfac_factors, linear_statistics
 from singd import KFAC
-from tests.optim.harness import to_numpy
 from tests.tolerances import chain_bound
+from verification.recording import to_numpy
 
 
 class MeanOverPositions(nn.Module):

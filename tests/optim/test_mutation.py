@@ -3,7 +3,7 @@
 Each mutant replaces one of the optimizer's pure update functions
 (``singd.optim.updates``) with a deliberately wrong variant, in every
 ``singd.optim`` module that binds it, and reruns a float64 trajectory
-through the harness.  A comparison that passes a mutant proves nothing; the
+through :mod:`verification`.  A comparison that passes a mutant proves nothing; the
 mutants here are the classic slips of SPEC §1.3/§1.4a:
 
 * ``K`` where ``Kᵀ`` belongs (only visible once ``K`` is not symmetric, i.e.
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import singd.optim.updates as updates
-from tests.optim.harness import compare_singd
-from tests.optim.test_oracle_trajectories import SCENARIOS, run_and_replay
+from verification.comparison import compare_singd
+from verification.scenarios import SCENARIOS, run_and_replay
 
 #: A mutant must exceed its bound at least this many times over somewhere.
 WIDE_MARGIN = 1e3

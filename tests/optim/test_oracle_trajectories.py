@@ -4,10 +4,11 @@ Two layers of checks:
 
 * the optimizer's pure statistics functions (``singd.optim.statistics``)
   equal ``reference.statistics`` on the same raw inputs/gradients;
-* whole training runs: the harness (``tests/optim/harness.py``) records a run
-  of the torch ``SINGD`` with its own hooks, replays it through the oracle
-  stepper in float64 and compares factors, factor momenta, parameters and
-  parameter momenta after every step, with the bound derived in the harness.
+* whole training runs: :mod:`verification.recording` records a run of the
+  torch ``SINGD`` with its own hooks, :mod:`verification.replay` replays it
+  through the oracle stepper in float64 and :mod:`verification.comparison`
+  compares factors, factor momenta, parameters and parameter momenta after
+  every step, with the bound derived there.
 """
 
 from __future__ import annotations
@@ -17,26 +18,26 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from reference.kfac import KFACHyperparameters
 from reference.updates import SINGDHyperparameters
-from singd import KFAC, SINGD
+from singd import KFAC
 from singd.optim.statistics import layer_grad_matrix, layer_input_matrix
-from tests.optim.harness import (
-    LayerPass,
-    LossFunction,
-    RecordedRun,
-    compare_kfac,
-    compare_singd,
-    layer_statistics,
-    record_run,
-    replay_kfac,
-    replay_singd,
-    to_numpy,
-    violations,
-)
 from tests.tolerances import EPS, chain_bound
+from verification.comparison import compare_kfac, compare_singd, violations
+from verification.recording import LayerPass, RecordedRun, record_run, to_numpy
+from verification.replay import layer_statistics, replay_kfac
+from verification.scenarios import (
+    SCENARIOS,
+    STRUCTURE_PAIRS,
+    VARIANTS,
+    Scenario,
+    beta1_schedule,
+    loss_function,
+    mlp,
+    run_and_replay,
+)
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 APPROXIMATIONS = ("expand", "reduce")
@@ -116,149 +117,6 @@ def test_statistics_match_reference(
 
 
 # --------------------------------------------------------------- trajectories
-#: Hyper-parameters shared by the torch optimizer and the oracle, per variant.
-#: Small ``lr_cov`` keeps the factor maps near-contractive (harness: ``G``).
-BASE_HYPER = {
-    "lr": 0.05,
-    "momentum": 0.5,
-    "damping": 1e-3,
-    "alpha1": 0.5,
-    "weight_decay": 0.0,
-    "T": 1,
-    "lr_cov": 0.02,
-    "kfac_like": False,
-    "normalize_lr_cov": False,
-    "structures": ("dense", "dense"),
-}
-
-
-def _beta1_schedule(steps: int) -> float:
-    """A decaying ``β1`` schedule of the completed steps."""
-    return 0.03 / (1 + 0.1 * steps)
-
-
-VARIANTS = {
-    "singd": {},
-    "ikfac": {"kfac_like": True, "alpha1": 0.0},
-    "normalized": {"normalize_lr_cov": True, "lr_cov": 0.05},
-    "ikfac-normalized": {"kfac_like": True, "alpha1": 0.0, "normalize_lr_cov": True},
-    "schedule": {"lr_cov": _beta1_schedule},
-    "T3": {"T": 3},
-    "weight-decay": {"weight_decay": 0.1},
-    "alpha1-0": {"alpha1": 0.0},
-}
-
-STRUCTURE_PAIRS = (
-    ("dense", "dense"),
-    ("diagonal", "dense"),
-    ("block2diagonal", "block3diagonal"),
-    ("hierarchical2_3", "hierarchical1_1"),
-    ("triltoeplitz", "triutoeplitz"),
-    ("tril", "triu"),
-    ("trilbottomrightdiagonal", "triutopleftdiagonal"),
-    ("triltopleftdiagonal", "triubottomrightdiagonal"),
-)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """A model, its data and the statistics settings of one recorded run.
-
-    Attributes:
-        name: Test id.
-        make_model: Builds the float32 model (seeded by the caller).
-        input_shape: Shape of one micro-batch of inputs; targets match the output.
-        approx: KFAC flavour of the statistics.
-        loss_average: Loss reduction (also used to scale the loss itself).
-        micro_batches: Backward passes per step (gradient accumulation).
-    """
-
-    name: str
-    make_model: object
-    input_shape: tuple[int, ...]
-    approx: str = "expand"
-    loss_average: str | None = "batch"
-    micro_batches: int = 1
-
-
-def _mlp(bias: bool = True) -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 5, bias=bias), nn.Tanh(), nn.Linear(5, 3, bias=bias))
-
-
-def _conv() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(4 * 3 * 3, 3, bias=False),
-    )
-
-
-SCENARIOS = {
-    "mlp": Scenario("mlp", _mlp, (4, 6)),
-    "mlp-nobias-sum": Scenario("mlp-nobias-sum", lambda: _mlp(False), (4, 6), loss_average=None),
-    "seq-expand": Scenario("seq-expand", _mlp, (3, 4, 6), "expand", "batch+sequence"),
-    "seq-reduce": Scenario("seq-reduce", _mlp, (3, 4, 6), "reduce", "batch"),
-    "conv": Scenario("conv", _conv, (2, 4, 5, 5)),
-    "mlp-accumulate": Scenario("mlp-accumulate", _mlp, (3, 6), micro_batches=2),
-}
-
-
-def _loss_terms(shape: tuple[int, ...], loss_average: str | None) -> int:
-    """Number of terms the loss is averaged over (matches SPEC §1.1's ``N``)."""
-    if loss_average == "batch":
-        return shape[0]
-    if loss_average == "batch+sequence":
-        return int(np.prod(shape[:-1]))
-    return 1
-
-
-def _loss_fn(scenario: Scenario, dtype: torch.dtype) -> LossFunction:
-    """Squared error on fresh seeded data per call, averaged like ``scenario.loss_average``."""
-    generator = torch.Generator().manual_seed(1)
-    terms = _loss_terms(scenario.input_shape, scenario.loss_average)
-
-    def loss_fn(module: nn.Module, index: int) -> Tensor:
-        inputs = torch.randn(scenario.input_shape, generator=generator).to(dtype)
-        outputs = module(inputs)
-        targets = torch.randn(outputs.shape, generator=generator).to(dtype)
-        return 0.5 * ((outputs - targets) ** 2).sum() / terms
-
-    return loss_fn
-
-
-def run_and_replay(
-    scenario: Scenario,
-    hyper_overrides: dict,
-    dtype: torch.dtype = torch.float64,
-    preconditioner_dtype: torch.dtype | None = None,
-    steps: int = 20,
-) -> tuple[RecordedRun, dict, SINGDHyperparameters]:
-    """Record ``steps`` steps of SINGD on ``scenario`` and replay them through the oracle."""
-    torch.manual_seed(0)
-    model = scenario.make_model().to(dtype)
-    hyper = SINGDHyperparameters(**{**BASE_HYPER, **hyper_overrides})
-    optimizer = SINGD(
-        model,
-        lr=hyper.lr,
-        momentum=hyper.momentum,
-        damping=hyper.damping,
-        alpha1=hyper.alpha1,
-        weight_decay=hyper.weight_decay,
-        T=hyper.T,
-        lr_cov=hyper.lr_cov,
-        kfac_like=hyper.kfac_like,
-        normalize_lr_cov=hyper.normalize_lr_cov,
-        structures=hyper.structures,
-        loss_average=scenario.loss_average,
-        kfac_approx=scenario.approx,
-        preconditioner_dtype=(preconditioner_dtype, preconditioner_dtype),
-    )
-    run = record_run(model, optimizer, _loss_fn(scenario, dtype), steps, scenario.micro_batches)
-    oracle = replay_singd(run, hyper, scenario.approx, scenario.loss_average)
-    return run, oracle, hyper
-
-
 def _assert_within_bounds(
     run: RecordedRun,
     oracle: dict,
@@ -266,10 +124,10 @@ def _assert_within_bounds(
     dtype: torch.dtype,
     scenario: Scenario,
 ) -> None:
-    """Every state entry of every layer stays within the harness bound of the oracle."""
+    """Every state entry of every layer stays within the propagated bound of the oracle."""
     deviations = compare_singd(run, oracle, hyper, dtype, scenario.approx, scenario.loss_average)
     assert {d.key for d in deviations} >= {"K", "C", "W", "m_W"}
-    # Bound per entry: (steps or factor updates) · ρ(dtype) · G · M (harness docstring).
+    # Bound per entry: (steps or factor updates) · ρ(dtype) · G · M (verification.comparison).
     assert violations(deviations) == []
 
 
@@ -315,7 +173,7 @@ def test_low_precision_trajectory_matches_oracle(
 ) -> None:
     """Low precision: the oracle is fed the same recorded low-precision tensors upcast exactly.
 
-    The bound uses the coarsest dtype of model and factors (harness docstring).
+    The bound uses the coarsest dtype of model and factors (verification.comparison).
     """
     case = SCENARIOS["mlp"]
     overrides = {**VARIANTS[variant], "structures": structures}
@@ -332,7 +190,7 @@ def test_kfac_trajectory_matches_oracle(scenario: str, T: int) -> None:
     torch.manual_seed(0)
     model = case.make_model().to(torch.float64)
     hyper = KFACHyperparameters(
-        lr=0.05, momentum=0.5, damping=1e-2, weight_decay=0.1, T=T, lr_cov=_beta1_schedule
+        lr=0.05, momentum=0.5, damping=1e-2, weight_decay=0.1, T=T, lr_cov=beta1_schedule
     )
     optimizer = KFAC(
         model,
@@ -345,11 +203,11 @@ def test_kfac_trajectory_matches_oracle(scenario: str, T: int) -> None:
         loss_average=case.loss_average,
         kfac_approx=case.approx,
     )
-    run = record_run(model, optimizer, _loss_fn(case, torch.float64), 20, case.micro_batches)
+    run = record_run(model, optimizer, loss_function(case, torch.float64), 20, case.micro_batches)
     oracle = replay_kfac(run, hyper, case.approx, case.loss_average)
     deviations = compare_kfac(run, oracle, hyper, torch.float64, case.approx, case.loss_average)
     assert {d.key for d in deviations} == {"S_K", "S_C", "W", "m_W"}
-    # Bound per entry: propagated rounding incl. κ-scaled Cholesky solves (harness.compare_kfac).
+    # Bound per entry: propagated rounding incl. κ-scaled Cholesky solves (compare_kfac).
     assert violations(deviations) == []
 
 
@@ -371,7 +229,7 @@ def test_full_grid_matches_oracle(
     structures: tuple[str, str],
 ) -> None:
     """Slow tier: every flavour × loss average × variant × structure pair × dtype, 20 steps."""
-    case = Scenario("grid", _mlp, (3, 4, 6), approx, loss_average)
+    case = Scenario("grid", "MLP on [B,S,d]", mlp, (3, 4, 6), approx, loss_average)
     run, oracle, hyper = run_and_replay(
         case, {**VARIANTS[variant], "structures": structures}, dtype
     )

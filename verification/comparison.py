@@ -1,18 +1,6 @@
-"""Record a real torch training run and replay it through the float64 oracle.
+"""Compare a recorded torch run with its oracle replay against a propagated rounding bound.
 
-The harness is independent of the optimizer's own plumbing: it registers its
-*own* forward hooks (layer inputs ``a``) and tensor hooks on the layer outputs
-(output gradients ``g``) on every layer the optimizer preconditions, reads
-``p.grad`` before each ``step()`` and the optimizer's state after it.  The
-raw ``a``, ``g`` go through :mod:`reference.statistics` (SPEC §1.1) to the
-oracle's :class:`~reference.updates.StepRecord`; the oracle stepper then runs
-in float64 from the same initial ``W~``, and the two trajectories are compared.
-
-In low precision the oracle is fed the *same* recorded low-precision tensors,
-upcast exactly to float64, so the comparison measures only the optimizer's own
-rounding, never the model's.
-
-Tolerance rule (first-order rounding-error analysis, as in ``tests/tolerances.py``):
+Tolerance rule (first-order rounding-error analysis, as in :mod:`verification.tolerances`):
 the bound on every state entry is *propagated along the oracle trajectory*.
 Each operation of SPEC §1.1–§1.4 adds its own rounding error, ``(n + 2)·eps``
 times the magnitude of its result evaluated on absolute values (Higham: error
@@ -28,272 +16,24 @@ blocks) plus a ``d``-term average (Toeplitz).  Nothing is fitted to the data.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from reference.kfac import KFACHyperparameters, KFACState, kfac_init, kfac_trajectory
+from reference.kfac import KFACHyperparameters, KFACState, kfac_init
 from reference.numbers import FLOAT64
-from reference.statistics import conv2d_statistics, linear_statistics
-from reference.updates import (
-    SINGDHyperparameters,
-    SINGDState,
-    StepRecord,
-    lr_cov_at,
-    singd_init,
-    singd_trajectory,
-)
-from tests.tolerances import EPS, chain_bound, matmul_bound
+from reference.updates import SINGDHyperparameters, SINGDState, lr_cov_at, singd_init
+from verification.recording import RecordedRun
+from verification.replay import step_records
+from verification.tolerances import EPS, chain_bound, matmul_bound
 
 #: Π̂ at most doubles an entry (tril/triu/hierarchical coupling blocks, SPEC §2).
 PROJECTION_GAIN = 2.0
 
-#: A model's loss on one micro-batch: ``loss_fn(model, micro_batch_index)``.
-LossFunction = Callable[[nn.Module, int], Tensor]
 
-
-@dataclass
-class LayerPass:
-    """One forward/backward pass through one layer.
-
-    Attributes:
-        inputs: The layer's input ``a`` (as the layer received it).
-        output_grads: ``∂loss/∂output``, set by the tensor hook during backward.
-    """
-
-    inputs: Tensor
-    output_grads: Tensor | None = None
-
-
-@dataclass
-class LayerStep:
-    """What one layer saw during one ``step()`` and its state afterwards.
-
-    Attributes:
-        passes: The forward/backward passes before the step (accumulation).
-        grad: ``∇W~`` (``d_o × d_i``, bias column last), read before ``step()``.
-        state: Dense float64 copies of the optimizer's layer state after the
-            step (``"K"``, ``"C"``, … or ``"S_K"``, ``"S_C"``), plus ``"W"``
-            (``W~``) and ``"m_W"`` (its momentum).
-    """
-
-    passes: list[LayerPass]
-    grad: np.ndarray
-    state: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-@dataclass
-class RecordedRun:
-    """A recorded torch run.
-
-    Attributes:
-        initial_weights: ``W~`` of each layer before the first step (float64).
-        steps: ``steps[t][layer_name]`` is that layer's :class:`LayerStep`.
-        layers: The preconditioned modules by qualified name.
-    """
-
-    initial_weights: dict[str, np.ndarray]
-    steps: list[dict[str, LayerStep]]
-    layers: dict[str, nn.Module]
-
-
-def combined_weight(module: nn.Module) -> Tensor:
-    """``W~ = [W, b]`` (``d_o × d_i``) of a Linear or Conv2d layer (weight flattened from dim 1)."""
-    weight = module.weight.flatten(start_dim=1)
-    if module.bias is None:
-        return weight
-    return torch.cat([weight, module.bias.unsqueeze(1)], dim=1)
-
-
-def combined_grad(module: nn.Module) -> Tensor:
-    """``∇W~`` from ``weight.grad`` and ``bias.grad`` (same layout as :func:`combined_weight`)."""
-    grad = module.weight.grad.flatten(start_dim=1)
-    if module.bias is None:
-        return grad
-    return torch.cat([grad, module.bias.grad.unsqueeze(1)], dim=1)
-
-
-def _combined_momentum(optimizer: torch.optim.Optimizer, module: nn.Module) -> Tensor:
-    """The momentum buffers of ``weight`` and ``bias`` in the ``W~`` layout."""
-    weight = optimizer.state[module.weight]["momentum_buffer"].flatten(start_dim=1)
-    if module.bias is None:
-        return weight
-    bias = optimizer.state[module.bias]["momentum_buffer"]
-    return torch.cat([weight, bias.unsqueeze(1)], dim=1)
-
-
-def to_numpy(tensor: Tensor) -> np.ndarray:
-    """An exact float64 numpy copy of ``tensor`` (any float dtype upcasts exactly)."""
-    return tensor.detach().to(dtype=torch.float64, device="cpu").numpy().copy()
-
-
-class PassRecorder:
-    """Forward hooks + output tensor hooks that record ``a`` and ``g`` per pass."""
-
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
-        self.passes: dict[str, list[LayerPass]] = {name: [] for name in layers}
-        self._handles = [
-            module.register_forward_hook(self._forward_hook(name))
-            for name, module in layers.items()
-        ]
-
-    def _forward_hook(self, name: str) -> Callable[[nn.Module, tuple, Tensor], None]:
-        """The hook that records the input of layer ``name`` and hooks its output."""
-
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            record = LayerPass(inputs=inputs[0].detach().clone())
-            self.passes[name].append(record)
-
-            def store_grad(grad: Tensor) -> None:
-                record.output_grads = grad.detach().clone()
-
-            if output.requires_grad:
-                output.register_hook(store_grad)
-
-        return hook
-
-    def pop(self) -> dict[str, list[LayerPass]]:
-        """The completed passes since the last call (passes without backward are dropped)."""
-        done = {
-            name: [p for p in passes if p.output_grads is not None]
-            for name, passes in self.passes.items()
-        }
-        self.passes = {name: [] for name in self.passes}
-        return done
-
-    def remove(self) -> None:
-        """Remove all hooks."""
-        for handle in self._handles:
-            handle.remove()
-
-
-def record_run(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: LossFunction,
-    steps: int,
-    micro_batches: int = 1,
-) -> RecordedRun:
-    """Train ``model`` for ``steps`` steps and record everything the oracle needs.
-
-    Args:
-        model: The model (already in its dtype).
-        optimizer: A ``SINGD`` or ``KFAC`` instance built on ``model``.
-        loss_fn: ``loss_fn(model, index)`` runs the forward pass of the
-            ``index``-th micro-batch of the *current step* and returns its loss;
-            it must draw fresh data on every call.
-        steps: Number of optimizer steps.
-        micro_batches: Backward passes per step (gradient accumulation).
-
-    Returns:
-        The recording.
-    """
-    layers = {name: model.get_submodule(name) for name in optimizer.layer_names()}
-    initial = {name: to_numpy(combined_weight(module)) for name, module in layers.items()}
-    recorder = PassRecorder(layers)
-    recorded: list[dict[str, LayerStep]] = []
-    try:
-        for _ in range(steps):
-            optimizer.zero_grad()
-            for index in range(micro_batches):
-                loss_fn(model, index).backward()
-            passes = recorder.pop()
-            step = {
-                name: LayerStep(passes=passes[name], grad=to_numpy(combined_grad(module)))
-                for name, module in layers.items()
-            }
-            optimizer.step()
-            for name, module in layers.items():
-                state = {key: _dense(value) for key, value in optimizer.layer_state(name).items()}
-                state["W"] = to_numpy(combined_weight(module))
-                state["m_W"] = to_numpy(_combined_momentum(optimizer, module))
-                step[name].state = state
-            recorded.append(step)
-    finally:
-        recorder.remove()
-    return RecordedRun(initial_weights=initial, steps=recorded, layers=layers)
-
-
-def _dense(value: object) -> np.ndarray:
-    """A layer-state entry (``StructuredMatrix`` or tensor) as dense float64."""
-    if isinstance(value, Tensor):
-        return to_numpy(value)
-    return to_numpy(value.to_dense())
-
-
-# ------------------------------------------------------------ oracle replay
-def layer_statistics(
-    module: nn.Module, layer_pass: LayerPass, approx: str, loss_average: str | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The oracle's scaled ``(A, G)`` (SPEC §1.1) for one recorded pass."""
-    inputs, grads = to_numpy(layer_pass.inputs), to_numpy(layer_pass.output_grads)
-    bias = module.bias is not None
-    if isinstance(module, nn.Conv2d):
-        return conv2d_statistics(
-            inputs,
-            grads,
-            kernel_size=module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=bias,
-            approx=approx,
-            loss_average=loss_average,
-        )
-    return linear_statistics(inputs, grads, bias=bias, approx=approx, loss_average=loss_average)
-
-
-def step_records(
-    run: RecordedRun, name: str, approx: str, loss_average: str | None
-) -> list[StepRecord]:
-    """The oracle's records of layer ``name``, one per step."""
-    module = run.layers[name]
-    return [
-        StepRecord(
-            grad=step[name].grad,
-            stats=tuple(
-                layer_statistics(module, p, approx, loss_average) for p in step[name].passes
-            ),
-        )
-        for step in run.steps
-    ]
-
-
-def replay_singd(
-    run: RecordedRun,
-    hyper: SINGDHyperparameters,
-    approx: str = "expand",
-    loss_average: str | None = "batch",
-) -> dict[str, list[SINGDState]]:
-    """The float64 oracle trajectory of every layer, fed the recorded run."""
-    return {
-        name: singd_trajectory(
-            run.initial_weights[name], step_records(run, name, approx, loss_average), hyper, FLOAT64
-        )
-        for name in run.layers
-    }
-
-
-def replay_kfac(
-    run: RecordedRun,
-    hyper: KFACHyperparameters,
-    approx: str = "expand",
-    loss_average: str | None = "batch",
-) -> dict[str, list[KFACState]]:
-    """The float64 KFAC oracle trajectory of every layer, fed the recorded run."""
-    return {
-        name: kfac_trajectory(
-            run.initial_weights[name], step_records(run, name, approx, loss_average), hyper, FLOAT64
-        )
-        for name in run.layers
-    }
-
-
-# ------------------------------------------------------------- comparison
 @dataclass(frozen=True)
 class Deviation:
     """Largest deviation (relative to its bound) of one state entry over a trajectory.
@@ -468,6 +208,7 @@ def compare_singd(
     dtype: torch.dtype,
     approx: str = "expand",
     loss_average: str | None = "batch",
+    per_step: list[Deviation] | None = None,
 ) -> list[Deviation]:
     """Worst deviation (relative to its bound) of every layer's K, C, m_K, m_C, W~, m_W~.
 
@@ -476,6 +217,7 @@ def compare_singd(
     rounding error ``(n + 2) · eps · |magnitude|`` and passes on the errors of
     its inputs to first order (:func:`_perturbed`).  ``m_K``/``m_C`` are not
     compared with ``α1 = 0``, where the optimizer need not store them.
+    ``per_step``, when given, receives the deviation of every entry at every step.
     """
     eps = EPS[dtype]
     deviations = []
@@ -538,7 +280,7 @@ def compare_singd(
             }
             if hyper.alpha1 == 0:  # the momenta need no storage (SPEC §1.4a)
                 del bounds["m_K"], bounds["m_C"]
-            _record_worst(worst, name, t, run.steps[t][name].state, state, bounds)
+            _record_worst(worst, name, t, run.steps[t][name].state, state, bounds, per_step)
             before = state
         deviations.extend(worst.values())
     return deviations
@@ -636,13 +378,16 @@ def _record_worst(
     torch_state: dict[str, np.ndarray],
     oracle_state: object,
     bounds: dict[str, tuple[float, float]],
+    per_step: list[Deviation] | None = None,
 ) -> None:
-    """Update ``worst`` with this step's deviations of the entries in ``bounds``."""
+    """Update ``worst`` with this step's deviations of the entries in ``bounds`` (and log them)."""
     for key, (bound, magnitude) in bounds.items():
         if key not in torch_state:
             continue
         error = float(np.abs(torch_state[key] - getattr(oracle_state, key)).max())
         candidate = Deviation(name, key, step, error, bound, magnitude)
+        if per_step is not None:
+            per_step.append(candidate)
         if key not in worst or error * worst[key].bound > worst[key].error * bound:
             worst[key] = candidate
 

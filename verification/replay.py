@@ -1,0 +1,88 @@
+"""Feed a recorded torch run to the float64 oracle steppers (``reference``).
+
+The raw ``a``, ``g`` of every pass go through :mod:`reference.statistics`
+(SPEC §1.1) to the oracle's :class:`~reference.updates.StepRecord`; the
+oracle stepper then runs in float64 from the same initial ``W~``.  In low
+precision the oracle is fed the *same* recorded low-precision tensors, upcast
+exactly to float64, so a comparison measures only the optimizer's own
+rounding, never the model's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from reference.kfac import KFACHyperparameters, KFACState, kfac_trajectory
+from reference.numbers import FLOAT64
+from reference.statistics import conv2d_statistics, linear_statistics
+from reference.updates import SINGDHyperparameters, SINGDState, StepRecord, singd_trajectory
+from verification.recording import LayerPass, RecordedRun, to_numpy
+
+
+def layer_statistics(
+    module: nn.Module, layer_pass: LayerPass, approx: str, loss_average: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle's scaled ``(A, G)`` (SPEC §1.1) for one recorded pass."""
+    inputs, grads = to_numpy(layer_pass.inputs), to_numpy(layer_pass.output_grads)
+    bias = module.bias is not None
+    if isinstance(module, nn.Conv2d):
+        return conv2d_statistics(
+            inputs,
+            grads,
+            kernel_size=module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=bias,
+            approx=approx,
+            loss_average=loss_average,
+        )
+    return linear_statistics(inputs, grads, bias=bias, approx=approx, loss_average=loss_average)
+
+
+def step_records(
+    run: RecordedRun, name: str, approx: str, loss_average: str | None
+) -> list[StepRecord]:
+    """The oracle's records of layer ``name``, one per step."""
+    module = run.layers[name]
+    return [
+        StepRecord(
+            grad=step[name].grad,
+            stats=tuple(
+                layer_statistics(module, p, approx, loss_average) for p in step[name].passes
+            ),
+        )
+        for step in run.steps
+    ]
+
+
+def replay_singd(
+    run: RecordedRun,
+    hyper: SINGDHyperparameters,
+    approx: str = "expand",
+    loss_average: str | None = "batch",
+) -> dict[str, list[SINGDState]]:
+    """The float64 oracle trajectory of every layer, fed the recorded run."""
+    return {
+        name: singd_trajectory(
+            run.initial_weights[name], step_records(run, name, approx, loss_average), hyper, FLOAT64
+        )
+        for name in run.layers
+    }
+
+
+def replay_kfac(
+    run: RecordedRun,
+    hyper: KFACHyperparameters,
+    approx: str = "expand",
+    loss_average: str | None = "batch",
+) -> dict[str, list[KFACState]]:
+    """The float64 KFAC oracle trajectory of every layer, fed the recorded run."""
+    return {
+        name: kfac_trajectory(
+            run.initial_weights[name], step_records(run, name, approx, loss_average), hyper, FLOAT64
+        )
+        for name in run.layers
+    }
