@@ -1,9 +1,9 @@
 """The oracle's self-check: float64 against mpmath, and the laws of SPEC §3.
 
 Every check measures one number and compares it with a bound derived from
-rounding-error analysis or from the algorithm's maths (the same rules as
-``tests/reference``, restated here so that this module needs only
-``reference`` and numpy):
+rounding-error analysis or from the algorithm's maths.  The cases (sizes,
+modes, random records) and bounds are the one source that ``tests/reference``
+also uses; this module needs only ``reference`` and numpy:
 
 * Π̂ (SPEC §2) in float64 against mpmath(50), per structure;
 * a short SINGD trajectory (SPEC §1.3, §1.4) in float64 against mpmath(50),
@@ -48,7 +48,9 @@ from reference.updates import (
 EPS64 = float(np.finfo(np.float64).eps)
 DPS = 50
 
-#: Trajectory sizes: every structure has a non-trivial pattern at d_i = 7, d_o = 6.
+#: Sizes that give every structure of ``STRUCTURE_NAMES`` a non-trivial pattern at
+#: d_i = 7 and d_o = 6: block3diagonal has blocks (3, 3, 1) / (3, 3),
+#: hierarchical2_3 has (k1, m, k2) = (2, 2, 3) / (2, 1, 3).
 D_OUT, D_IN, N_ROWS = 6, 7, 3
 TRAJECTORY_STEPS = 4
 
@@ -57,13 +59,16 @@ MODES: dict[str, dict[str, object]] = {
     "default": {},
     "ikfac": {"kfac_like": True, "alpha1": 0.0},
     "normalize": {"normalize_lr_cov": True},
-    "normalize+ikfac": {"normalize_lr_cov": True, "kfac_like": True, "alpha1": 0.0},
+    "normalize_ikfac": {"normalize_lr_cov": True, "kfac_like": True, "alpha1": 0.0},
     "schedule": {"lr_cov": lambda steps: 0.1 / (1 + steps)},
-    "T=2": {"T": 2},
+    "period2": {"T": 2},
     "weight_decay": {"weight_decay": 0.3},
-    "alpha1=0": {"alpha1": 0.0},
-    "accumulation": {},
+    "alpha1_zero": {"alpha1": 0.0},
+    "accumulation": {},  # two (A, G) pairs per step, see make_records
 }
+
+#: Trajectory hyper-parameters: β1 and β2 small enough that every step is a
+#: near-identity map (Lipschitz constant 1 + O(β1), so errors add over steps).
 BASE = {"lr": 0.1, "momentum": 0.5, "damping": 0.01, "lr_cov": 0.1, "T": 1}
 
 #: IKFAC vs KFAC order study.
@@ -124,20 +129,50 @@ def projection_check(name: str, rng: np.random.Generator, d: int = 7) -> Check:
 
 
 # ----------------------------------------------------- SINGD trajectories
-def chain_lengths() -> tuple[int, ...]:
-    """Reduction lengths along one step's longest chain (Kᵀ Aᵀ, X Xᵀ, tr, K m, C Cᵀ ∇W K Kᵀ)."""
-    return (D_IN, N_ROWS, D_OUT, D_IN, D_OUT, D_IN, D_OUT, D_IN)
+def make_hyper(structures: tuple[str, str], mode: str) -> SINGDHyperparameters:
+    """Hyper-parameters of one mode (key of :data:`MODES`) with structures ``(K, C)``."""
+    return SINGDHyperparameters(**{**BASE, **MODES[mode]}, structures=structures)
 
 
-def trajectory_bound_eps(steps: int, passes: int) -> float:
-    """``steps · (Σ_ℓ (ℓ + 2) + passes) · n`` in units of ``eps64 · max(1, max|field|)``.
+def make_records(
+    rng: np.random.Generator, steps: int, passes: int = 1, d_out: int = D_OUT, d_in: int = D_IN
+) -> list[StepRecord]:
+    """Records with entries uniform in [-1, 1]: ``passes`` (A, G) pairs per step."""
 
-    Each product errs by ``(ℓ + 2)·eps`` relative to ``|X||Y|``; every product
-    but ``AᵀA`` / ``GᵀG`` has a near-identity factor, those two may lose a
-    factor ``n`` to cancellation; first-order errors add along the chain and,
-    the step being a near-identity map (β1 = β2 = 0.1), over the steps.
+    def uniform(*shape: int) -> np.ndarray:
+        return rng.uniform(-1.0, 1.0, size=shape)
+
+    return [
+        StepRecord(
+            grad=uniform(d_out, d_in),
+            stats=tuple((uniform(N_ROWS, d_in), uniform(N_ROWS, d_out)) for _ in range(passes)),
+        )
+        for _ in range(steps)
+    ]
+
+
+#: Reduction lengths of the products along the longest dependency chain of one
+#: step (SPEC §1.3, §1.4): ``Kᵀ Aᵀ`` (d_i), ``X Xᵀ`` (n), the other factor's
+#: trace (d_o), ``K m_K`` (d_i), then ``Cᵀ ∇W`` (d_o), ``· K`` (d_i),
+#: ``C ·`` (d_o), ``· Kᵀ`` (d_i).
+CHAIN_LENGTHS = (D_IN, N_ROWS, D_OUT, D_IN, D_OUT, D_IN, D_OUT, D_IN)
+
+
+def trajectory_bound(steps: int, passes: int) -> float:
+    """Bound on :func:`scaled_discrepancy` of float64 against exact, after ``steps`` steps.
+
+    Rule (verification/tolerances.py): a product of reduction length ``ℓ`` errs
+    by ``(ℓ + 2)·eps`` relative to ``|X||Y|``; first-order errors add along the
+    chain (``CHAIN_LENGTHS``) and over the steps (β1 = β2 = 0.1 make each step a
+    near-identity map, Lipschitz 1 + O(0.1)); gradient accumulation adds
+    ``passes`` sums of ``H``.  Every product but ``AᵀA``/``GᵀG`` has a
+    near-identity factor (``K``, ``C``, ``I − β1 m``), so ``|X||Y|`` is within
+    the result's scale; ``|A|ᵀ|A|`` may exceed ``|AᵀA|`` by at most ``n``
+    (entries in [-1, 1]).  Hence, relative to ``max(1, max|field|)``:
+    ``steps · (Σ_ℓ (ℓ + 2) + passes) · n · eps64``.
     """
-    return steps * (sum(length + 2 for length in chain_lengths()) + passes) * N_ROWS
+    per_step = sum(length + 2 for length in CHAIN_LENGTHS) + passes
+    return steps * per_step * N_ROWS * EPS64
 
 
 def scaled_discrepancy(fast: list[SINGDState], exact: list[SINGDState]) -> float:
@@ -151,32 +186,18 @@ def scaled_discrepancy(fast: list[SINGDState], exact: list[SINGDState]) -> float
     return worst
 
 
-def random_records(rng: np.random.Generator, steps: int, passes: int) -> list[StepRecord]:
-    """Records with entries uniform in [-1, 1]; ``passes`` (A, G) pairs per step."""
-    return [
-        StepRecord(
-            grad=rng.uniform(-1.0, 1.0, (D_OUT, D_IN)),
-            stats=tuple(
-                (rng.uniform(-1.0, 1.0, (N_ROWS, D_IN)), rng.uniform(-1.0, 1.0, (N_ROWS, D_OUT)))
-                for _ in range(passes)
-            ),
-        )
-        for _ in range(steps)
-    ]
-
-
 def trajectory_check(name: str, modes: list[str], rng: np.random.Generator) -> Check:
     """SINGD with structure ``name`` as K and C, float64 vs mpmath(50), worst over ``modes``."""
     worst_ratio, worst_error, worst_bound = -1.0, 0.0, 0.0
     for mode in modes:
         passes = 2 if mode == "accumulation" else 1
-        hyper = SINGDHyperparameters(**{**BASE, **MODES[mode]}, structures=(name, name))
-        records = random_records(rng, TRAJECTORY_STEPS, passes)
+        hyper = make_hyper((name, name), mode)
+        records = make_records(rng, TRAJECTORY_STEPS, passes)
         w0 = rng.uniform(-1.0, 1.0, (D_OUT, D_IN))
         fast = singd_trajectory(w0, records, hyper, FLOAT64)
         exact = singd_trajectory(w0, records, hyper, mpmath_numbers(DPS))
         error = scaled_discrepancy(fast, exact) / EPS64
-        bound = trajectory_bound_eps(TRAJECTORY_STEPS, passes)
+        bound = trajectory_bound(TRAJECTORY_STEPS, passes) / EPS64
         if error / bound > worst_ratio:
             worst_ratio, worst_error, worst_bound = error / bound, error, bound
     return Check(
@@ -199,12 +220,21 @@ def spd_matrix(rng: np.random.Generator, d: int, cond: float, scale: float) -> n
 
 
 def ikfac_rate(beta1: float, eigenvalues: np.ndarray) -> float:
-    """``ρ = max_b 1 − β1 min(b, 1)(1 − β1 max(b − 1, 0)/4)`` (valid for ``β1 b_max <= 1``).
+    """Per-step contraction factor of IKFAC's residual, derived for constant statistics.
 
-    Each eigenvalue ``e`` of ``E = KᵀBK − I`` (``B = U + λI``) evolves alone as
-    ``e ← (1 + e)(1 − β1e/2)² − 1``, monotonically towards 0.
+    With constant ``U``, ``B = U + λI`` and ``K_0 = I``, IKFAC's step is
+    ``K ← K (I − β1 E/2)`` with ``E = KᵀBK − I``; all iterates are functions
+    of ``B``, so each eigenvalue ``b`` evolves alone:
+    ``e ← f(e) = (1 + e)(1 − β1 e/2)² − 1``, i.e.
+    ``f(e)/e = 1 − β1 (1 + e)(1 − β1 e/4)``.  For ``β1 · b_max <= 1``, ``e``
+    moves monotonically from ``b − 1`` to 0 without crossing it, so
+    ``1 + e ∈ [min(b, 1), max(b, 1)]`` and the factor is at most
+    ``ρ = max_b 1 − β1 min(b, 1)(1 − β1 max(b − 1, 0)/4)``.
+    Near the fixed point it is ``1 − β1`` whatever the spectrum.
     """
-    return max(1 - beta1 * min(b, 1.0) * (1 - beta1 * max(b - 1.0, 0.0) / 4) for b in eigenvalues)
+    return float(
+        max(1 - beta1 * min(b, 1.0) * (1 - beta1 * max(b - 1.0, 0.0) / 4) for b in eigenvalues)
+    )
 
 
 def ikfac_fixed_point_check(rng: np.random.Generator, steps: int = 200) -> Check:
@@ -296,24 +326,25 @@ def empirical_fisher_check(rng: np.random.Generator) -> Check:
     )
 
 
-def _absolute(problem: DeepLinearProblem) -> DeepLinearProblem:
-    """The problem with ``|W~|``, ``|x|``, ``|y|``: its GGN bounds every summand's magnitude."""
+def absolute_problem(problem: DeepLinearProblem) -> DeepLinearProblem:
+    """The same problem with ``|W~_l|``, ``|x|`` and (MSE) ``|y|``: the magnitudes of the sums."""
+    y = np.abs(problem.y) if problem.loss == "mse" else problem.y
     return DeepLinearProblem(
         [np.abs(w) for w in problem.weights],
         problem.bias,
         np.abs(problem.x),
-        np.abs(problem.y),
+        y,
         problem.loss,
         problem.loss_average,
         problem.reduce_after,
     )
 
 
-def _kfac_block(problem: DeepLinearProblem, layer: int, approx: str) -> np.ndarray:
-    """``U ⊗ Gc`` of ``layer`` from exact-Fisher backprop vectors (``Gc`` summed over passes)."""
+def kfac_block(problem: DeepLinearProblem, layer: int, approx: str) -> np.ndarray:
+    """``U ⊗ Gc`` from exact-Fisher backprop vectors, ``Gc`` summed over the backward passes."""
     inputs = layer_inputs(problem)[layer]
     grad_factor: np.ndarray | float = 0.0
-    for column in ggn_backprop_vectors(problem)[layer]:
+    for column in ggn_backprop_vectors(problem)[layer]:  # one backward pass per column of Λ^½
         a, g = linear_statistics(
             inputs,
             column,
@@ -334,10 +365,10 @@ def kfac_exactness_check(rng: np.random.Generator, approx: str) -> Check:
     reduce_after = 1 if approx == "reduce" else None
     y = rng.uniform(-1, 1, (2, widths[-1]) if reduce_after is not None else (2, 3, widths[-1]))
     problem = DeepLinearProblem(weights, bias, x, y, "mse", "batch", reduce_after)
-    ggn, magnitude = exact_ggn(problem), exact_ggn(_absolute(problem))
+    ggn, magnitude = exact_ggn(problem), exact_ggn(absolute_problem(problem))
     worst = 0.0
     for layer in range(len(weights)):
-        error = np.abs(_kfac_block(problem, layer, approx) - ggn[layer])
+        error = np.abs(kfac_block(problem, layer, approx) - ggn[layer])
         scale = np.where(magnitude[layer] > 0, magnitude[layer], 1)
         worst = max(worst, float((error / scale).max()) / EPS64)
     terms = problem.batch_size * problem.shared

@@ -44,8 +44,6 @@ from reference.fisher import (
     DeepLinearProblem,
     empirical_fisher,
     exact_ggn,
-    ggn_backprop_vectors,
-    layer_inputs,
     loss_hessian,
     loss_hessian_sqrt,
     loss_value,
@@ -59,6 +57,7 @@ from reference.numbers import mpmath_numbers
 from reference.statistics import kfac_factors, linear_statistics
 from tests.reference.strategies import ENTRIES
 from tests.tolerances import EPS, chain_bound, matmul_bound
+from verification.selfcheck import absolute_problem, kfac_block
 
 F64 = torch.float64
 
@@ -96,42 +95,10 @@ def problems(
     )
 
 
-def absolute(problem: DeepLinearProblem) -> DeepLinearProblem:
-    """The same problem with ``|W~_l|``, ``|x|`` and ``|y|``: the magnitudes of the sums."""
-    y = np.abs(problem.y) if problem.loss == "mse" else problem.y
-    return DeepLinearProblem(
-        [np.abs(w) for w in problem.weights],
-        problem.bias,
-        np.abs(problem.x),
-        y,
-        problem.loss,
-        problem.loss_average,
-        problem.reduce_after,
-    )
-
-
 def chain_lengths(problem: DeepLinearProblem, final_sum: int) -> list[int]:
     """Reduction lengths of forward + backward + mean + the final sum (module docstring)."""
     widths = [w.shape[1] for w in problem.weights] + [w.shape[0] for w in problem.weights]
     return [*widths, problem.shared, final_sum]
-
-
-def kfac_block(problem: DeepLinearProblem, layer: int, approx: str) -> np.ndarray:
-    """``U ⊗ Gc`` from exact-Fisher backprop vectors, ``Gc`` summed over the backward passes."""
-    inputs = layer_inputs(problem)[layer]
-    vectors = ggn_backprop_vectors(problem)[layer]
-    grad_factor = 0.0
-    for column in vectors:  # one backward pass per column of Λ^{1/2}: gradient accumulation
-        a, g = linear_statistics(
-            inputs,
-            column,
-            bias=problem.bias[layer],
-            approx=approx,
-            loss_average=problem.loss_average,
-        )
-        input_factor, pass_factor = kfac_factors(a, g)
-        grad_factor = grad_factor + pass_factor
-    return np.kron(input_factor, grad_factor)
 
 
 # ---------------------------------------------------------------------------
@@ -191,7 +158,7 @@ def test_batch_size_one_linear_layer_kfac_is_empirical_fisher(
 def assert_kfac_exact(problem: DeepLinearProblem, approx: str) -> None:
     """``U ⊗ Gc`` (``approx``) equals the exact GGN block of every layer."""
     ggn = exact_ggn(problem)
-    magnitude = exact_ggn(absolute(problem))  # MSE: Λ = 2I, so |J|ᵀΛ|J| bounds every term
+    magnitude = exact_ggn(absolute_problem(problem))  # MSE: Λ = 2I, |J|ᵀΛ|J| bounds each term
     d_out = problem.weights[-1].shape[0]
     terms = problem.batch_size * problem.shared
     for layer in range(len(problem.weights)):
@@ -243,7 +210,7 @@ def test_mismatched_kfac_flavour_is_not_exact(reduce_after: int | None, approx: 
     """
     problem = seeded_problem(reduce_after)
     ggn = exact_ggn(problem)
-    magnitude = exact_ggn(absolute(problem))
+    magnitude = exact_ggn(absolute_problem(problem))
     ours = kfac_block(problem, 0, approx)
     bound = chain_bound(F64, chain_lengths(problem, 6 * 2)) * magnitude[0]
     # the gap is O(1) relative (different matrices), the rounding bound ~1e-14 relative:
@@ -287,7 +254,7 @@ def gradient_magnitudes(problem: DeepLinearProblem) -> DeepLinearProblem:
     as large as the original's terms: ``y = −|y|`` (MSE: ``|f| + |y|``) or
     ``y = f − ½`` (CE: ``2·½/N ≥ |p − onehot|/N``).
     """
-    magnitudes = absolute(problem)
+    magnitudes = absolute_problem(problem)
     if problem.loss == "mse":
         y = -np.abs(problem.y)
     else:
@@ -338,7 +305,7 @@ def test_exact_ggn_equals_autograd_hessian_block(data: st.DataObject, setting: s
     # rule: forward/backward chains, mean over S, softmax (d_L + 4 roundings) and the final
     # sum over terms·d_L·d_L products
     rule = chain_bound(F64, [*chain_lengths(problem, terms * d_out * d_out), d_out + 4])
-    for layer, j_abs in enumerate(output_jacobians(absolute(problem))):
+    for layer, j_abs in enumerate(output_jacobians(absolute_problem(problem))):
         weights = [torch.tensor(w) for w in problem.weights]
 
         def loss_of(w: torch.Tensor, layer: int = layer, weights=weights) -> torch.Tensor:
@@ -361,7 +328,7 @@ def test_loss_value_equals_torch(problem: DeepLinearProblem) -> None:
     if problem.loss == "mse":  # magnitude Σ_t ‖|f_t| + |y_t|‖² / N
         magnitude = loss_value(gradient_magnitudes(problem))
     else:  # log Σ exp f − f_y: terms of size |f| (twice) and log d_L <= d_L, per term
-        f_abs = network_output(absolute(problem))
+        f_abs = network_output(absolute_problem(problem))
         magnitude = (2 * f_abs.sum() + f_abs.size) / problem.loss_terms
     # rule: chain bound (forward chain, the sum over terms·d_L, softmax's d_L + 4 roundings)
     # times the magnitude of the summed terms
@@ -403,7 +370,7 @@ def test_kfac_exactness_holds_to_mpmath_precision(reduce_after: int | None, appr
         ggn_mp = exact_ggn(mp_problem)
         kfac_mp = [kfac_block(mp_problem, layer, approx) for layer in range(2)]
     ggn64 = exact_ggn(problem)
-    magnitude = exact_ggn(absolute(problem))
+    magnitude = exact_ggn(absolute_problem(problem))
     for layer in range(2):
         # rule: exact identity, so only mpmath's rounding: 100 ulps of 1e-50 times magnitude
         gap = numbers.to_float64(kfac_mp[layer] - ggn_mp[layer])

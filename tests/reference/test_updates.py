@@ -37,53 +37,21 @@ from reference.updates import (
 )
 from tests.reference.strategies import spd_matrices
 from tests.tolerances import EPS_BY_NAME
+from verification.selfcheck import (
+    D_IN,
+    D_OUT,
+    MODES,
+    N_ROWS,
+    ikfac_rate,
+    make_hyper,
+    make_records,
+    scaled_discrepancy,
+    trajectory_bound,
+)
 
 EPS64 = EPS_BY_NAME["float64"]
+
 MP50 = mpmath_numbers(50)
-
-#: Sizes that give every structure of STRUCTURE_NAMES a non-trivial pattern at
-#: d_i = 7 and d_o = 6: block3diagonal has blocks (3, 3, 1) / (3, 3),
-#: hierarchical2_3 has (k1, m, k2) = (2, 2, 3) / (2, 1, 3).
-D_OUT, D_IN, N_ROWS = 6, 7, 3
-
-#: Modes of SPEC §1.3/§1.4 exercised by the float64-vs-mpmath grid.
-MODES: dict[str, dict[str, object]] = {
-    "default": {},
-    "ikfac": {"kfac_like": True, "alpha1": 0.0},
-    "normalize": {"normalize_lr_cov": True},
-    "normalize_ikfac": {"normalize_lr_cov": True, "kfac_like": True, "alpha1": 0.0},
-    "schedule": {"lr_cov": lambda steps: 0.1 / (1 + steps)},
-    "period2": {"T": 2},
-    "weight_decay": {"weight_decay": 0.3},
-    "alpha1_zero": {"alpha1": 0.0},
-    "accumulation": {},  # two (A, G) pairs per step, see make_records
-}
-
-#: Trajectory hyper-parameters: β1 and β2 small enough that every step is a
-#: near-identity map (Lipschitz constant 1 + O(β1), so errors add over steps).
-BASE = {"lr": 0.1, "momentum": 0.5, "damping": 0.01, "lr_cov": 0.1, "T": 1}
-
-
-def make_hyper(structures: tuple[str, str], mode: str) -> SINGDHyperparameters:
-    """Hyper-parameters of one grid case."""
-    return SINGDHyperparameters(**{**BASE, **MODES[mode]}, structures=structures)
-
-
-def make_records(
-    rng: np.random.Generator, steps: int, passes: int = 1, d_out: int = D_OUT, d_in: int = D_IN
-) -> list[StepRecord]:
-    """Records with entries uniform in [-1, 1]: ``passes`` (A, G) pairs per step."""
-
-    def uniform(*shape: int) -> np.ndarray:
-        return rng.uniform(-1.0, 1.0, size=shape)
-
-    return [
-        StepRecord(
-            grad=uniform(d_out, d_in),
-            stats=tuple((uniform(N_ROWS, d_in), uniform(N_ROWS, d_out)) for _ in range(passes)),
-        )
-        for _ in range(steps)
-    ]
 
 
 def state_arrays(state: SINGDState) -> dict[str, np.ndarray]:
@@ -103,40 +71,6 @@ def max_discrepancy(a: list[SINGDState], b: list[SINGDState]) -> float:
         for x, y in [(state_arrays(sa), state_arrays(sb))]
         for name in x
     )
-
-
-def scaled_discrepancy(a: list[SINGDState], b: list[SINGDState]) -> float:
-    """Largest ``|a − b| / max(1, max|b|)`` over the fields and steps of two trajectories."""
-    return max(
-        float(np.abs(x[name] - y[name]).max()) / max(1.0, float(np.abs(y[name]).max()))
-        for sa, sb in zip(a, b, strict=True)
-        for x, y in [(state_arrays(sa), state_arrays(sb))]
-        for name in x
-    )
-
-
-#: Reduction lengths of the products along the longest dependency chain of one
-#: step (SPEC §1.3, §1.4): ``Kᵀ Aᵀ`` (d_i), ``X Xᵀ`` (n), the other factor's
-#: trace (d_o), ``K m_K`` (d_i), then ``Cᵀ ∇W`` (d_o), ``· K`` (d_i),
-#: ``C ·`` (d_o), ``· Kᵀ`` (d_i).
-CHAIN_LENGTHS = (D_IN, N_ROWS, D_OUT, D_IN, D_OUT, D_IN, D_OUT, D_IN)
-
-
-def trajectory_bound(steps: int, passes: int) -> float:
-    """Bound on :func:`scaled_discrepancy` of float64 against exact, after ``steps`` steps.
-
-    Rule (tests/tolerances.py): a product of reduction length ``ℓ`` errs by
-    ``(ℓ + 2)·eps`` relative to ``|X||Y|``; first-order errors add along the
-    chain (``CHAIN_LENGTHS``) and over the steps (β1 = β2 = 0.1 make each step a
-    near-identity map, Lipschitz 1 + O(0.1)); gradient accumulation adds
-    ``passes`` sums of ``H``.  Every product but ``AᵀA``/``GᵀG`` has a
-    near-identity factor (``K``, ``C``, ``I − β1 m``), so ``|X||Y|`` is within
-    the result's scale; ``|A|ᵀ|A|`` may exceed ``|AᵀA|`` by at most ``n``
-    (entries in [-1, 1]).  Hence, relative to ``max(1, max|field|)``:
-    ``steps · (Σ_ℓ (ℓ + 2) + passes) · n · eps64``.
-    """
-    per_step = sum(length + 2 for length in CHAIN_LENGTHS) + passes
-    return steps * per_step * N_ROWS * EPS64
 
 
 def float64_vs_mpmath(structures: tuple[str, str], mode: str, seed: int) -> tuple[float, float]:
@@ -309,24 +243,6 @@ def test_float64_matches_mpmath_grid(name: str, mode: str, role: str) -> None:
 
 
 # ---------------------------------------------------------- IKFAC fixed point
-def ikfac_rate(beta1: float, eigenvalues: np.ndarray) -> float:
-    """Per-step contraction factor of IKFAC's residual, derived for constant statistics.
-
-    With constant ``U``, ``B = U + λI`` and ``K_0 = I``, IKFAC's step is
-    ``K ← K (I − β1 E/2)`` with ``E = KᵀBK − I``; all iterates are functions
-    of ``B``, so each eigenvalue ``b`` evolves alone:
-    ``e ← f(e) = (1 + e)(1 − β1 e/2)² − 1``, i.e.
-    ``f(e)/e = 1 − β1 (1 + e)(1 − β1 e/4)``.  For ``β1 · b_max <= 1``, ``e``
-    moves monotonically from ``b − 1`` to 0 without crossing it, so
-    ``1 + e ∈ [min(b, 1), max(b, 1)]`` and the factor is at most
-    ``ρ = max_b 1 − β1 min(b, 1)(1 − β1 max(b − 1, 0)/4)``.
-    Near the fixed point it is ``1 − β1`` whatever the spectrum.
-    """
-    return float(
-        max(1 - beta1 * min(b, 1.0) * (1 - beta1 * max(b - 1.0, 0.0) / 4) for b in eigenvalues)
-    )
-
-
 def matrix_sqrt_factor(u: np.ndarray) -> np.ndarray:
     """``A`` with ``AᵀA = U`` (``Aᵀ`` = Cholesky factor of the SPD ``U``)."""
     return np.linalg.cholesky(u).T
