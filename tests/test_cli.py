@@ -1,4 +1,4 @@
-"""The oracle self-check command (``singd-verify`` / ``python -m verification``)."""
+"""The ``singd-verify`` command: self-check, comparison grid and the report it writes."""
 
 from __future__ import annotations
 
@@ -9,31 +9,61 @@ import pytest
 
 from reference.structures import STRUCTURE_NAMES
 from verification import cli
+from verification.grid import KEYS
+from verification.scenarios import DTYPES, GRIDS, Case
 from verification.selfcheck import Check, format_table
 
 
-def test_quick_selfcheck_passes_and_writes_json(tmp_path: Path) -> None:
-    """``--quick --json``: exit 0, every check passed, every structure covered twice."""
-    out = tmp_path / "selfcheck.json"
-    code = cli.main(["--quick", "--json", str(out)])
-    result = json.loads(out.read_text())
-    failed = [c["name"] for c in result["checks"] if not c["passed"]]
-    assert code == 0, failed
-    assert result["passed"] is True and result["quick"] is True
-    names = " ".join(c["name"] for c in result["checks"])
+def test_quick_run_passes_and_writes_the_report(tmp_path: Path) -> None:
+    """``--quick --out DIR``: exit 0, report.md/json written, every verdict passes."""
+    extra = tmp_path / "copy.json"
+    code = cli.main(["--quick", "--out", str(tmp_path), "--json", str(extra)])
+    result = json.loads((tmp_path / "report.json").read_text())
+    assert code == 0
+    assert json.loads(extra.read_text())["passed"] is True
+    assert result["passed"] is True and result["grid"] == "quick"
+    assert {"torch", "numpy", "mpmath", "cpu", "date"} <= set(result["environment"])
+    # Self-check: every structure covered twice (Π̂ and the SINGD trajectory).
+    checks = result["selfcheck"]["checks"]
+    assert all(check["passed"] for check in checks)
+    names = " ".join(check["name"] for check in checks)
     for structure in STRUCTURE_NAMES:
-        assert names.count(f"[{structure}]") == 2  # Π̂ and the SINGD trajectory
-    assert {"measured", "bound", "unit", "rule", "passed"} <= set(result["checks"][0])
+        assert names.count(f"[{structure}]") == 2
+    # Comparison: one case per dtype, every state entry within its bound.
+    comparison = result["comparison"]
+    assert set(comparison["summary"]) == set(DTYPES)
+    for case in comparison["cases"]:
+        assert case["passed"] and case["worst_ratio"] <= 1
+        assert {"K", "C", "W", "m_W"} <= set(case["entries"]) <= set(KEYS)
+        for entry in case["entries"].values():
+            assert {"ratio", "error_eps", "layer", "step"} <= set(entry)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "Verdict: PASS" in markdown and "Tolerance rule" in markdown
+    for plot in result["plots"]:
+        assert (tmp_path / plot).stat().st_size > 0
+        assert f"]({plot})" in markdown
 
 
 def test_exit_code_is_one_when_a_check_fails(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """A failing check turns into exit code 1 and a FAIL line in the table."""
+    """A failing self-check turns into exit code 1, FAIL in the table and in report.md."""
     failing = Check(name="always fails", measured=2.0, bound=1.0, unit="u", rule="r")
     monkeypatch.setattr(cli, "run_selfcheck", lambda quick, seed: [failing])
-    assert cli.main([]) == 1
+    monkeypatch.setattr(cli, "GRIDS", {**GRIDS, "quick": lambda: GRIDS["quick"]()[:1]})
+    assert cli.main(["--quick", "--out", str(tmp_path)]) == 1
     assert "FAIL" in capsys.readouterr().out
+    assert "**FAIL**" in (tmp_path / "report.md").read_text()
+
+
+def test_grids_are_data() -> None:
+    """Quick ⊂ default in kind; default covers every dtype and structure pair; full is larger."""
+    default, full = GRIDS["default"](), GRIDS["full"]()
+    assert all(isinstance(case, Case) for case in default)
+    assert {case.dtype for case in default} == set(DTYPES)
+    assert {case.structures for case in default} == {case.structures for case in full}
+    assert len(GRIDS["quick"]()) < len(default) < len(full)
+    assert len(set(default)) == len(default)
 
 
 def test_lower_bound_checks_pass_at_or_above_the_bound() -> None:

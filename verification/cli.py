@@ -1,7 +1,9 @@
-"""``singd-verify``: the oracle self-check as a command (``python -m verification``).
+"""``singd-verify`` (also ``python -m verification``): self-check, comparison grid, report.
 
-Prints :func:`verification.selfcheck.format_table` and exits 0 iff every
-check passes; ``--json PATH`` also writes the results.
+Runs (a) the oracle self-check (:mod:`verification.selfcheck`) and (b) a
+grid of implementation-vs-oracle comparisons (:mod:`verification.grid`),
+prints both summaries, writes ``report.md``, ``report.json`` and PNG plots
+into ``--out``, and exits 0 iff every check passes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from verification.grid import CaseResult, run_grid
+from verification.plots import matplotlib_missing, write_plots
+from verification.report import Report, as_json, by_precision, precision_summary, write_report
+from verification.scenarios import GRIDS
 from verification.selfcheck import format_table, run_selfcheck
 
 
@@ -20,42 +26,82 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="singd-verify",
         description=(
-            "Self-check of the SINGD oracle: float64 against mpmath(50) for every "
-            "structure, the IKFAC fixed point and order against KFAC, and the "
-            "Fisher identities, each against a derived bound."
+            "Verify SINGD: (a) self-check of the float64 oracle against mpmath(50) and the "
+            "SPEC laws; (b) run a grid of scenarios (structure × dtype × layer × mode) "
+            "through the torch implementation and the oracle and compare every state entry "
+            "after every step against a propagated eps-derived bound. Writes report.md, "
+            "report.json and PNG plots to --out. Exit code 0 iff every check passes."
         ),
     )
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     parser.add_argument(
-        "--quick", action="store_true", help="default mode only in the trajectory checks"
+        "--out",
+        type=Path,
+        default=Path("verification-report"),
+        metavar="DIR",
+        help="directory for report.md, report.json and the PNGs (default: verification-report/)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
+    parser.add_argument(
+        "--grid",
+        choices=sorted(GRIDS),
+        help="comparison grid: quick (4 cases), default (~550 cases, about a minute on two "
+        "cores), full (the product of every scenario, mode, structure pair and dtype)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: self-check in its default mode only and --grid quick "
+        "(unless --grid is given)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="also write the machine-readable report (the same as DIR/report.json) to PATH",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the self-check's random data (default 0)"
+    )
     return parser
 
 
+def _print_comparison(results: list[CaseResult]) -> None:
+    """One line per precision, then every failing case."""
+    print(f"{'precision':<28} {'pass':>9}  {'worst err/bound':>15}  {'largest err [eps]':>17}")
+    for label, group in by_precision(results).items():
+        summary = precision_summary(group)
+        print(
+            f"{label:<28} {summary['passed']:>4}/{summary['cases']:<4}  "
+            f"{summary['worst_ratio']:>15.3g}  {summary['worst_error_eps']:>17.3g}"
+        )
+    for result in results:
+        if not result.passed:
+            print(f"FAIL {result.case.precision} {result.case.name}: {result.worst_ratio:.3g}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the self-check; return 0 iff every check passes.
+    """Run self-check and comparison grid, write the report; return 0 iff all pass.
 
     Args:
         argv: Arguments without the program name (``sys.argv[1:]`` when None).
     """
     args = build_parser().parse_args(argv)
+    grid = args.grid or ("quick" if args.quick else "default")
     start = time.perf_counter()
     checks = run_selfcheck(quick=args.quick, seed=args.seed)
-    elapsed = time.perf_counter() - start
     print(format_table(checks))
-    print(f"({elapsed:.1f} s{', quick' if args.quick else ''})")
-    passed = all(check.passed for check in checks)
+    print(f"\nimplementation vs oracle, grid {grid!r}:")
+    results = run_grid(GRIDS[grid]())
+    _print_comparison(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    note = matplotlib_missing()
+    plots = () if note else write_plots(results, args.out)
+    report = Report(checks, results, grid, time.perf_counter() - start, plots, note)
+    markdown, _ = write_report(report, args.out)
     if args.json is not None:
-        result = {
-            "passed": passed,
-            "quick": args.quick,
-            "seed": args.seed,
-            "seconds": elapsed,
-            "checks": [check.as_dict() for check in checks],
-        }
-        args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    return 0 if passed else 1
+        args.json.write_text(json.dumps(as_json(report), indent=2, ensure_ascii=False) + "\n")
+    verdict = "PASS" if report.passed else "FAIL"
+    print(f"\n{verdict} ({report.seconds:.1f} s); report: {markdown}")
+    return 0 if report.passed else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,157 @@
+"""Run a grid of :class:`~verification.scenarios.Case` through implementation and oracle.
+
+Each case is recorded (torch ``SINGD``), replayed (float64 oracle) and compared
+(:func:`verification.comparison.compare_singd`): for every state entry
+(``K``, ``C``, ``m_K``, ``m_C``, ``W~``, ``m_W~``) the largest
+``error / bound`` over layers and steps, and the largest error in units of
+``eps · max|entry|`` of the coarsest dtype.  A case passes iff every ratio
+is at most 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from verification.comparison import Deviation, compare_singd
+from verification.scenarios import DTYPES, SCENARIOS, VARIANTS, Case, run_and_replay
+from verification.tolerances import EPS
+
+#: State entries in display order (``m_K``/``m_C`` only exist with ``α1 > 0``).
+KEYS = ("K", "C", "m_K", "m_C", "W", "m_W")
+
+
+@dataclass(frozen=True)
+class EntryResult:
+    """The worst deviation of one state entry over the layers and steps of a case.
+
+    Attributes:
+        key: The entry (``"K"``, ``"W"``, …).
+        layer: The layer where ``error / bound`` is largest.
+        step: The step (0-based) where it is largest.
+        ratio: ``error / bound`` there (passes iff ``<= 1``).
+        error_eps: Largest ``error / (eps · max|entry|)`` over layers and steps.
+    """
+
+    key: str
+    layer: str
+    step: int
+    ratio: float
+    error_eps: float
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """The comparison of one case.
+
+    Attributes:
+        case: The case.
+        entries: Worst deviation per state entry, in :data:`KEYS` order.
+        history: Every entry's deviation at every step (for growth plots).
+        seconds: Wall time of record + replay + compare.
+    """
+
+    case: Case
+    entries: tuple[EntryResult, ...]
+    history: tuple[Deviation, ...]
+    seconds: float
+
+    @property
+    def worst_ratio(self) -> float:
+        """The largest ``error / bound`` over the entries."""
+        return max(entry.ratio for entry in self.entries)
+
+    @property
+    def worst_error_eps(self) -> float:
+        """The largest error in units of ``eps · max|entry|`` over the entries."""
+        return max(entry.error_eps for entry in self.entries)
+
+    @property
+    def passed(self) -> bool:
+        """Whether every entry stays within its bound."""
+        return self.worst_ratio <= 1.0
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready fields (the history is left out)."""
+        case = self.case
+        return {
+            "name": case.name,
+            "precision": case.precision,
+            "scenario": case.scenario,
+            "variant": case.variant,
+            "structures": list(case.structures),
+            "dtype": case.dtype,
+            "factor_dtype": case.factor_dtype,
+            "bound_eps": EPS[case.bound_dtype],
+            "steps": case.steps,
+            "worst_ratio": self.worst_ratio,
+            "worst_error_eps": self.worst_error_eps,
+            "passed": self.passed,
+            "seconds": self.seconds,
+            "entries": {
+                entry.key: {
+                    "ratio": entry.ratio,
+                    "error_eps": entry.error_eps,
+                    "layer": entry.layer,
+                    "step": entry.step,
+                }
+                for entry in self.entries
+            },
+        }
+
+
+def ratio(deviation: Deviation) -> float:
+    """``error / bound`` (0 for an exact zero error, ``inf`` for a nonzero error over 0)."""
+    if deviation.error == 0:
+        return 0.0
+    return deviation.error / deviation.bound if deviation.bound > 0 else float("inf")
+
+
+def error_in_eps(deviation: Deviation, eps: float) -> float:
+    """``error / (eps · max|entry|)`` (0 for a zero entry)."""
+    return deviation.error / (eps * deviation.magnitude) if deviation.magnitude > 0 else 0.0
+
+
+def run_case(case: Case) -> CaseResult:
+    """Record, replay and compare one case."""
+    start = time.perf_counter()
+    scenario = SCENARIOS[case.scenario]
+    overrides = {**VARIANTS[case.variant], "structures": case.structures}
+    factor_dtype = None if case.factor_dtype is None else DTYPES[case.factor_dtype]
+    run, oracle, hyper = run_and_replay(
+        scenario, overrides, DTYPES[case.dtype], factor_dtype, case.steps
+    )
+    history: list[Deviation] = []
+    compare_singd(
+        run, oracle, hyper, case.bound_dtype, scenario.approx, scenario.loss_average, history
+    )
+    eps = EPS[case.bound_dtype]
+    entries = []
+    for key in KEYS:
+        of_key = [deviation for deviation in history if deviation.key == key]
+        if not of_key:
+            continue
+        worst = max(of_key, key=ratio)
+        entries.append(
+            EntryResult(
+                key=key,
+                layer=worst.layer,
+                step=worst.step,
+                ratio=ratio(worst),
+                error_eps=max(error_in_eps(deviation, eps) for deviation in of_key),
+            )
+        )
+    return CaseResult(case, tuple(entries), tuple(history), time.perf_counter() - start)
+
+
+def run_grid(
+    cases: Sequence[Case], progress: Callable[[int, CaseResult], None] | None = None
+) -> list[CaseResult]:
+    """Run every case; ``progress(index, result)`` is called after each."""
+    results = []
+    for index, case in enumerate(cases):
+        results.append(run_case(case))
+        if progress is not None:
+            progress(index, results[-1])
+    return results

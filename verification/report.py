@@ -1,0 +1,348 @@
+"""The ``singd-verify`` report: ``report.md`` (for people), ``report.json`` (for machines).
+
+Both hold the same numbers: the oracle self-check (:mod:`verification.selfcheck`)
+and the implementation-vs-oracle comparison grid (:mod:`verification.grid`),
+with the tolerance rule, verdicts and the environment they were measured in.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from verification.grid import KEYS, CaseResult
+from verification.scenarios import DTYPES, SCENARIOS, VARIANTS, Case
+from verification.selfcheck import Check
+from verification.tolerances import EPS
+
+TOLERANCE_RULE = (
+    "Bound per state entry, propagated step by step along the float64 oracle trajectory "
+    "(first-order rounding-error analysis, Higham): every product of reduction length n "
+    "adds (n + 2)·eps times the magnitude of its result computed on absolute values "
+    "(|A||B|, never |AB|), and passes on the errors already in its operands to first "
+    "order; Π̂ at most doubles an entry or averages d of them; every stored number adds "
+    "eps of its magnitude. eps is that of the coarsest dtype of model and factors. "
+    "Nothing is fitted to the data: a case passes iff max |torch − oracle| ≤ bound for "
+    "every entry, layer and step (error/bound ≤ 1)."
+)
+
+#: The Python distributions whose versions the report names.
+PACKAGES = ("torch", "numpy", "scipy", "mpmath", "matplotlib", "singd")
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything ``singd-verify`` measured.
+
+    Attributes:
+        checks: The oracle self-check.
+        results: The comparison grid.
+        grid: The grid's name.
+        seconds: Wall time of the whole run.
+        plots: File names of the written PNGs (empty without matplotlib).
+        plot_note: Why there are no plots, if there are none.
+        env: :func:`environment` at the time of the run.
+    """
+
+    checks: list[Check]
+    results: list[CaseResult]
+    grid: str
+    seconds: float
+    plots: tuple[str, ...] = ()
+    plot_note: str = ""
+    env: dict[str, str] = field(default_factory=lambda: environment())
+
+    @property
+    def passed(self) -> bool:
+        """Whether every self-check and every comparison passed."""
+        return all(check.passed for check in self.checks) and all(
+            result.passed for result in self.results
+        )
+
+
+def environment() -> dict[str, str]:
+    """Versions, interpreter, CPU and date of this run."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {
+        **versions,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": str(os.cpu_count()),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_name() -> str:
+    """The CPU model from ``/proc/cpuinfo`` where there is one, else ``platform.processor()``."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def by_precision(results: list[CaseResult]) -> dict[str, list[CaseResult]]:
+    """The results grouped by precision label, in first-seen order."""
+    groups: dict[str, list[CaseResult]] = {}
+    for result in results:
+        groups.setdefault(result.case.precision, []).append(result)
+    return groups
+
+
+def precision_summary(results: list[CaseResult]) -> dict[str, object]:
+    """Counts, eps and the worst/median ratios of one precision's results."""
+    ratios = [result.worst_ratio for result in results]
+    return {
+        "eps": EPS[results[0].case.bound_dtype],
+        "cases": len(results),
+        "passed": sum(result.passed for result in results),
+        "worst_ratio": max(ratios),
+        "median_ratio": statistics.median(ratios),
+        "worst_error_eps": max(result.worst_error_eps for result in results),
+        "worst_ratio_per_entry": {
+            key: max(
+                entry.ratio for result in results for entry in result.entries if entry.key == key
+            )
+            for key in KEYS
+            if any(entry.key == key for result in results for entry in result.entries)
+        },
+    }
+
+
+def as_json(report: Report) -> dict[str, object]:
+    """The machine-readable report."""
+    groups = by_precision(report.results)
+    return {
+        "passed": report.passed,
+        "grid": report.grid,
+        "seconds": report.seconds,
+        "environment": report.env,
+        "tolerance_rule": TOLERANCE_RULE,
+        "selfcheck": {
+            "passed": all(check.passed for check in report.checks),
+            "checks": [check.as_dict() for check in report.checks],
+        },
+        "comparison": {
+            "passed": all(result.passed for result in report.results),
+            "summary": {label: precision_summary(group) for label, group in groups.items()},
+            "cases": [result.as_dict() for result in report.results],
+        },
+        "plots": list(report.plots),
+        "plot_note": report.plot_note,
+    }
+
+
+# ---------------------------------------------------------------- Markdown
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _verdict(passed: bool) -> str:
+    return "PASS" if passed else "**FAIL**"
+
+
+def _ratio_cell(value: float) -> str:
+    """A ratio, bold when it exceeds 1."""
+    return f"{value:.2g}" if value <= 1 else f"**{value:.3g}**"
+
+
+def _grid_description(results: list[CaseResult]) -> list[str]:
+    """What the grid covers: scenarios, variants, structure pairs, precisions, steps."""
+    cases: list[Case] = [result.case for result in results]
+    scenarios = dict.fromkeys(case.scenario for case in cases)
+    variants = dict.fromkeys(case.variant for case in cases)
+    pairs = dict.fromkeys(case.structures for case in cases)
+    precisions = dict.fromkeys(case.precision for case in cases)
+    steps = sorted({case.steps for case in cases})
+    lines = ["Layers (scenarios):", ""]
+    lines += [f"* `{name}`: {SCENARIOS[name].description}" for name in scenarios]
+    lines += ["", "Modes (overrides of the base hyper-parameters):", ""]
+    lines += [f"* `{name}`: `{_overrides(VARIANTS[name])}`" for name in variants]
+    lines += [
+        "",
+        "Structures `(K, C)`: " + ", ".join(f"`{k}`/`{c}`" for k, c in pairs) + ".",
+        "",
+        f"Precisions: {', '.join(precisions)}; {'/'.join(map(str, steps))} optimizer steps "
+        f"per case; {len(cases)} cases.",
+    ]
+    return lines
+
+
+def _overrides(overrides: dict[str, object]) -> str:
+    """Hyper-parameter overrides, callables by name."""
+    shown = {key: getattr(value, "__name__", value) for key, value in overrides.items()}
+    return str(shown) if shown else "{} (SINGD default)"
+
+
+def _precision_section(label: str, results: list[CaseResult]) -> list[str]:
+    """Worst error/bound per (layer, mode) × structure pair, then per entry, then every case."""
+    summary = precision_summary(results)
+    lines = [
+        f"### {label} (eps = {summary['eps']:.3g})",
+        "",
+        f"{summary['passed']}/{summary['cases']} cases pass; worst error/bound "
+        f"{summary['worst_ratio']:.3g}, median {summary['median_ratio']:.3g}; largest error "
+        f"{summary['worst_error_eps']:.3g} eps·max|entry|.",
+        "",
+        "Worst error/bound over all entries, layers and steps (rows: layer/mode, columns: "
+        "structures of K / C):",
+        "",
+    ]
+    pairs = list(dict.fromkeys(result.case.structures for result in results))
+    rows_by_name: dict[str, dict[tuple[str, str], float]] = {}
+    for result in results:
+        row = rows_by_name.setdefault(f"{result.case.scenario}/{result.case.variant}", {})
+        row[result.case.structures] = result.worst_ratio
+    header = ["layer/mode", *(f"{k}<br>{c}" for k, c in pairs)]
+    rows = [
+        [name, *(_ratio_cell(row[pair]) if pair in row else "–" for pair in pairs)]
+        for name, row in rows_by_name.items()
+    ]
+    lines += _table(header, rows)
+    lines += ["", "Per state entry: worst error/bound and largest error in eps·max|entry|:", ""]
+    per_entry = []
+    for key in KEYS:
+        entries = [e for result in results for e in result.entries if e.key == key]
+        if entries:
+            per_entry.append(
+                [
+                    f"`{key}`",
+                    _ratio_cell(max(e.ratio for e in entries)),
+                    f"{max(e.error_eps for e in entries):.3g}",
+                ]
+            )
+    lines += _table(["entry", "worst error/bound", "largest error [eps]"], per_entry)
+    lines += ["", "<details><summary>Every case</summary>", ""]
+    header = ["case", *KEYS, "verdict"]
+    rows = []
+    for result in results:
+        cells = {e.key: f"{_ratio_cell(e.ratio)} ({e.error_eps:.2g})" for e in result.entries}
+        rows.append(
+            [result.case.name, *(cells.get(key, "–") for key in KEYS), _verdict(result.passed)]
+        )
+    lines += ["Cells: error/bound (error in eps·max|entry|).", ""]
+    lines += _table(header, rows)
+    return [*lines, "", "</details>", ""]
+
+
+def _selfcheck_section(checks: list[Check]) -> list[str]:
+    """The oracle self-check as a table."""
+    passed = sum(check.passed for check in checks)
+    lines = [
+        "## Oracle self-check (float64 vs mpmath, SPEC laws)",
+        "",
+        f"{passed}/{len(checks)} checks pass. Each measured number is compared with a bound "
+        "derived from rounding-error analysis or the algorithm's maths "
+        "(`verification/selfcheck.py`).",
+        "",
+    ]
+    rows = [
+        [
+            check.name,
+            f"{check.measured:.4g}",
+            f"{'≥' if check.lower else '≤'} {check.bound:.4g}",
+            check.unit,
+            check.rule,
+            _verdict(check.passed),
+        ]
+        for check in checks
+    ]
+    return [*lines, *_table(["check", "measured", "bound", "unit", "rule", "verdict"], rows), ""]
+
+
+def as_markdown(report: Report) -> str:
+    """The readable report."""
+    env = report.env
+    failed_cases = [result for result in report.results if not result.passed]
+    failed_checks = [check for check in report.checks if not check.passed]
+    lines = [
+        "# SINGD verification report",
+        "",
+        f"**Verdict: {_verdict(report.passed)}.** "
+        f"{len(report.results) - len(failed_cases)}/{len(report.results)} implementation-vs-"
+        f"oracle comparisons and {len(report.checks) - len(failed_checks)}/{len(report.checks)} "
+        f"oracle self-checks within their bounds (grid `{report.grid}`, "
+        f"{report.seconds:.0f} s, {env['date']}).",
+        "",
+        "## What is compared",
+        "",
+        "The torch optimizer `singd.SINGD` trains a small model; hooks of the verifier's own "
+        "(not the optimizer's) record every layer's inputs `a`, output gradients `g` and "
+        "`∇W~` before each step, and the optimizer's state after it. The independent oracle "
+        "`reference/` (numpy, float64) is fed the *same* recorded tensors, upcast exactly, "
+        "and runs SPEC §1.1–§1.4 from the same initial weights. After every step the "
+        "Kronecker factors `K`, `C`, their momenta `m_K`, `m_C` (with α1 > 0), the "
+        "parameters `W~ = [W, b]` and their momentum `m_W` are compared entry-wise.",
+        "",
+        "Two numbers per entry: **error/bound** (the verdict: ≤ 1 passes) and the error in "
+        "units of **eps·max|entry|** (how many machine epsilons of the entry's scale the "
+        "implementation is off; the bound grows with reduction lengths and steps, so "
+        "errors of tens of eps can be legitimate).",
+        "",
+        "### Tolerance rule",
+        "",
+        TOLERANCE_RULE,
+        "",
+        "### Grid",
+        "",
+        *_grid_description(report.results),
+        "",
+        "## Implementation vs oracle",
+        "",
+    ]
+    groups = by_precision(report.results)
+    summary_rows = []
+    for label, group in groups.items():
+        summary = precision_summary(group)
+        summary_rows.append(
+            [
+                label,
+                f"{summary['eps']:.3g}",
+                f"{summary['passed']}/{summary['cases']}",
+                _ratio_cell(summary["worst_ratio"]),
+                f"{summary['median_ratio']:.2g}",
+                f"{summary['worst_error_eps']:.3g}",
+            ]
+        )
+    header = ["precision", "eps", "pass", "worst err/bound", "median", "largest err [eps]"]
+    lines += [*_table(header, summary_rows), ""]
+    if report.plots:
+        lines += [f"![{name}]({name})" for name in report.plots] + [""]
+    else:
+        lines += [f"_No plots: {report.plot_note}_", ""]
+    for label, group in groups.items():
+        lines += _precision_section(label, group)
+    lines += _selfcheck_section(report.checks)
+    lines += ["## Environment", ""]
+    lines += _table(["", ""], [[key, value] for key, value in env.items()])
+    lines += [
+        "",
+        "eps per dtype: " + ", ".join(f"{name} {EPS[dtype]:.3g}" for name, dtype in DTYPES.items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(report: Report, out: Path) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.json`` into ``out``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    markdown, machine = out / "report.md", out / "report.json"
+    markdown.write_text(as_markdown(report))
+    machine.write_text(json.dumps(as_json(report), indent=2, ensure_ascii=False) + "\n")
+    return markdown, machine
