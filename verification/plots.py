@@ -3,7 +3,7 @@
 * ``ratio_by_precision.png``: every case's worst error/bound (left) and its
   largest error in eps·max|entry| (right), per precision, coloured by layer;
 * ``ratio_heatmap.png``: worst error/bound per layer/mode × structure pair,
-  one panel per precision;
+  one panel per precision that ran the full set of layer/mode rows;
 * ``growth.png``: error and bound of ``K`` and ``W~`` over the steps of one
   case per precision (the first layer).
 """
@@ -87,20 +87,26 @@ def _ratio_strips(plt, groups: dict[str, list[CaseResult]]):
 
 def _heatmaps(plt, groups: dict[str, list[CaseResult]]):
     """Worst error/bound per layer/mode × structure pair, one panel per precision."""
-    panels = {label: results for label, results in groups.items() if len(results) > 1}
-    if not panels:
+
+    def row_names(results: list[CaseResult]) -> list[str]:
+        return list(dict.fromkeys(f"{r.case.scenario}/{r.case.variant}" for r in results))
+
+    largest = max(groups.values(), key=len)
+    rows, columns = row_names(largest), list(dict.fromkeys(r.case.structures for r in largest))
+    # Only precisions that ran the same layer/mode rows share the panel layout.
+    panels = {label: results for label, results in groups.items() if row_names(results) == rows}
+    if len(largest) < 2:
         return None
     figure, axes = plt.subplots(
-        1, len(panels), figsize=(4.2 * len(panels) + 1, 6), squeeze=False, sharey=False
+        1, len(panels), figsize=(3.4 * len(panels) + 2, 6), squeeze=False, sharey=True
     )
     image = None
     for axis, (label, results) in zip(axes[0], panels.items(), strict=True):
-        rows = list(dict.fromkeys(f"{r.case.scenario}/{r.case.variant}" for r in results))
-        columns = list(dict.fromkeys(r.case.structures for r in results))
         values = np.full((len(rows), len(columns)), np.nan)
         for r in results:
-            row = rows.index(f"{r.case.scenario}/{r.case.variant}")
-            values[row, columns.index(r.case.structures)] = r.worst_ratio
+            if r.case.structures in columns:
+                row = rows.index(f"{r.case.scenario}/{r.case.variant}")
+                values[row, columns.index(r.case.structures)] = r.worst_ratio
         image = axis.imshow(
             np.log10(np.maximum(values, 1e-4)), cmap="viridis", vmin=-4, vmax=0.5, aspect="auto"
         )
@@ -111,8 +117,8 @@ def _heatmaps(plt, groups: dict[str, list[CaseResult]]):
         axis.set_xticks(
             range(len(columns)), ["/".join(c) for c in columns], rotation=70, fontsize=7
         )
-        axis.set_yticks(range(len(rows)), rows, fontsize=7)
         axis.set_title(label, fontsize=10)
+    axes[0][0].set_yticks(range(len(rows)), rows, fontsize=7)
     bar = figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     bar.set_label("log10(worst error / bound)   (0 = at the bound)")
     figure.suptitle("Worst error/bound per layer/mode (rows) × structures K/C (columns)")
