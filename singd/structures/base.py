@@ -25,7 +25,8 @@ Dtype rule (mixed inputs):
 
 Helpers for subclasses: :func:`check_square` / :func:`check_factor` validate
 dense inputs, ``_check_rows`` a ``d × m`` operand, ``_check_same`` a structured
-operand, and ``_promoted`` applies the dtype rule above.
+operand, ``_promoted`` applies the dtype rule above and ``_promoted_rows`` does
+both for a dense ``d × m`` operand.
 """
 
 from __future__ import annotations
@@ -256,6 +257,12 @@ class StructuredMatrix(ABC):
         """The result dtype of a product with ``other`` and ``self`` cast to it (dtype rule)."""
         dtype = torch.promote_types(self.dtype, other.dtype)
         return dtype, (self if dtype == self.dtype else self.to(dtype=dtype))
+
+    def _promoted_rows(self, other: Tensor) -> tuple[Self, Tensor]:
+        """``self`` and a dense ``dim × m`` operand, checked and cast to the promoted dtype."""
+        self._check_rows(other)
+        dtype, own = self._promoted(other)
+        return own, other.to(dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, dtype={self.dtype}, device={self.device})"

@@ -93,16 +93,14 @@ class BlockDiagonal(StructuredMatrix):
 
     def matmul(self, other: Tensor) -> Tensor:
         """``K X`` (``d × m``), block by block, in the promoted dtype."""
-        self._check_rows(other)
-        dtype, own = self._promoted(other)
-        full, rest = self._split_rows(other.to(dtype))
+        own, x = self._promoted_rows(other)
+        full, rest = self._split_rows(x)
         return self._join_rows(own._blocks @ full, own._last @ rest)
 
     def t_matmul(self, other: Tensor) -> Tensor:
         """``Kᵀ X`` (``d × m``), block by block, in the promoted dtype."""
-        self._check_rows(other)
-        dtype, own = self._promoted(other)
-        full, rest = self._split_rows(other.to(dtype))
+        own, x = self._promoted_rows(other)
+        full, rest = self._split_rows(x)
         return self._join_rows(own._blocks.transpose(1, 2) @ full, own._last.T @ rest)
 
     def __matmul__(self, other: StructuredMatrix) -> BlockDiagonal:

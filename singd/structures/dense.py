@@ -49,15 +49,13 @@ class Dense(StructuredMatrix):
 
     def matmul(self, other: Tensor) -> Tensor:
         """``K X`` (``d × m``), in the promoted dtype."""
-        self._check_rows(other)
-        dtype, own = self._promoted(other)
-        return own._matrix @ other.to(dtype)
+        own, x = self._promoted_rows(other)
+        return own._matrix @ x
 
     def t_matmul(self, other: Tensor) -> Tensor:
         """``Kᵀ X`` (``d × m``), in the promoted dtype."""
-        self._check_rows(other)
-        dtype, own = self._promoted(other)
-        return own._matrix.T @ other.to(dtype)
+        own, x = self._promoted_rows(other)
+        return own._matrix.T @ x
 
     def __matmul__(self, other: StructuredMatrix) -> Dense:
         """``K L`` for another dense ``L``, in the promoted dtype."""

@@ -45,9 +45,8 @@ class Diagonal(StructuredMatrix):
 
     def matmul(self, other: Tensor) -> Tensor:
         """``K X = k ⊙ X`` row-wise (``d × m``), in the promoted dtype."""
-        self._check_rows(other)
-        dtype, own = self._promoted(other)
-        return own._diag[:, None] * other.to(dtype)
+        own, x = self._promoted_rows(other)
+        return own._diag[:, None] * x
 
     def t_matmul(self, other: Tensor) -> Tensor:
         """``Kᵀ X = K X`` (``d × m``)."""

@@ -57,6 +57,12 @@ class Hierarchical(StructuredMatrix):
         s = self._storage
         return s["A"], s["B"], s["c"], s["D"], s["E"]
 
+    @classmethod
+    def _row_blocks(cls, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The row blocks ``X1, X2, X3`` (``k1``, ``m``, ``k2`` rows) of ``X`` (``d × n``)."""
+        k1, m, _ = cls.block_sizes(rows.shape[0])
+        return rows[:k1], rows[k1 : k1 + m], rows[k1 + m :]
+
     def _make(self, a: Tensor, b: Tensor, c: Tensor, d: Tensor, e: Tensor) -> Hierarchical:
         return type(self)(self.dim, {"A": a, "B": b, "c": c, "D": d, "E": e})
 
@@ -91,11 +97,10 @@ class Hierarchical(StructuredMatrix):
         ``D = 2 X3 X2ᵀ``, ``E = X3 X3ᵀ``.
         """
         dim = check_factor(factor, cls.name)
-        k1, m, _ = cls.block_sizes(dim)
-        top, middle, bottom = factor[:k1], factor[k1 : k1 + m], factor[k1 + m :]
+        top, middle, bottom = cls._row_blocks(factor)
         storage = {
             "A": top @ top.T,
-            "B": 2 * (top @ factor[k1:].T),
+            "B": 2 * (top @ factor[len(top) :].T),
             "c": (middle * middle).sum(dim=1),
             "D": 2 * (bottom @ middle.T),
             "E": bottom @ bottom.T,
@@ -117,22 +122,18 @@ class Hierarchical(StructuredMatrix):
 
     def matmul(self, other: Tensor) -> Tensor:
         """``K X = [A X1 + B [X2; X3]; c ⊙ X2; D X2 + E X3]`` (``d × m``), promoted dtype."""
-        self._check_rows(other)
-        dtype, own = self._promoted(other)
+        own, x = self._promoted_rows(other)
         a, b, c, d, e = own._parts()
-        k1, m, _ = self.block_sizes(self.dim)
-        x = other.to(dtype)
-        top, middle, bottom = x[:k1], x[k1 : k1 + m], x[k1 + m :]
-        return torch.cat([a @ top + b @ x[k1:], c[:, None] * middle, d @ middle + e @ bottom])
+        top, middle, bottom = self._row_blocks(x)
+        below = x[len(top) :]  # [X2; X3]
+        return torch.cat([a @ top + b @ below, c[:, None] * middle, d @ middle + e @ bottom])
 
     def t_matmul(self, other: Tensor) -> Tensor:
         """``Kᵀ X = [Aᵀ X1; B1ᵀ X1 + c ⊙ X2 + Dᵀ X3; B2ᵀ X1 + Eᵀ X3]`` (``d × m``)."""
-        self._check_rows(other)
-        dtype, own = self._promoted(other)
+        own, x = self._promoted_rows(other)
         a, b, c, d, e = own._parts()
-        k1, m, _ = self.block_sizes(self.dim)
-        x = other.to(dtype)
-        top, middle, bottom = x[:k1], x[k1 : k1 + m], x[k1 + m :]
+        top, middle, bottom = self._row_blocks(x)
+        m = middle.shape[0]
         b_top = b.T @ top  # [B1ᵀ X1; B2ᵀ X1]
         return torch.cat(
             [a.T @ top, b_top[:m] + c[:, None] * middle + d.T @ bottom, b_top[m:] + e.T @ bottom]

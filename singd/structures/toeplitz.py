@@ -199,15 +199,13 @@ class TrilToeplitz(LowerForm):
 
     def matmul(self, other: Tensor) -> Tensor:
         """``L X`` (``d × m``), in the promoted dtype."""
-        self._check_rows(other)
-        dtype, own = self._promoted(other)
-        return _toeplitz_times(own._diagonals, other.to(dtype), transpose=False)
+        own, x = self._promoted_rows(other)
+        return _toeplitz_times(own._diagonals, x, transpose=False)
 
     def t_matmul(self, other: Tensor) -> Tensor:
         """``Lᵀ X`` (``d × m``), in the promoted dtype."""
-        self._check_rows(other)
-        dtype, own = self._promoted(other)
-        return _toeplitz_times(own._diagonals, other.to(dtype), transpose=True)
+        own, x = self._promoted_rows(other)
+        return _toeplitz_times(own._diagonals, x, transpose=True)
 
     def _product_storage(self, other: TrilToeplitz) -> dict[str, Tensor]:
         """First column of ``L₁ L₂``: ``L₁ t₂``."""
