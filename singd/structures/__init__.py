@@ -40,8 +40,23 @@ _FIXED: dict[str, tuple[str, str]] = {
 }
 
 _POSITIVE = r"([1-9][0-9]*)"
-_BLOCK = re.compile(rf"block{_POSITIVE}diagonal")
-_HIERARCHICAL = re.compile(rf"hierarchical{_POSITIVE}_{_POSITIVE}")
+
+#: Parametric families: name pattern → (module, base class, class-name format,
+#: the class attributes its numbers set, in order).
+_FAMILIES: dict[re.Pattern[str], tuple[str, str, str, tuple[str, ...]]] = {
+    re.compile(rf"block{_POSITIVE}diagonal"): (
+        "singd.structures.block_diagonal",
+        "BlockDiagonal",
+        "Block{}Diagonal",
+        ("block_size",),
+    ),
+    re.compile(rf"hierarchical{_POSITIVE}_{_POSITIVE}"): (
+        "singd.structures.hierarchical",
+        "Hierarchical",
+        "Hierarchical{}_{}",
+        ("k1_max", "k2_max"),
+    ),
+}
 
 #: Every non-parametric name and example parametric ones (the test matrix).
 STRUCTURE_NAMES: tuple[str, ...] = (
@@ -67,33 +82,19 @@ def _load(module: str, class_name: str) -> type[StructuredMatrix]:
 
 
 @functools.cache
-def _block_diagonal(block_size: int) -> type[StructuredMatrix]:
-    """The ``block<b>diagonal`` class (made once per ``b``)."""
-    base = _load("singd.structures.block_diagonal", "BlockDiagonal")
-    return type(
-        f"Block{block_size}Diagonal",
-        (base,),
-        {
-            "name": f"block{block_size}diagonal",
-            "block_size": block_size,
-            "__module__": base.__module__,
-        },
-    )
-
-
-@functools.cache
-def _hierarchical(k1_max: int, k2_max: int) -> type[StructuredMatrix]:
-    """The ``hierarchical<K1>_<K2>`` class (made once per ``(K1, K2)``)."""
-    base = _load("singd.structures.hierarchical", "Hierarchical")
-    return type(
-        f"Hierarchical{k1_max}_{k2_max}",
-        (base,),
-        {
-            "name": f"hierarchical{k1_max}_{k2_max}",
-            "k1_max": k1_max,
-            "k2_max": k2_max,
-            "__module__": base.__module__,
-        },
+def _family_member(name: str) -> type[StructuredMatrix]:
+    """The class of a parametric ``name``, made once per name; ``ValueError`` if none matches."""
+    for pattern, (module, base_name, class_format, attributes) in _FAMILIES.items():
+        if match := pattern.fullmatch(name):
+            numbers = [int(group) for group in match.groups()]
+            base = _load(module, base_name)
+            namespace = {"name": name, "__module__": base.__module__}
+            namespace.update(zip(attributes, numbers, strict=True))
+            return type(class_format.format(*numbers), (base,), namespace)
+    raise ValueError(
+        f"unknown structure name {name!r}; valid forms: {', '.join(sorted(_FIXED))}, "
+        "'block<b>diagonal' and 'hierarchical<K1>_<K2>' (positive integers without "
+        "leading zeros, e.g. 'block30diagonal', 'hierarchical15_15')"
     )
 
 
@@ -116,12 +117,4 @@ def get_structure(name: str) -> type[StructuredMatrix]:
         raise ValueError(f"structure name must be a string, got {type(name).__name__}")
     if name in _FIXED:
         return _load(*_FIXED[name])
-    if match := _BLOCK.fullmatch(name):
-        return _block_diagonal(int(match.group(1)))
-    if match := _HIERARCHICAL.fullmatch(name):
-        return _hierarchical(int(match.group(1)), int(match.group(2)))
-    raise ValueError(
-        f"unknown structure name {name!r}; valid forms: {', '.join(sorted(_FIXED))}, "
-        "'block<b>diagonal' and 'hierarchical<K1>_<K2>' (positive integers without "
-        "leading zeros, e.g. 'block30diagonal', 'hierarchical15_15')"
-    )
+    return _family_member(name)
