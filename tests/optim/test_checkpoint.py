@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from singd import KFAC, SINGD
+from tests.optim.nested import nested_tensors
 
 OPTIMIZERS: dict[str, Callable[[nn.Module], Any]] = {
     "singd-dense": lambda m: SINGD(m, lr=0.05, T=2, lr_cov=0.1, weight_decay=1e-3),
@@ -47,19 +48,8 @@ def _train(model: nn.Module, opt: Any, steps: range) -> None:
         opt.step()
 
 
-def _tensors(tree: Any) -> list[torch.Tensor]:
-    """Every tensor in a nested state dict, in a fixed order."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for key in sorted(tree, key=str) for t in _tensors(tree[key])]
-    if isinstance(tree, (list, tuple)):
-        return [t for item in tree for t in _tensors(item)]
-    return []
-
-
 def _snapshot(opt: Any, model: nn.Module) -> list[torch.Tensor]:
-    return [t.clone() for t in _tensors(opt.state_dict())] + [
+    return [t.clone() for t in nested_tensors(opt.state_dict())] + [
         p.detach().clone() for p in model.parameters()
     ]
 
@@ -176,6 +166,6 @@ def test_load_moves_state_to_the_parameters_device(tmp_path):
     gpu_model = _model().cuda()
     gpu_opt = SINGD(gpu_model, T=1)
     gpu_opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
-    assert all(t.is_cuda for t in _tensors(gpu_opt.state_dict()))
+    assert all(t.is_cuda for t in nested_tensors(gpu_opt.state_dict()))
     gpu_model(_batch(2).cuda()).square().mean().backward()
     gpu_opt.step()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from singd import KFAC, SINGD
+from tests.optim.nested import nested_tensors
 
 OPTIMIZERS: dict[str, Callable[[nn.Module], Any]] = {
     "singd": lambda m: SINGD(
@@ -32,19 +33,9 @@ def _inputs(step: int) -> torch.Tensor:
     return torch.randn(5, 4, generator=torch.Generator().manual_seed(step))
 
 
-def _tensors(tree: Any) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for key in sorted(tree, key=str) for t in _tensors(tree[key])]
-    if isinstance(tree, (list, tuple)):
-        return [t for item in tree for t in _tensors(item)]
-    return []
-
-
 def _snapshot(opt: Any, model: nn.Module) -> tuple[list[torch.Tensor], Any]:
     state = copy.deepcopy(opt.state_dict())
-    tensors = [t.clone() for t in _tensors(state)] + [
+    tensors = [t.clone() for t in nested_tensors(state)] + [
         p.detach().clone() for p in model.parameters()
     ]
     plain = {k: v for k, v in state.items() if k not in ("state", "kronecker")}
@@ -108,7 +99,7 @@ def test_nonfinite_step_is_skipped_and_changes_nothing(name, poison):
     model(_inputs(3)).square().mean().backward()
     opt.step()
     assert opt.steps == 3
-    assert all(torch.isfinite(t).all() for t in _tensors(opt.state_dict()))
+    assert all(torch.isfinite(t).all() for t in nested_tensors(opt.state_dict()))
 
 
 def test_each_skip_warns():
