@@ -10,15 +10,19 @@ A step is computed in full before anything is written: new factors and every
 parameter's update direction are checked to be finite, then committed.  A
 step with inf/NaN gradients, statistics or results is skipped with a warning
 and leaves every piece of state (parameters, buffers, factors, ``steps``)
-untouched; its pending statistics are dropped.
+untouched; its pending statistics are dropped.  The finiteness flags of the
+gradients and statistics and every scalar a factor step needs as a Python
+float (SINGD's traces) are read in one host sync; the results' finiteness in
+a second.  Ranks' statistics are combined first (:mod:`.distributed`).
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +38,29 @@ from singd.optim.validation import check_bool, check_real, resolve_lr_cov
 LayerState = dict[str, Any]
 
 
-def _is_finite(tensors: Iterable[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one host sync)."""
-    flags = [torch.isfinite(t).all() for t in tensors]
-    return bool(torch.stack(flags).all()) if flags else True
+class FactorStepInputs(NamedTuple):
+    """A layer's work before its factor step.
+
+    Attributes:
+        tensors: whatever the subclass computes once and uses in the step.
+        reads: 0-dim tensors the step needs as Python floats; the base reads
+            those of every layer, and every finiteness flag, in one host sync.
+    """
+
+    tensors: Any
+    reads: list[Tensor]
+
+
+def _finite_flags(tensors: Iterable[Tensor]) -> list[Tensor]:
+    """One 0-dim flag per tensor: whether all its entries are finite (no host sync)."""
+    return [torch.isfinite(t).all() for t in tensors]
+
+
+def _host_values(scalars: list[Tensor]) -> list[float]:
+    """The values of 0-dim tensors as Python floats, read with one host sync."""
+    if not scalars:
+        return []
+    return torch.stack([scalar.to(torch.float64) for scalar in scalars]).tolist()
 
 
 class KroneckerOptimizer(Optimizer, ABC):
@@ -109,15 +132,24 @@ class KroneckerOptimizer(Optimizer, ABC):
         """A pass's gradient summary from ``G`` (n_G × d_o)."""
 
     @abstractmethod
+    def _prepare_factor_step(self, layer: Layer, pending: PendingStatistics) -> FactorStepInputs:
+        """What a statistics step needs besides the statistics, without a host sync."""
+
+    @abstractmethod
     def _updated_layer_state(
         self,
         layer: Layer,
         group: dict[str, Any],
         pending: PendingStatistics,
+        prepared: FactorStepInputs,
+        reads: list[float],
         correction: float,
         lr_cov: float,
     ) -> LayerState:
-        """The factors after a statistics step (a new object; the old one is untouched)."""
+        """The factors after a statistics step (a new object; the old one is untouched).
+
+        ``reads`` holds the values of ``prepared.reads``, read for all layers at once.
+        """
 
     @abstractmethod
     def _precondition(self, layer: Layer, state: LayerState, grad: Tensor) -> Tensor:
@@ -137,7 +169,8 @@ class KroneckerOptimizer(Optimizer, ABC):
     ) -> LayerState:
         """The inverse of :meth:`_state_to_storage`, shaped and placed like ``current``.
 
-        Raises ``ValueError`` on any mismatch.
+        ``storage`` holds exactly the factors of :meth:`_layout` (checked by
+        the caller); raises ``ValueError`` on any other mismatch.
         """
 
     # --------------------------------------------------------------- public API
@@ -238,7 +271,11 @@ class KroneckerOptimizer(Optimizer, ABC):
         distributed.all_reduce_statistics_(layers, world)
 
     def _new_layer_states(
-        self, pending: dict[str, PendingStatistics], amp: scaling.AmpStepInfo
+        self,
+        pending: dict[str, PendingStatistics],
+        prepared: dict[str, FactorStepInputs],
+        reads: Iterator[float],
+        amp: scaling.AmpStepInfo,
     ) -> dict[str, LayerState]:
         new_states = {}
         for name, stats in pending.items():
@@ -246,7 +283,10 @@ class KroneckerOptimizer(Optimizer, ABC):
             group = self.param_groups[layer.group_index]
             correction = scaling.statistics_correction(stats.grad_scale, amp, name)
             lr_cov = resolve_lr_cov(group["lr_cov"], self.steps)
-            new_states[name] = self._updated_layer_state(layer, group, stats, correction, lr_cov)
+            values = list(itertools.islice(reads, len(prepared[name].reads)))
+            new_states[name] = self._updated_layer_state(
+                layer, group, stats, prepared[name], values, correction, lr_cov
+            )
         return new_states
 
     def _directions(
@@ -286,15 +326,29 @@ class KroneckerOptimizer(Optimizer, ABC):
             self._skip("the GradScaler found inf/NaN gradients")
             return loss
         grads = self._unscaled_grads(amp.grad_scale)
-        if not _is_finite(grads.values()):
+        self._reduce_across_ranks(pending)
+        prepared = {
+            name: self._prepare_factor_step(self._layers[name], s) for name, s in pending.items()
+        }
+        grad_flags = _finite_flags(grads.values())
+        stats_flags = _finite_flags(t for stats in pending.values() for t in stats.tensors())
+        values = iter(
+            _host_values(
+                [
+                    *grad_flags,
+                    *stats_flags,
+                    *(r for inputs in prepared.values() for r in inputs.reads),
+                ]
+            )
+        )
+        if not all(itertools.islice(values, len(grad_flags))):
             self._skip("non-finite gradients")
             return loss
+        if not all(itertools.islice(values, len(stats_flags))):
+            self._skip("non-finite curvature statistics")
+            return loss
         try:
-            self._reduce_across_ranks(pending)
-            if not _is_finite(t for stats in pending.values() for t in stats.tensors()):
-                self._skip("non-finite curvature statistics")
-                return loss
-            new_states = self._new_layer_states(pending, amp)
+            new_states = self._new_layer_states(pending, prepared, values, amp)
         except ValueError:
             scaling.clear_amp_attributes(self)
             raise
@@ -306,7 +360,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             for f in self._state_to_storage(s).values()
             for t in f.values()
         ]
-        if not _is_finite([*new_tensors, *directions.values()]):
+        if not all(_host_values(_finite_flags([*new_tensors, *directions.values()]))):
             self._skip("non-finite factors or update after the factor step")
             return loss
         self._layer_states.update(new_states)
@@ -371,6 +425,11 @@ class KroneckerOptimizer(Optimizer, ABC):
                 raise ValueError(
                     f"load_state_dict: layer {name!r} has structures {saved['layout']}, "
                     f"expected {self._layout(current)}"
+                )
+            if set(saved["factors"]) != set(saved["layout"]):
+                raise ValueError(
+                    f"load_state_dict: layer {name!r} factors {sorted(saved['factors'])} != "
+                    f"{sorted(saved['layout'])}"
                 )
             for factor, storage in saved["factors"].items():
                 checkpoint.check_factor_tensors(f"{name}.{factor}", storage)

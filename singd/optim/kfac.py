@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from singd.optim.base import KroneckerOptimizer, LayerState
+from singd.optim.base import FactorStepInputs, KroneckerOptimizer, LayerState
 from singd.optim.hooks import PendingStatistics
 from singd.optim.layers import Layer
 from singd.optim.updates import kfac_factor_ema, kfac_precondition
@@ -42,8 +42,9 @@ class KFAC(KroneckerOptimizer):
     algebra done, in float32 (the update is cast back to the weight's dtype).
 
     Hooks, statistics, ``GradScaler`` support (including
-    :meth:`attach_grad_scaler`), the non-finite skip, fallback parameters and
-    checkpoints work as for :class:`~singd.SINGD`; ``layer_state(name)``
+    :meth:`attach_grad_scaler`), the non-finite skip, fallback parameters,
+    the data-parallel reduction of ``U``, ``Gc`` and checkpoints work as for
+    :class:`~singd.SINGD`; ``layer_state(name)``
     holds the dense tensors ``"S_K"``, ``"S_C"``.
 
     Args:
@@ -121,11 +122,16 @@ class KFAC(KroneckerOptimizer):
     def _summarise_grad(self, name: str, G: Tensor) -> Tensor:
         return G.T @ G
 
+    def _prepare_factor_step(self, layer: Layer, pending: PendingStatistics) -> FactorStepInputs:
+        return FactorStepInputs(None, [])
+
     def _updated_layer_state(
         self,
         layer: Layer,
         group: dict[str, Any],
         pending: PendingStatistics,
+        prepared: FactorStepInputs,
+        reads: list[float],
         correction: float,
         lr_cov: float,
     ) -> LayerState:
@@ -149,10 +155,6 @@ class KFAC(KroneckerOptimizer):
     def _state_from_storage(
         self, layer: Layer, current: LayerState, storage: dict[str, dict[str, Tensor]]
     ) -> LayerState:
-        if set(storage) != set(FACTORS):
-            raise ValueError(
-                f"load_state_dict: layer {layer.name!r} factors {sorted(storage)} != {FACTORS}"
-            )
         restored = {}
         for factor in FACTORS:
             like = current[factor]

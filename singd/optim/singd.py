@@ -8,10 +8,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from singd.optim.base import KroneckerOptimizer, LayerState
+from singd.optim.base import FactorStepInputs, KroneckerOptimizer, LayerState
 from singd.optim.hooks import PendingStatistics
 from singd.optim.layers import Layer
-from singd.optim.updates import FactorState, singd_precondition, singd_update_factors
+from singd.optim.updates import (
+    FactorState,
+    Traces,
+    singd_precondition,
+    singd_self_inners,
+    singd_trace_terms,
+    singd_update_factors,
+)
 from singd.optim.validation import check_singd_group
 from singd.structures import get_structure
 
@@ -64,6 +71,18 @@ class SINGD(KroneckerOptimizer):
 
     Robustness: a step with non-finite gradients, statistics or results is
     skipped with a warning, drops its statistics and changes no state.
+
+    Data parallel: with ``torch.distributed`` initialised and a world size
+    ``R > 1`` (e.g. a ``DistributedDataParallel`` model), the statistics of
+    each step are combined across ranks before the factor step — ``H_K``
+    averaged, ``H_C`` averaged for a mean loss and summed for
+    ``loss_average=None`` — so that with equal per-rank batches every rank
+    computes the full-batch factors (derivation:
+    :mod:`singd.optim.distributed`).
+
+    Host syncs per step: one read of every finiteness flag and trace, one
+    finiteness check of the results (plus ``‖m‖_∞`` per factor with
+    ``normalize_lr_cov``, and the ``GradScaler``'s attributes).
 
     Args:
         model: the model (``DistributedDataParallel``/``DataParallel`` are
@@ -164,19 +183,28 @@ class SINGD(KroneckerOptimizer):
     def _summarise_grad(self, name: str, G: Tensor) -> Any:
         return self._layer_states[name]["C"].project_inner(G.T)
 
+    def _prepare_factor_step(self, layer: Layer, pending: PendingStatistics) -> FactorStepInputs:
+        inners = singd_self_inners(_factor_state(self._layer_states[layer.name]))
+        reads = singd_trace_terms(pending.input_summary, pending.grad_summary, inners)
+        return FactorStepInputs(inners, reads)
+
     def _updated_layer_state(
         self,
         layer: Layer,
         group: dict[str, Any],
         pending: PendingStatistics,
+        prepared: FactorStepInputs,
+        reads: list[float],
         correction: float,
         lr_cov: float,
     ) -> LayerState:
         state = self._layer_states[layer.name]
         new = singd_update_factors(
-            FactorState(state["K"], state["C"], state["m_K"], state["m_C"]),
+            _factor_state(state),
             pending.input_summary,
             pending.grad_summary,
+            inners=prepared.tensors,
+            traces=Traces(*reads),
             lr_cov=lr_cov,
             damping=group["damping"],
             alpha1=group["alpha1"],
@@ -204,10 +232,6 @@ class SINGD(KroneckerOptimizer):
     def _state_from_storage(
         self, layer: Layer, current: LayerState, storage: dict[str, dict[str, Tensor]]
     ) -> LayerState:
-        if set(storage) != set(FACTORS):
-            raise ValueError(
-                f"load_state_dict: layer {layer.name!r} factors {sorted(storage)} != {FACTORS}"
-            )
         restored = {}
         for factor in FACTORS:
             like = current[factor]
@@ -220,3 +244,7 @@ class SINGD(KroneckerOptimizer):
             except ValueError as error:
                 raise ValueError(f"load_state_dict: {layer.name}.{factor}: {error}") from None
         return restored
+
+
+def _factor_state(state: LayerState) -> FactorState:
+    return FactorState(state["K"], state["C"], state["m_K"], state["m_C"])

@@ -26,11 +26,41 @@ class FactorState(NamedTuple):
     m_C: StructuredMatrix
 
 
+class SelfInners(NamedTuple):
+    """``Π̂(KᵀK)`` (d_i × d_i) and ``Π̂(CᵀC)`` (d_o × d_o), formed once per factor step."""
+
+    K: StructuredMatrix
+    C: StructuredMatrix
+
+
+class Traces(NamedTuple):
+    """The traces the default-mode momenta weight with, read to the host as floats."""
+
+    H_K: float
+    H_C: float
+    K_sq: float
+    C_sq: float
+
+
+def singd_self_inners(state: FactorState) -> SelfInners:
+    """``Π̂(KᵀK)`` and ``Π̂(CᵀC)`` of the factors from before the update."""
+    return SelfInners(state.K.project_self_inner(), state.C.project_self_inner())
+
+
+def singd_trace_terms(
+    H_K: StructuredMatrix, H_C: StructuredMatrix, inners: SelfInners
+) -> list[Tensor]:
+    """The 0-dim tensors behind :class:`Traces`, in its field order (read them in one sync)."""
+    return [H_K.trace(), H_C.trace(), inners.K.trace(), inners.C.trace()]
+
+
 def singd_factor_momenta(
     state: FactorState,
     H_K: StructuredMatrix,
     H_C: StructuredMatrix,
     *,
+    inners: SelfInners,
+    traces: Traces,
     damping: float,
     alpha1: float,
     kfac_like: bool,
@@ -49,34 +79,33 @@ def singd_factor_momenta(
     ``normalize_lr_cov``.  ``grad_scale_correction`` is the factor
     ``s_{t−1}/s_t²`` of SPEC §1.5 that ``H_C`` still carries; in the default
     mode it enters only through the (float64) trace weights, so ``H_C`` is
-    never rescaled in a narrow dtype.  Traces are read as Python floats (one
-    host sync per factor update).
+    never rescaled in a narrow dtype.
 
     Args:
         state: the factors and momenta from before this update.
         H_K: ``Π̂(Kᵀ U K)`` (d_i × d_i), computed with the current ``K``.
         H_C: ``Π̂(Cᵀ Gc C)`` (d_o × d_o), computed with the current ``C``.
+        inners: :func:`singd_self_inners` of ``state``.
+        traces: the values of :func:`singd_trace_terms` (not read with ``kfac_like``).
 
     Returns:
         ``(m_K_new, m_C_new)`` in the factors' dtypes.
     """
-    K, C, m_K, m_C = state
-    d_i, d_o = K.dim, C.dim
+    _, _, m_K, m_C = state
+    d_i, d_o = state.K.dim, state.C.dim
     coef = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
-    K_sq = K.project_self_inner()
-    C_sq = C.project_self_inner()
     if kfac_like:
-        bracket_K = H_K.clone().add_(K_sq, alpha=damping).add_diag_(-1.0)
-        bracket_C = H_C.clone().mul_(grad_scale_correction).add_(C_sq, alpha=damping)
+        bracket_K = H_K.clone().add_(inners.K, alpha=damping).add_diag_(-1.0)
+        bracket_C = H_C.clone().mul_(grad_scale_correction).add_(inners.C, alpha=damping)
         bracket_C.add_diag_(-1.0)
         return bracket_K.mul_(coef), bracket_C.mul_(coef)
-    trace_H_C = float(H_C.trace()) * grad_scale_correction
-    trace_H_K = float(H_K.trace()) * grad_scale_correction
-    c_sq = damping * float(C_sq.trace())
-    kappa_sq = damping * float(K_sq.trace())
-    bracket_K = H_K.clone().mul_(trace_H_C).add_(K_sq, alpha=c_sq)
+    trace_H_C = traces.H_C * grad_scale_correction
+    trace_H_K = traces.H_K * grad_scale_correction
+    c_sq = damping * traces.C_sq
+    kappa_sq = damping * traces.K_sq
+    bracket_K = H_K.clone().mul_(trace_H_C).add_(inners.K, alpha=c_sq)
     bracket_K.add_diag_(-float(d_o))
-    bracket_C = H_C.clone().mul_(trace_H_K).add_(C_sq, alpha=kappa_sq)
+    bracket_C = H_C.clone().mul_(trace_H_K).add_(inners.C, alpha=kappa_sq)
     bracket_C.add_diag_(-float(d_i))
     new_m_K = bracket_K.mul_(coef / d_o).add_(m_K, alpha=alpha1)
     new_m_C = bracket_C.mul_(coef / d_i).add_(m_C, alpha=alpha1)
@@ -102,6 +131,8 @@ def singd_update_factors(
     H_K: StructuredMatrix,
     H_C: StructuredMatrix,
     *,
+    inners: SelfInners,
+    traces: Traces,
     lr_cov: float,
     damping: float,
     alpha1: float,
@@ -111,13 +142,16 @@ def singd_update_factors(
 ) -> FactorState:
     """One covariance step of SPEC §1.3: momenta, then ``K``, ``C``.
 
-    Returns the new state; the momenta are the new ones (callers keep zeros
-    instead when ``α1 = 0``, where they are never read again).
+    ``inners`` and ``traces`` are as for :func:`singd_factor_momenta`.  Returns
+    the new state; the momenta are the new ones (callers keep zeros instead
+    when ``α1 = 0``, where they are never read again).
     """
     new_m_K, new_m_C = singd_factor_momenta(
         state,
         H_K,
         H_C,
+        inners=inners,
+        traces=traces,
         damping=damping,
         alpha1=alpha1,
         kfac_like=kfac_like,
