@@ -107,16 +107,22 @@ def cases(
 
 
 def assert_within(
-    actual: torch.Tensor, expected: np.ndarray, magnitude: np.ndarray, bound: float
+    actual: torch.Tensor,
+    expected: np.ndarray,
+    magnitude: np.ndarray,
+    bound: float,
+    absolute: np.ndarray | float = 0.0,
 ) -> None:
-    """``|actual − expected| ≤ bound · magnitude`` entry by entry (Higham's componentwise form).
+    """``|actual − expected| ≤ bound · magnitude + absolute`` entry by entry.
 
-    Entries whose magnitude is zero (outside the pattern) must match exactly.
+    ``bound · magnitude`` is Higham's componentwise form; ``absolute`` carries
+    normwise bounds (the Toeplitz FFT path).  Entries whose allowance is zero
+    (outside the pattern) must match exactly.
     """
     got = actual.double().numpy()
     assert got.shape == expected.shape, (got.shape, expected.shape)
     error = np.abs(got - expected)
-    allowed = bound * magnitude
+    allowed = bound * magnitude + absolute
     worst = np.unravel_index(np.argmax(error - allowed), error.shape) if error.size else None
     assert (error <= allowed).all(), (
         f"error {error[worst]:.3g} > allowed {allowed[worst]:.3g} at {worst} (bound {bound:.3g})"

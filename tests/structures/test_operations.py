@@ -7,6 +7,11 @@ are float64 dense products of the *rounded* inputs, followed by the oracle's
 expression evaluated on absolute values; each ``bound`` comes from
 :mod:`tests.tolerances` with the reduction lengths named next to it.  Closure:
 every result's entries outside the pattern are exactly zero.
+
+The draws stop at ``d = 40``; the pinned example of each product and
+projection runs the Toeplitz structures at ``d = FFT_MIN_DIM`` in float32,
+on the FFT path, against the normwise bounds of
+:mod:`tests.structures.fft_bounds` instead of the componentwise ones.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.distributed as dist
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from singd.structures import STRUCTURE_NAMES
+from singd.structures.toeplitz import FFT_MIN_DIM
+from tests.structures import fft_bounds
 from tests.structures.strategies import (
     DTYPES,
     SCALARS,
@@ -37,6 +45,31 @@ pytestmark = pytest.mark.parametrize("name", STRUCTURE_NAMES)
 
 def edge(name: str, dim: int, dtype: torch.dtype = torch.float64, cols: int = 3) -> Case:
     return Case(name, dim, cols, dtype, seed=dim)
+
+
+TOEPLITZ = ("triltoeplitz", "triutoeplitz")
+
+
+def pinned(name: str, dim: int) -> Case:
+    """The pinned example: :func:`edge` at ``dim``, Toeplitz on its FFT path (float32)."""
+    if name in TOEPLITZ:
+        return Case(name, FFT_MIN_DIM, 3, torch.float32, seed=FFT_MIN_DIM)
+    return edge(name, dim)
+
+
+def on_fft_path(case: Case) -> bool:
+    return case.name in TOEPLITZ and case.dim >= FFT_MIN_DIM
+
+
+def lower_column(case: Case, k: np.ndarray) -> np.ndarray:
+    """``t``, the first column of the lower Toeplitz ``L`` (``K`` for tril, ``Kᵀ`` for triu)."""
+    return k[:, 0] if case.name == "triltoeplitz" else k[0]
+
+
+def toeplitz_dense(case: Case, diagonals: np.ndarray) -> np.ndarray:
+    """The ``d × d`` member with ``diagonals[k]`` on its ``k``-th sub- (tril) or super-diagonal."""
+    lower = scipy.linalg.toeplitz(diagonals, np.zeros_like(diagonals))
+    return lower if case.name == "triltoeplitz" else lower.T
 
 
 def assert_member(case: Case, result: torch.Tensor) -> None:
@@ -102,29 +135,36 @@ def test_storage_serialises_as_plain_tensors(name: str, data: st.DataObject) -> 
 @given(data=st.data())
 @example(data=None)
 def test_matmul_and_t_matmul(name: str, data: st.DataObject | None) -> None:
-    case = data.draw(cases(name)) if data else edge(name, 1)
+    case = data.draw(cases(name)) if data else pinned(name, 1)
     member, k = case.member()
     x_t, x = case.dense(case.dim, case.cols, stream=1)
-    bound = matmul_bound(case.dtype, case.dim)  # one product, reduction length d
+    bound, fft = matmul_bound(case.dtype, case.dim), 0.0  # one product, reduction length d
+    if on_fft_path(case):  # one FFT convolution (correlation), normwise per column
+        bound, fft = 0.0, fft_bounds.convolution_bound(case.dtype, lower_column(case, k), x)
     out = member.matmul(x_t)
     assert out.dtype == case.dtype
-    assert_within(out, k @ x, np.abs(k) @ np.abs(x), bound)
+    assert_within(out, k @ x, np.abs(k) @ np.abs(x), bound, fft)
     out_t = member.t_matmul(x_t)
     assert out_t.dtype == case.dtype
-    assert_within(out_t, k.T @ x, np.abs(k).T @ np.abs(x), bound)
+    assert_within(out_t, k.T @ x, np.abs(k).T @ np.abs(x), bound, fft)
 
 
 @given(data=st.data())
-def test_structured_product(name: str, data: st.DataObject) -> None:
-    case = data.draw(cases(name))
+@example(data=None)
+def test_structured_product(name: str, data: st.DataObject | None) -> None:
+    case = data.draw(cases(name)) if data else pinned(name, 1)
     (member, k), (other, ell) = case.member(0), case.member(1)
     product = member @ other
     assert type(product) is type(member)
     assert product.dtype == case.dtype
     out = product.to_dense()
     assert_member(case, out)
-    # one product, reduction length d
-    assert_within(out, k @ ell, np.abs(k) @ np.abs(ell), matmul_bound(case.dtype, case.dim))
+    bound, fft = matmul_bound(case.dtype, case.dim), 0.0  # one product, reduction length d
+    if on_fft_path(case):  # one convolution of the two first columns, m = 1
+        t, s = lower_column(case, k), lower_column(case, ell)
+        column = fft_bounds.convolution_bound(case.dtype, t, s[:, None])[0, 0]
+        bound, fft = 0.0, toeplitz_dense(case, np.full(case.dim, column))
+    assert_within(out, k @ ell, np.abs(k) @ np.abs(ell), bound, fft)
 
 
 # ----------------------------------------------------------------- projections
@@ -144,21 +184,27 @@ def test_project(name: str, data: st.DataObject) -> None:
 @given(data=st.data())
 @example(data=None)
 def test_project_gram(name: str, data: st.DataObject | None) -> None:
-    case = data.draw(cases(name)) if data else edge(name, 33)
+    case = data.draw(cases(name)) if data else pinned(name, 33)
     x_t, x = case.dense(case.dim, case.cols, stream=1)
     out = case.cls.project_gram(x_t).to_dense()
     assert out.dtype == case.dtype
     assert_member(case, out)
+    expected = case.oracle.project(x @ x.T)
     magnitude = case.oracle.project(np.abs(x) @ np.abs(x).T)
     # X Xᵀ (reduction m), then Π̂'s sum of at most d entries
-    bound = chain_bound(case.dtype, [case.cols, case.dim])
-    assert_within(out, case.oracle.project(x @ x.T), magnitude, bound)
+    bound, fft = chain_bound(case.dtype, [case.cols, case.dim]), 0.0
+    if on_fft_path(case):  # FFT lags of X with X, then the diagonal means
+        lag_error = fft_bounds.lag_bound(case.dtype, x, x)
+        means = lower_column(case, expected)
+        allowance = fft_bounds.diagonal_means_bound(case.dtype, lag_error, means)
+        bound, fft = 0.0, toeplitz_dense(case, allowance)
+    assert_within(out, expected, magnitude, bound, fft)
 
 
 @given(data=st.data())
 @example(data=None)
 def test_project_inner(name: str, data: st.DataObject | None) -> None:
-    case = data.draw(cases(name)) if data else edge(name, 31)
+    case = data.draw(cases(name)) if data else pinned(name, 31)
     member, k = case.member()
     x_t, x = case.dense(case.dim, case.cols, stream=1)
     out = member.project_inner(x_t)
@@ -167,14 +213,23 @@ def test_project_inner(name: str, data: st.DataObject | None) -> None:
     assert_member(case, out.to_dense())
     y, y_abs = k.T @ x, np.abs(k).T @ np.abs(x)
     # Kᵀ X (reduction d) enters twice, Y Yᵀ (reduction m), Π̂ sums ≤ d entries
-    bound = chain_bound(case.dtype, [case.dim, case.dim, case.cols, case.dim])
+    bound, fft = chain_bound(case.dtype, [case.dim, case.dim, case.cols, case.dim]), 0.0
     expected = case.oracle.project(y @ y.T)
-    assert_within(out.to_dense(), expected, case.oracle.project(y_abs @ y_abs.T), bound)
+    if on_fft_path(case):  # Ŷ = Kᵀ X by one FFT correlation, then the lags of Ŷ
+        y_error = fft_bounds.convolution_bound(case.dtype, lower_column(case, k), x)
+        y_computed = member.t_matmul(x_t).double().numpy()
+        lag_error = fft_bounds.lags_of_computed_bound(case.dtype, y_computed, y, y_error)
+        means = lower_column(case, expected)
+        allowance = fft_bounds.diagonal_means_bound(case.dtype, lag_error, means)
+        bound, fft = 0.0, toeplitz_dense(case, allowance)
+    magnitude = case.oracle.project(y_abs @ y_abs.T)
+    assert_within(out.to_dense(), expected, magnitude, bound, fft)
 
 
 @given(data=st.data())
-def test_project_self_inner(name: str, data: st.DataObject) -> None:
-    case = data.draw(cases(name))
+@example(data=None)
+def test_project_self_inner(name: str, data: st.DataObject | None) -> None:
+    case = data.draw(cases(name)) if data else pinned(name, 1)
     member, k = case.member()
     out = member.project_self_inner()
     assert type(out) is type(member)
@@ -182,8 +237,16 @@ def test_project_self_inner(name: str, data: st.DataObject) -> None:
     assert_member(case, out.to_dense())
     magnitude = case.oracle.project(np.abs(k).T @ np.abs(k))
     # KᵀK (reduction d), then Π̂'s sum of at most d entries
-    bound = chain_bound(case.dtype, [case.dim, case.dim])
-    assert_within(out.to_dense(), case.oracle.project(k.T @ k), magnitude, bound)
+    bound, fft = chain_bound(case.dtype, [case.dim, case.dim]), 0.0
+    expected = case.oracle.project(k.T @ k)
+    if on_fft_path(case):  # FFT lags of t with (d − q)·t, m = 1
+        t = lower_column(case, k)
+        weighted = np.arange(case.dim, 0, -1) * t
+        lag_error = fft_bounds.lag_bound(case.dtype, t[:, None], weighted[:, None])
+        means = lower_column(case, expected)
+        allowance = fft_bounds.diagonal_means_bound(case.dtype, lag_error, means)
+        bound, fft = 0.0, toeplitz_dense(case, allowance)
+    assert_within(out.to_dense(), expected, magnitude, bound, fft)
 
 
 # ------------------------------------------------------------------ reductions
