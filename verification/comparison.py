@@ -12,20 +12,33 @@ the momentum error, and every stored number adds ``eps`` of its magnitude
 (in bf16, updates below half an ulp are lost: that is this ``eps`` per step).
 Π̂ is accounted as at most doubling an entry (tril/triu/hierarchical coupling
 blocks) plus a ``d``-term average (Toeplitz).  Nothing is fitted to the data.
+
+The propagated bound compounds over the steps, so late steps are held only
+loosely.  The one-step ("teacher-forced") comparisons :func:`compare_singd_local`
+and :func:`compare_kfac_local` restart the oracle at every step from the
+implementation's own recorded state and apply the same per-step rules with
+zero incoming error, a bound that does not grow with the step count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 from torch import nn
 
-from reference.kfac import KFACHyperparameters, KFACState, kfac_init
+from reference.kfac import KFACHyperparameters, KFACState, kfac_init, kfac_step
 from reference.numbers import FLOAT64
-from reference.updates import SINGDHyperparameters, SINGDState, lr_cov_at, singd_init
+from reference.updates import (
+    SINGDHyperparameters,
+    SINGDState,
+    StepRecord,
+    lr_cov_at,
+    singd_init,
+    singd_step,
+)
 from verification.recording import RecordedRun
 from verification.replay import step_records
 from verification.tolerances import EPS, chain_bound, matmul_bound
@@ -201,6 +214,138 @@ def _factor_step_bound(
     return error + EPS[dtype] * (float(np.abs(new_factor).max()) + step * product)
 
 
+@dataclass(frozen=True)
+class _SINGDBounds:
+    """Error bounds of one layer's SINGD state (all zero: an exactly known state).
+
+    Attributes:
+        k: Bounds of ``K`` and ``m_K``.
+        c: Bounds of ``C`` and ``m_C``.
+        w: Bound on ``max |δW~|``.
+        m_w: Bound on ``max |δm_W~|``.
+    """
+
+    k: _FactorBound = field(default_factory=_FactorBound)
+    c: _FactorBound = field(default_factory=_FactorBound)
+    w: float = 0.0
+    m_w: float = 0.0
+
+
+def _factor_bounds(
+    dtype: torch.dtype,
+    hyper: SINGDHyperparameters,
+    before: SINGDState,
+    after: SINGDState,
+    record: StepRecord,
+    shared: int,
+    incoming: _SINGDBounds,
+) -> tuple[_FactorBound, _FactorBound]:
+    """Bounds of ``K``, ``m_K``, ``C``, ``m_C`` after a factor step (SPEC §1.3)."""
+    own_k = (
+        *_inner_bound(dtype, before.K, incoming.k.factor, [a for a, _ in record.stats], shared),
+        *_gram_bound(dtype, before.K, incoming.k.factor),
+    )
+    own_c = (
+        *_inner_bound(dtype, before.C, incoming.c.factor, [g for _, g in record.stats], shared),
+        *_gram_bound(dtype, before.C, incoming.c.factor),
+    )
+    beta1 = lr_cov_at(hyper.lr_cov, before.steps)
+    bounds = []
+    for own, other, old, new, old_m, new_m, bound in (
+        (own_k, own_c, before.K, after.K, before.m_K, after.m_K, incoming.k),
+        (own_c, own_k, before.C, after.C, before.m_C, after.m_C, incoming.c),
+    ):
+        magnitude, momentum = _momentum_bound(dtype, hyper, own, other, old_m, bound.momentum)
+        with_momentum = _FactorBound(bound.factor, momentum, magnitude)
+        factor = _factor_step_bound(
+            dtype, old, new, new_m, with_momentum, beta1, hyper.normalize_lr_cov
+        )
+        bounds.append(_FactorBound(factor, momentum, magnitude))
+    return bounds[0], bounds[1]
+
+
+def _parameter_bounds(
+    dtype: torch.dtype,
+    hyper: SINGDHyperparameters | KFACHyperparameters,
+    before: SINGDState | KFACState,
+    after: SINGDState | KFACState,
+    preconditioned: tuple[float, float],
+    incoming: tuple[float, float],
+) -> tuple[float, float]:
+    """Bounds of ``W~`` and ``m_W~`` after SPEC §1.4's update.
+
+    Args:
+        dtype: The dtype whose rounding is bounded.
+        hyper: Supplies ``β2``, ``α2`` and ``γ``.
+        before: The oracle state before the step.
+        after: The oracle state after it.
+        preconditioned: Magnitude and error bound of the preconditioned gradient.
+        incoming: Bounds of ``δW~`` and ``δm_W~`` before the step.
+    """
+    eps = EPS[dtype]
+    magnitude_g, error_g = preconditioned
+    error_w, error_m_w = incoming
+    w_old = float(np.abs(before.W).max())
+    error_g += hyper.weight_decay * (error_w + eps * w_old) + eps * (
+        magnitude_g + hyper.weight_decay * w_old
+    )
+    m_w_old = hyper.momentum * float(np.abs(before.m_W).max())
+    m_w = float(np.abs(after.m_W).max())
+    error_m_w = hyper.momentum * error_m_w + error_g + eps * (m_w_old + m_w)
+    w = float(np.abs(after.W).max())
+    return error_w + hyper.lr * error_m_w + eps * (hyper.lr * m_w + w), error_m_w
+
+
+def _singd_step_bounds(
+    dtype: torch.dtype,
+    hyper: SINGDHyperparameters,
+    before: SINGDState,
+    after: SINGDState,
+    record: StepRecord,
+    shared: int,
+    incoming: _SINGDBounds,
+) -> _SINGDBounds:
+    """Bounds after one oracle step ``before → after``, given the bounds ``incoming`` of ``before``.
+
+    Each operation of SPEC §1.3/§1.4 adds its rounding error
+    ``(n + 2) · eps · |magnitude|`` and passes on the errors of its inputs to
+    first order (:func:`_perturbed`).
+    """
+    k, c = incoming.k, incoming.c
+    if before.steps % hyper.T == 0:
+        k, c = _factor_bounds(dtype, hyper, before, after, record, shared, incoming)
+    d_o, d_i = after.W.shape
+    chain = [after.C, after.C.T, record.grad, after.K, after.K.T]
+    magnitude_g = float(_abs_chain(*chain).max())
+    error_g = chain_bound(dtype, [d_o, d_o, d_i, d_i]) * magnitude_g
+    error_g += _perturbed(chain, [c.factor] * 2 + [0] + [k.factor] * 2)
+    w, m_w = _parameter_bounds(
+        dtype, hyper, before, after, (magnitude_g, error_g), (incoming.w, incoming.m_w)
+    )
+    return _SINGDBounds(k, c, w, m_w)
+
+
+def _singd_entry_bounds(
+    bounds: _SINGDBounds, state: SINGDState, hyper: SINGDHyperparameters
+) -> dict[str, tuple[float, float]]:
+    """``(bound, magnitude)`` per compared entry; ``m_K``/``m_C`` not with ``α1 = 0``.
+
+    With ``α1 = 0`` the momenta are never read, so the optimizer need not store
+    them (SPEC §1.4a).
+    """
+    entries = {
+        "K": (bounds.k.factor, float(np.abs(state.K).max())),
+        "C": (bounds.c.factor, float(np.abs(state.C).max())),
+        "m_K": (bounds.k.momentum, bounds.k.momentum_magnitude),
+        "m_C": (bounds.c.momentum, bounds.c.momentum_magnitude),
+        "W": (bounds.w, float(np.abs(state.W).max())),
+        "m_W": (bounds.m_w, float(np.abs(state.m_W).max())),
+    }
+    if hyper.alpha1 == 0:
+        del entries["m_K"], entries["m_C"]
+    return entries
+
+
 def compare_singd(
     run: RecordedRun,
     oracle: dict[str, list[SINGDState]],
@@ -213,75 +358,68 @@ def compare_singd(
     """Worst deviation (relative to its bound) of every layer's K, C, m_K, m_C, W~, m_W~.
 
     The bound of every entry is propagated step by step along the oracle
-    trajectory (module docstring): each operation of SPEC §1.3/§1.4 adds its
-    rounding error ``(n + 2) · eps · |magnitude|`` and passes on the errors of
-    its inputs to first order (:func:`_perturbed`).  ``m_K``/``m_C`` are not
-    compared with ``α1 = 0``, where the optimizer need not store them.
+    trajectory (module docstring, :func:`_singd_step_bounds`).  ``m_K``/``m_C``
+    are not compared with ``α1 = 0``, where the optimizer need not store them.
     ``per_step``, when given, receives the deviation of every entry at every step.
     """
-    eps = EPS[dtype]
     deviations = []
     for name, states in oracle.items():
         records = step_records(run, name, approx, loss_average)
-        d_o, d_i = run.initial_weights[name].shape
         shared = _shared_positions(run, name, approx)
-        bound_k, bound_c = _FactorBound(), _FactorBound()
-        error_w, error_m_w = 0.0, 0.0
+        bounds = _SINGDBounds()
         before = singd_init(run.initial_weights[name], hyper, FLOAT64)
         worst: dict[str, Deviation] = {}
         for t, (state, record) in enumerate(zip(states, records, strict=True)):
-            if t % hyper.T == 0:
-                own_k = (
-                    *_inner_bound(
-                        dtype, before.K, bound_k.factor, [a for a, _ in record.stats], shared
-                    ),
-                    *_gram_bound(dtype, before.K, bound_k.factor),
-                )
-                own_c = (
-                    *_inner_bound(
-                        dtype, before.C, bound_c.factor, [g for _, g in record.stats], shared
-                    ),
-                    *_gram_bound(dtype, before.C, bound_c.factor),
-                )
-                bound_k.momentum_magnitude, bound_k.momentum = _momentum_bound(
-                    dtype, hyper, own_k, own_c, before.m_K, bound_k.momentum
-                )
-                bound_c.momentum_magnitude, bound_c.momentum = _momentum_bound(
-                    dtype, hyper, own_c, own_k, before.m_C, bound_c.momentum
-                )
-                beta1 = lr_cov_at(hyper.lr_cov, t)
-                for bound, old, new, momentum in (
-                    (bound_k, before.K, state.K, state.m_K),
-                    (bound_c, before.C, state.C, state.m_C),
-                ):
-                    bound.factor = _factor_step_bound(
-                        dtype, old, new, momentum, bound, beta1, hyper.normalize_lr_cov
-                    )
-            chain = [state.C, state.C.T, record.grad, state.K, state.K.T]
-            magnitude_g = float(_abs_chain(*chain).max())
-            error_g = chain_bound(dtype, [d_o, d_o, d_i, d_i]) * magnitude_g
-            error_g += _perturbed(chain, [bound_c.factor] * 2 + [0] + [bound_k.factor] * 2)
-            w_old = float(np.abs(before.W).max())
-            error_g += hyper.weight_decay * (error_w + eps * w_old) + eps * (
-                magnitude_g + hyper.weight_decay * w_old
-            )
-            m_w_old = hyper.momentum * float(np.abs(before.m_W).max())
-            m_w = float(np.abs(state.m_W).max())
-            error_m_w = hyper.momentum * error_m_w + error_g + eps * (m_w_old + m_w)
-            w = float(np.abs(state.W).max())
-            error_w = error_w + hyper.lr * error_m_w + eps * (hyper.lr * m_w + w)
-            bounds = {
-                "K": (bound_k.factor, float(np.abs(state.K).max())),
-                "C": (bound_c.factor, float(np.abs(state.C).max())),
-                "m_K": (bound_k.momentum, bound_k.momentum_magnitude),
-                "m_C": (bound_c.momentum, bound_c.momentum_magnitude),
-                "W": (error_w, w),
-                "m_W": (error_m_w, m_w),
-            }
-            if hyper.alpha1 == 0:  # the momenta need no storage (SPEC §1.4a)
-                del bounds["m_K"], bounds["m_C"]
-            _record_worst(worst, name, t, run.steps[t][name].state, state, bounds, per_step)
+            bounds = _singd_step_bounds(dtype, hyper, before, state, record, shared, bounds)
+            entries = _singd_entry_bounds(bounds, state, hyper)
+            _record_worst(worst, name, t, run.steps[t][name].state, state, entries, per_step)
             before = state
+        deviations.extend(worst.values())
+    return deviations
+
+
+def _recorded_state(
+    state_type: type[SINGDState] | type[KFACState], recorded: dict[str, np.ndarray], steps: int
+) -> SINGDState | KFACState:
+    """The implementation's own recorded state as oracle input (exact float64 copies).
+
+    With ``α1 = 0`` SINGD's recorded momenta are zeros, which the oracle step
+    never reads (it multiplies them by ``α1``).
+    """
+    names = [f.name for f in fields(state_type) if f.name != "steps"]
+    return state_type(steps, **{key: recorded[key] for key in names})
+
+
+def compare_singd_local(
+    run: RecordedRun,
+    hyper: SINGDHyperparameters,
+    dtype: torch.dtype,
+    approx: str = "expand",
+    loss_average: str | None = "batch",
+    per_step: list[Deviation] | None = None,
+) -> list[Deviation]:
+    """One-step ("teacher-forced") comparison: every step from the implementation's own state.
+
+    For every step ``t`` one float64 oracle step starts from the recorded
+    state after step ``t − 1`` (the initial state for ``t = 0``) with the record
+    of step ``t``, and the recorded state after step ``t`` is compared with it
+    against the one-step bound: :func:`_singd_step_bounds` with zero incoming
+    error.  Unlike :func:`compare_singd`, the bound does not compound, so a
+    late-step error is held to the tolerance of a single step.
+    """
+    deviations = []
+    for name in run.layers:
+        records = step_records(run, name, approx, loss_average)
+        shared = _shared_positions(run, name, approx)
+        before = singd_init(run.initial_weights[name], hyper, FLOAT64)
+        worst: dict[str, Deviation] = {}
+        for t, record in enumerate(records):
+            state = singd_step(before, record, hyper, FLOAT64)
+            bounds = _singd_step_bounds(dtype, hyper, before, state, record, shared, _SINGDBounds())
+            entries = _singd_entry_bounds(bounds, state, hyper)
+            recorded = run.steps[t][name].state
+            _record_worst(worst, name, t, recorded, state, entries, per_step)
+            before = _recorded_state(SINGDState, recorded, t + 1)
         deviations.extend(worst.values())
     return deviations
 
@@ -298,6 +436,72 @@ def _solve_error(matrix: np.ndarray, dtype: torch.dtype) -> tuple[float, float]:
     inverse_norm = 1 / float(eigenvalues.min())
     condition = float(eigenvalues.max()) * inverse_norm
     return inverse_norm, condition * d * matmul_bound(dtype, 3 * d + 1)
+
+
+@dataclass(frozen=True)
+class _KFACBounds:
+    """Error bounds of one layer's KFAC state (all zero: an exactly known state).
+
+    Attributes:
+        s_k: Bound on ``max |δS_K|``.
+        s_c: Bound on ``max |δS_C|``.
+        w: Bound on ``max |δW~|``.
+        m_w: Bound on ``max |δm_W~|``.
+    """
+
+    s_k: float = 0.0
+    s_c: float = 0.0
+    w: float = 0.0
+    m_w: float = 0.0
+
+
+def _kfac_step_bounds(
+    dtype: torch.dtype,
+    hyper: KFACHyperparameters,
+    before: KFACState,
+    after: KFACState,
+    record: StepRecord,
+    shared: int,
+    incoming: _KFACBounds,
+) -> _KFACBounds:
+    """Bounds after one KFAC oracle step ``before → after`` (see :func:`compare_kfac`)."""
+    eps = EPS[dtype]
+    errors = {"S_K": incoming.s_k, "S_C": incoming.s_c}
+    if before.steps % hyper.T == 0:
+        beta1 = lr_cov_at(hyper.lr_cov, before.steps)
+        for key, index in (("S_K", 0), ("S_C", 1)):
+            statistics = [pair[index] for pair in record.stats]
+            rho = chain_bound(dtype, [shared, shared, statistics[0].shape[0]])
+            rho += matmul_bound(dtype, len(statistics))
+            gram = float(sum(_abs_chain(s.T, s) for s in statistics).max())
+            new = float(np.abs(getattr(after, key)).max())
+            errors[key] = (1 - beta1) * errors[key] + beta1 * rho * gram + 2 * eps * new
+    d_o, d_i = after.W.shape
+    damped_k = after.S_K + hyper.damping * np.eye(d_i)
+    damped_c = after.S_C + hyper.damping * np.eye(d_o)
+    inverse_k, solve_k = _solve_error(damped_k, dtype)
+    inverse_c, solve_c = _solve_error(damped_c, dtype)
+    right = np.linalg.norm(record.grad @ np.linalg.inv(damped_k))
+    left = np.linalg.norm(np.linalg.solve(damped_c, record.grad))
+    preconditioned = np.linalg.solve(damped_c, record.grad) @ np.linalg.inv(damped_k)
+    magnitude_g = float(np.linalg.norm(preconditioned))
+    error_g = (solve_k + solve_c + eps) * magnitude_g
+    error_g += inverse_c**2 * d_o * errors["S_C"] * right
+    error_g += inverse_k**2 * d_i * errors["S_K"] * left
+    w, m_w = _parameter_bounds(
+        dtype, hyper, before, after, (magnitude_g, error_g), (incoming.w, incoming.m_w)
+    )
+    return _KFACBounds(errors["S_K"], errors["S_C"], w, m_w)
+
+
+def _kfac_entry_bounds(bounds: _KFACBounds, state: KFACState) -> dict[str, tuple[float, float]]:
+    """``(bound, magnitude)`` of ``S_K``, ``S_C``, ``W~``, ``m_W~``."""
+    return {
+        "S_K": (bounds.s_k, float(np.abs(state.S_K).max())),
+        "S_C": (bounds.s_c, float(np.abs(state.S_C).max())),
+        "W": (bounds.w, float(np.abs(state.W).max())),
+        "m_W": (bounds.m_w, float(np.abs(state.m_W).max())),
+    }
 
 
 def compare_kfac(
@@ -319,54 +523,42 @@ def compare_kfac(
     ``‖M⁻¹‖₂² ‖δS‖₂ ‖rest‖_F`` with ``‖δS‖₂ ≤ d max|δS|``.  Momentum and
     parameter updates as in :func:`compare_singd`.
     """
-    eps = EPS[dtype]
     deviations = []
     for name, states in oracle.items():
         records = step_records(run, name, approx, loss_average)
-        d_o, d_i = run.initial_weights[name].shape
         shared = _shared_positions(run, name, approx)
-        errors = {"S_K": 0.0, "S_C": 0.0}
-        error_w, error_m_w = 0.0, 0.0
+        bounds = _KFACBounds()
         before = kfac_init(run.initial_weights[name], hyper, FLOAT64)
         worst: dict[str, Deviation] = {}
         for t, (state, record) in enumerate(zip(states, records, strict=True)):
-            if t % hyper.T == 0:
-                beta1 = lr_cov_at(hyper.lr_cov, t)
-                for key, index in (("S_K", 0), ("S_C", 1)):
-                    statistics = [pair[index] for pair in record.stats]
-                    rho = chain_bound(dtype, [shared, shared, statistics[0].shape[0]])
-                    rho += matmul_bound(dtype, len(statistics))
-                    gram = float(sum(_abs_chain(s.T, s) for s in statistics).max())
-                    new = float(np.abs(getattr(state, key)).max())
-                    errors[key] = (1 - beta1) * errors[key] + beta1 * rho * gram + 2 * eps * new
-            damped_k = state.S_K + hyper.damping * np.eye(d_i)
-            damped_c = state.S_C + hyper.damping * np.eye(d_o)
-            inverse_k, solve_k = _solve_error(damped_k, dtype)
-            inverse_c, solve_c = _solve_error(damped_c, dtype)
-            right = np.linalg.norm(record.grad @ np.linalg.inv(damped_k))
-            left = np.linalg.norm(np.linalg.solve(damped_c, record.grad))
-            preconditioned = np.linalg.solve(damped_c, record.grad) @ np.linalg.inv(damped_k)
-            magnitude_g = float(np.linalg.norm(preconditioned))
-            error_g = (solve_k + solve_c + eps) * magnitude_g
-            error_g += inverse_c**2 * d_o * errors["S_C"] * right
-            error_g += inverse_k**2 * d_i * errors["S_K"] * left
-            w_old = float(np.abs(before.W).max())
-            error_g += hyper.weight_decay * (error_w + eps * w_old) + eps * (
-                magnitude_g + hyper.weight_decay * w_old
-            )
-            m_w_old = hyper.momentum * float(np.abs(before.m_W).max())
-            m_w = float(np.abs(state.m_W).max())
-            error_m_w = hyper.momentum * error_m_w + error_g + eps * (m_w_old + m_w)
-            w = float(np.abs(state.W).max())
-            error_w = error_w + hyper.lr * error_m_w + eps * (hyper.lr * m_w + w)
-            bounds = {
-                "S_K": (errors["S_K"], float(np.abs(state.S_K).max())),
-                "S_C": (errors["S_C"], float(np.abs(state.S_C).max())),
-                "W": (error_w, w),
-                "m_W": (error_m_w, m_w),
-            }
-            _record_worst(worst, name, t, run.steps[t][name].state, state, bounds)
+            bounds = _kfac_step_bounds(dtype, hyper, before, state, record, shared, bounds)
+            entries = _kfac_entry_bounds(bounds, state)
+            _record_worst(worst, name, t, run.steps[t][name].state, state, entries)
             before = state
+        deviations.extend(worst.values())
+    return deviations
+
+
+def compare_kfac_local(
+    run: RecordedRun,
+    hyper: KFACHyperparameters,
+    dtype: torch.dtype,
+    approx: str = "expand",
+    loss_average: str | None = "batch",
+) -> list[Deviation]:
+    """One-step comparison of KFAC, as :func:`compare_singd_local` (zero incoming error)."""
+    deviations = []
+    for name in run.layers:
+        records = step_records(run, name, approx, loss_average)
+        shared = _shared_positions(run, name, approx)
+        before = kfac_init(run.initial_weights[name], hyper, FLOAT64)
+        worst: dict[str, Deviation] = {}
+        for t, record in enumerate(records):
+            state = kfac_step(before, record, hyper, FLOAT64)
+            bounds = _kfac_step_bounds(dtype, hyper, before, state, record, shared, _KFACBounds())
+            recorded = run.steps[t][name].state
+            _record_worst(worst, name, t, recorded, state, _kfac_entry_bounds(bounds, state))
+            before = _recorded_state(KFACState, recorded, t + 1)
         deviations.extend(worst.values())
     return deviations
 

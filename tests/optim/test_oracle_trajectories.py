@@ -8,7 +8,10 @@ Two layers of checks:
   torch ``SINGD`` with its own hooks, :mod:`verification.replay` replays it
   through the oracle stepper in float64 and :mod:`verification.comparison`
   compares factors, factor momenta, parameters and parameter momenta after
-  every step, with the bound derived there.
+  every step, with the bound derived there;
+* every step on its own: one oracle step from the implementation's own state
+  before it, against the one-step bound (``compare_*_local``), so that late
+  steps are not held only to the compounded trajectory bound.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from reference.updates import SINGDHyperparameters
 from singd import KFAC
 from singd.optim.statistics import layer_grad_matrix, layer_input_matrix
 from tests.tolerances import EPS, chain_bound
-from verification.comparison import compare_kfac, compare_singd, violations
+from verification.comparison import (
+    compare_kfac,
+    compare_kfac_local,
+    compare_singd,
+    compare_singd_local,
+    violations,
+)
 from verification.recording import LayerPass, RecordedRun, record_run, to_numpy
 from verification.replay import layer_statistics, replay_kfac
 from verification.scenarios import (
@@ -124,11 +133,16 @@ def _assert_within_bounds(
     dtype: torch.dtype,
     scenario: Scenario,
 ) -> None:
-    """Every state entry of every layer stays within the propagated bound of the oracle."""
-    deviations = compare_singd(run, oracle, hyper, dtype, scenario.approx, scenario.loss_average)
+    """Every state entry of every layer stays within its bound, along the run and per step."""
+    settings = (dtype, scenario.approx, scenario.loss_average)
+    deviations = compare_singd(run, oracle, hyper, *settings)
     assert {d.key for d in deviations} >= {"K", "C", "W", "m_W"}
     # Bound per entry: (steps or factor updates) · ρ(dtype) · G · M (verification.comparison).
     assert violations(deviations) == []
+    local = compare_singd_local(run, hyper, *settings)
+    assert {d.key for d in local} == {d.key for d in deviations}
+    # One-step bound: the same rules with zero incoming error, at every step.
+    assert violations(local) == []
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -209,6 +223,10 @@ def test_kfac_trajectory_matches_oracle(scenario: str, T: int) -> None:
     assert {d.key for d in deviations} == {"S_K", "S_C", "W", "m_W"}
     # Bound per entry: propagated rounding incl. κ-scaled Cholesky solves (compare_kfac).
     assert violations(deviations) == []
+    local = compare_kfac_local(run, hyper, torch.float64, case.approx, case.loss_average)
+    assert {d.key for d in local} == {"S_K", "S_C", "W", "m_W"}
+    # One-step bound: the same rules with zero incoming error, at every step.
+    assert violations(local) == []
 
 
 GRID_SETTINGS = [
