@@ -11,6 +11,13 @@ mutants here are the classic slips of SPEC §1.3/§1.4a:
 * the ``½`` of the factor-momentum bracket dropped;
 * the gradient preconditioned with the factors from *before* the update;
 * ``d_i`` and ``d_o`` swapped in the trace weights.
+
+Both comparisons must catch each of them: the trajectory comparison and the
+one-step comparison (oracle restarted from the implementation's own state
+every step).  A last, subtle mutant shows why the one-step comparison exists:
+an error of ``LATE_ERROR`` eps in one entry of ``K`` added on every factor
+update from step ``LATE_STEP`` on stays below the trajectory bound, which has
+compounded by then, but far exceeds the one-step bound.
 """
 
 from __future__ import annotations
@@ -22,11 +29,23 @@ import pytest
 import torch
 
 import singd.optim.updates as updates
-from verification.comparison import compare_singd
+from verification.comparison import compare_singd, compare_singd_local
+from verification.grid import ratio
 from verification.scenarios import SCENARIOS, run_and_replay
+from verification.tolerances import EPS
 
 #: A mutant must exceed its bound at least this many times over somewhere.
 WIDE_MARGIN = 1e3
+
+#: The subtle mutant: relative error (in float64 eps) of ``K[0, 0]`` from this step on.
+LATE_ERROR, LATE_STEP = 100, 10
+
+#: Layers of the mutation scenario (``singd_update_factors`` runs once per layer and step).
+LAYERS = 2
+
+#: The one-step comparison must exceed its bound at least this many times over on the
+#: subtle mutant (its one-step bound is a few tens of eps, the error ``LATE_ERROR`` eps).
+LATE_MARGIN = 10
 
 _original_precondition = updates.singd_precondition
 _original_momenta = updates.singd_factor_momenta
@@ -79,6 +98,23 @@ def _stale_factor_mutants() -> dict[str, Callable]:
     }
 
 
+def _late_error_mutant() -> dict[str, Callable]:
+    """``K[0, 0] ← (1 + LATE_ERROR · eps) K[0, 0]`` on every factor update from ``LATE_STEP`` on."""
+    calls = 0
+
+    def update_and_perturb(state, H_K, H_C, **kwargs):
+        nonlocal calls
+        new_state = _original_update_factors(state, H_K, H_C, **kwargs)
+        calls += 1
+        if calls <= LAYERS * LATE_STEP:
+            return new_state
+        dense = new_state.K.to_dense()
+        dense[0, 0] *= 1 + LATE_ERROR * EPS[torch.float64]
+        return new_state._replace(K=type(new_state.K).from_dense(dense))
+
+    return {"singd_update_factors": update_and_perturb}
+
+
 MUTANTS: dict[str, Callable[[], dict[str, Callable]]] = {
     "K-for-Kt": lambda: {"singd_precondition": _precondition_k_for_kt},
     "half-dropped": lambda: {"singd_factor_momenta": _momenta_without_half},
@@ -98,22 +134,44 @@ def _patch_everywhere(monkeypatch: pytest.MonkeyPatch, name: str, mutant: Callab
     return patched
 
 
-def _worst_ratio() -> float:
-    """Largest ``error / bound`` of a float64 SINGD run (sequence model) against the oracle."""
+def _patch_mutant(monkeypatch: pytest.MonkeyPatch, mutant: Callable[[], dict]) -> None:
+    """Install every replacement of ``mutant`` (each must patch at least one module)."""
+    for name, function in mutant().items():
+        assert _patch_everywhere(monkeypatch, name, function) >= 1, name
+
+
+def _worst_ratios() -> tuple[float, float]:
+    """Largest ``error / bound`` of a float64 SINGD run (sequence model): trajectory, one-step."""
     case = SCENARIOS["seq-expand"]
     run, oracle, hyper = run_and_replay(case, {})
-    deviations = compare_singd(run, oracle, hyper, torch.float64, case.approx, case.loss_average)
-    return max(d.error / d.bound for d in deviations)
+    settings = (torch.float64, case.approx, case.loss_average)
+    trajectory = compare_singd(run, oracle, hyper, *settings)
+    local = compare_singd_local(run, hyper, *settings)
+    return max(map(ratio, trajectory)), max(map(ratio, local))
 
 
 def test_unmutated_optimizer_passes() -> None:
-    """The reference point: the real optimizer stays within its bounds (ratio <= 1)."""
-    assert _worst_ratio() <= 1.0
+    """The reference point: the real optimizer stays within both bounds (ratio <= 1)."""
+    trajectory, local = _worst_ratios()
+    assert trajectory <= 1.0 and local <= 1.0
 
 
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_mutant_fails_by_wide_margin(monkeypatch: pytest.MonkeyPatch, mutant: str) -> None:
-    """A wrong update rule exceeds the oracle bound by at least ``WIDE_MARGIN``."""
-    for name, function in MUTANTS[mutant]().items():
-        assert _patch_everywhere(monkeypatch, name, function) >= 1, name
-    assert _worst_ratio() >= WIDE_MARGIN
+    """A wrong update rule exceeds both oracle bounds by at least ``WIDE_MARGIN``."""
+    _patch_mutant(monkeypatch, MUTANTS[mutant])
+    trajectory, local = _worst_ratios()
+    assert trajectory >= WIDE_MARGIN and local >= WIDE_MARGIN
+
+
+def test_late_error_passes_trajectory_but_fails_one_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A late error passes the trajectory comparison but fails the one-step comparison.
+
+    ``LATE_ERROR`` eps in ``K[0, 0]`` from step ``LATE_STEP`` on stays within the
+    compounded trajectory bound (measured 0.68 of it) and exceeds the one-step
+    bound at least ``LATE_MARGIN`` times over (measured 47).
+    """
+    _patch_mutant(monkeypatch, _late_error_mutant)
+    trajectory, local = _worst_ratios()
+    assert trajectory <= 1.0
+    assert local >= LATE_MARGIN
