@@ -9,7 +9,7 @@ import pytest
 
 from reference.structures import STRUCTURE_NAMES
 from verification import cli
-from verification.grid import KEYS
+from verification.grid import KEYS, CaseResult, EntryResult
 from verification.scenarios import DTYPES, GRIDS, Case
 from verification.selfcheck import Check, format_table
 
@@ -29,16 +29,22 @@ def test_quick_run_passes_and_writes_the_report(tmp_path: Path) -> None:
     names = " ".join(check["name"] for check in checks)
     for structure in STRUCTURE_NAMES:
         assert names.count(f"[{structure}]") == 2
-    # Comparison: one case per dtype, every state entry within its bound.
+    # Comparison: one case per dtype, every state entry within its bound, along the
+    # trajectory and one step at a time.
     comparison = result["comparison"]
     assert set(comparison["summary"]) == set(DTYPES)
+    for summary in comparison["summary"].values():
+        assert summary["local_worst_ratio"] <= 1 and summary["local_worst_error_eps"] > 0
     for case in comparison["cases"]:
-        assert case["passed"] and case["worst_ratio"] <= 1
+        assert case["passed"] and case["worst_ratio"] <= 1 and case["local_worst_ratio"] <= 1
+        assert case["local_worst_error_eps"] > 0
+        assert set(case["local_entries"]) == set(case["entries"])
         assert {"K", "C", "W", "m_W"} <= set(case["entries"]) <= set(KEYS)
-        for entry in case["entries"].values():
+        for entry in [*case["entries"].values(), *case["local_entries"].values()]:
             assert {"ratio", "error_eps", "layer", "step"} <= set(entry)
     markdown = (tmp_path / "report.md").read_text()
     assert "Verdict: PASS" in markdown and "Tolerance rule" in markdown
+    assert "one-step err/bound" in markdown
     for plot in result["plots"]:
         assert (tmp_path / plot).stat().st_size > 0
         assert f"]({plot})" in markdown
@@ -72,3 +78,12 @@ def test_lower_bound_checks_pass_at_or_above_the_bound() -> None:
     assert not Check("order", 0.5, 0.9, "slope", "r", lower=True).passed
     table = format_table([Check("order", 1.0, 0.9, "slope", "r", lower=True)])
     assert ">=" in table and "1/1 passed" in table
+
+
+def test_verdict_needs_the_one_step_check() -> None:
+    """A case within its trajectory bound but over its one-step bound fails."""
+    within = EntryResult(key="K", layer="0", step=0, ratio=0.5, error_eps=1.0)
+    over = EntryResult(key="K", layer="0", step=15, ratio=2.0, error_eps=100.0)
+    result = CaseResult(Case("mlp", "singd"), (within,), (), (over,), (), 0.0)
+    assert result.worst_ratio <= 1 and not result.passed
+    assert result.as_dict()["local_entries"]["K"]["ratio"] == 2.0

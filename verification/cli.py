@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Verify SINGD: (a) self-check of the float64 oracle against mpmath(50) and the "
             "SPEC laws; (b) run a grid of scenarios (structure × dtype × layer × mode) "
             "through the torch implementation and the oracle and compare every state entry "
-            "after every step against a propagated eps-derived bound. Writes report.md, "
+            "after every step against a propagated eps-derived bound, and every single step "
+            "from the implementation's own state against a one-step bound. Writes report.md, "
             "report.json and PNG plots to --out. Exit code 0 iff every check passes."
         ),
     )
@@ -66,16 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_comparison(results: list[CaseResult]) -> None:
     """One line per precision, then every failing case."""
-    print(f"{'precision':<28} {'pass':>9}  {'worst err/bound':>15}  {'largest err [eps]':>17}")
+    print(
+        f"{'precision':<28} {'pass':>9}  {'worst err/bound':>15}  {'largest err [eps]':>17}  "
+        f"{'one-step err/bound':>18}  {'one-step err [eps]':>18}"
+    )
     for label, group in by_precision(results).items():
         summary = precision_summary(group)
         print(
             f"{label:<28} {summary['passed']:>4}/{summary['cases']:<4}  "
-            f"{summary['worst_ratio']:>15.3g}  {summary['worst_error_eps']:>17.3g}"
+            f"{summary['worst_ratio']:>15.3g}  {summary['worst_error_eps']:>17.3g}  "
+            f"{summary['local_worst_ratio']:>18.3g}  {summary['local_worst_error_eps']:>18.3g}"
         )
     for result in results:
         if not result.passed:
-            print(f"FAIL {result.case.precision} {result.case.name}: {result.worst_ratio:.3g}")
+            print(
+                f"FAIL {result.case.precision} {result.case.name}: trajectory "
+                f"{result.worst_ratio:.3g}, one-step {result.local_worst_ratio:.3g}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,13 @@
 """Run a grid of :class:`~verification.scenarios.Case` through implementation and oracle.
 
 Each case is recorded (torch ``SINGD``), replayed (float64 oracle) and compared
-(:func:`verification.comparison.compare_singd`): for every state entry
-(``K``, ``C``, ``m_K``, ``m_C``, ``W~``, ``m_W~``) the largest
-``error / bound`` over layers and steps, and the largest error in units of
-``eps · max|entry|`` of the coarsest dtype.  A case passes iff every ratio
-is at most 1.
+twice: along the whole trajectory (:func:`verification.comparison.compare_singd`,
+propagated bound) and one step at a time from the implementation's own state
+(:func:`verification.comparison.compare_singd_local`, one-step bound).  For
+every state entry (``K``, ``C``, ``m_K``, ``m_C``, ``W~``, ``m_W~``) and each
+comparison: the largest ``error / bound`` over layers and steps, and the
+largest error in units of ``eps · max|entry|`` of the coarsest dtype.  A case
+passes iff every ratio of both comparisons is at most 1.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from verification.comparison import Deviation, compare_singd
+from verification.comparison import Deviation, compare_singd, compare_singd_local
 from verification.scenarios import DTYPES, SCENARIOS, VARIANTS, Case, run_and_replay
 from verification.tolerances import EPS
 
@@ -47,14 +49,18 @@ class CaseResult:
 
     Attributes:
         case: The case.
-        entries: Worst deviation per state entry, in :data:`KEYS` order.
-        history: Every entry's deviation at every step (for growth plots).
-        seconds: Wall time of record + replay + compare.
+        entries: Worst deviation per state entry along the trajectory, in :data:`KEYS` order.
+        history: Every entry's trajectory deviation at every step (for growth plots).
+        local_entries: Worst one-step deviation per state entry, in :data:`KEYS` order.
+        local_history: Every entry's one-step deviation at every step.
+        seconds: Wall time of record + replay + both comparisons.
     """
 
     case: Case
     entries: tuple[EntryResult, ...]
     history: tuple[Deviation, ...]
+    local_entries: tuple[EntryResult, ...]
+    local_history: tuple[Deviation, ...]
     seconds: float
 
     @property
@@ -68,9 +74,19 @@ class CaseResult:
         return max(entry.error_eps for entry in self.entries)
 
     @property
+    def local_worst_ratio(self) -> float:
+        """The largest one-step ``error / bound`` over the entries."""
+        return max(entry.ratio for entry in self.local_entries)
+
+    @property
+    def local_worst_error_eps(self) -> float:
+        """The largest one-step error in units of ``eps · max|entry|`` over the entries."""
+        return max(entry.error_eps for entry in self.local_entries)
+
+    @property
     def passed(self) -> bool:
-        """Whether every entry stays within its bound."""
-        return self.worst_ratio <= 1.0
+        """Whether every entry stays within its bound, along the trajectory and per step."""
+        return self.worst_ratio <= 1.0 and self.local_worst_ratio <= 1.0
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready fields (the history is left out)."""
@@ -87,18 +103,26 @@ class CaseResult:
             "steps": case.steps,
             "worst_ratio": self.worst_ratio,
             "worst_error_eps": self.worst_error_eps,
+            "local_worst_ratio": self.local_worst_ratio,
+            "local_worst_error_eps": self.local_worst_error_eps,
             "passed": self.passed,
             "seconds": self.seconds,
-            "entries": {
-                entry.key: {
-                    "ratio": entry.ratio,
-                    "error_eps": entry.error_eps,
-                    "layer": entry.layer,
-                    "step": entry.step,
-                }
-                for entry in self.entries
-            },
+            "entries": _entries_dict(self.entries),
+            "local_entries": _entries_dict(self.local_entries),
         }
+
+
+def _entries_dict(entries: tuple[EntryResult, ...]) -> dict[str, dict[str, object]]:
+    """JSON-ready fields of ``entries`` by key."""
+    return {
+        entry.key: {
+            "ratio": entry.ratio,
+            "error_eps": entry.error_eps,
+            "layer": entry.layer,
+            "step": entry.step,
+        }
+        for entry in entries
+    }
 
 
 def ratio(deviation: Deviation) -> float:
@@ -113,20 +137,8 @@ def error_in_eps(deviation: Deviation, eps: float) -> float:
     return deviation.error / (eps * deviation.magnitude) if deviation.magnitude > 0 else 0.0
 
 
-def run_case(case: Case) -> CaseResult:
-    """Record, replay and compare one case."""
-    start = time.perf_counter()
-    scenario = SCENARIOS[case.scenario]
-    overrides = {**VARIANTS[case.variant], "structures": case.structures}
-    factor_dtype = None if case.factor_dtype is None else DTYPES[case.factor_dtype]
-    run, oracle, hyper = run_and_replay(
-        scenario, overrides, DTYPES[case.dtype], factor_dtype, case.steps
-    )
-    history: list[Deviation] = []
-    compare_singd(
-        run, oracle, hyper, case.bound_dtype, scenario.approx, scenario.loss_average, history
-    )
-    eps = EPS[case.bound_dtype]
+def _worst_entries(history: list[Deviation], eps: float) -> tuple[EntryResult, ...]:
+    """Per state entry in :data:`KEYS` order: the worst ratio and the largest error in eps."""
     entries = []
     for key in KEYS:
         of_key = [deviation for deviation in history if deviation.key == key]
@@ -142,7 +154,32 @@ def run_case(case: Case) -> CaseResult:
                 error_eps=max(error_in_eps(deviation, eps) for deviation in of_key),
             )
         )
-    return CaseResult(case, tuple(entries), tuple(history), time.perf_counter() - start)
+    return tuple(entries)
+
+
+def run_case(case: Case) -> CaseResult:
+    """Record, replay and compare one case (trajectory and one-step)."""
+    start = time.perf_counter()
+    scenario = SCENARIOS[case.scenario]
+    overrides = {**VARIANTS[case.variant], "structures": case.structures}
+    factor_dtype = None if case.factor_dtype is None else DTYPES[case.factor_dtype]
+    run, oracle, hyper = run_and_replay(
+        scenario, overrides, DTYPES[case.dtype], factor_dtype, case.steps
+    )
+    settings = (case.bound_dtype, scenario.approx, scenario.loss_average)
+    history: list[Deviation] = []
+    compare_singd(run, oracle, hyper, *settings, history)
+    local_history: list[Deviation] = []
+    compare_singd_local(run, hyper, *settings, local_history)
+    eps = EPS[case.bound_dtype]
+    return CaseResult(
+        case,
+        _worst_entries(history, eps),
+        tuple(history),
+        _worst_entries(local_history, eps),
+        tuple(local_history),
+        time.perf_counter() - start,
+    )
 
 
 def run_grid(

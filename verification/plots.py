@@ -2,10 +2,11 @@
 
 * ``ratio_by_precision.png``: every case's worst error/bound (left) and its
   largest error in eps·max|entry| (right), per precision, coloured by layer;
+  filled dots: trajectory, open circles: one-step check;
 * ``ratio_heatmap.png``: worst error/bound per layer/mode × structure pair,
   one panel per precision that ran the full set of layer/mode rows;
 * ``growth.png``: error and bound of ``K`` and ``W~`` over the steps of one
-  case per precision (the first layer).
+  case per precision (the first layer): propagated bound and one-step bound.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def _ratio_strips(plt, groups: dict[str, list[CaseResult]]):
             errors = [max(r.worst_error_eps, 1e-3) for r in chosen]
             left.scatter(x, ratios, s=9, color=colours[scenario], alpha=0.7, label=label)
             right.scatter(x, errors, s=9, color=colours[scenario], alpha=0.7)
+            local_ratios = [max(r.local_worst_ratio, 1e-6) for r in chosen]
+            local_errors = [max(r.local_worst_error_eps, 1e-3) for r in chosen]
+            for axis, values in ((left, local_ratios), (right, local_errors)):
+                axis.scatter(x, values, s=12, facecolors="none", edgecolors=colours[scenario])
     left.axhline(1.0, color="red", linewidth=1.2, linestyle="--", label="bound (ratio 1)")
     for axis, title, ylabel in (
         (left, "worst error / propagated bound per case (≤ 1 passes)", "error / bound"),
@@ -81,7 +86,10 @@ def _ratio_strips(plt, groups: dict[str, list[CaseResult]]):
         axis.set_ylabel(ylabel)
         axis.grid(axis="y", alpha=0.3)
     left.legend(fontsize=8, loc="lower left")
-    figure.suptitle("SINGD (torch) vs float64 oracle: one dot per case, coloured by layer")
+    figure.suptitle(
+        "SINGD (torch) vs float64 oracle: one dot per case, coloured by layer "
+        "(filled: trajectory, open: one-step)"
+    )
     return figure
 
 
@@ -145,6 +153,14 @@ def _growth(plt, groups: dict[str, list[CaseResult]]):
             bounds = [d.bound / (eps * d.magnitude) for d in points]
             axis.plot(steps, errors, color=colour, marker="o", markersize=3, label=f"{key} error")
             axis.plot(steps, bounds, color=colour, linestyle="--", label=f"{key} bound")
+            local = [d for d in result.local_history if d.layer == layer and d.key == key]
+            axis.plot(
+                [d.step + 1 for d in local],
+                [d.bound / (eps * d.magnitude) for d in local],
+                color=colour,
+                linestyle=":",
+                label=f"{key} one-step bound",
+            )
         axis.set_yscale("log")
         axis.set_xlabel("step")
         axis.set_title(_wrap(label), fontsize=10)
