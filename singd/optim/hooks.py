@@ -34,6 +34,8 @@ class Summable(Protocol):
 
     def mul_(self, scalar: float) -> Any: ...
 
+    def clone(self) -> Any: ...
+
 
 class HookSettings(NamedTuple):
     """What the hooks need to know about a layer's param group and factors."""
@@ -158,6 +160,11 @@ class CurvatureCollector:
                     f"{name!r} ({pending.grad_scale} then {info}); call optimizer.step() "
                     "before GradScaler.update()"
                 )
+            if pending.passes == 1:
+                # The first input summary is still held by its forward's grad hook,
+                # which fires again on every further backward through that graph
+                # (retain_graph=True); summing into it in place would count it twice.
+                pending.input_summary = pending.input_summary.clone()
             pending.input_summary.add_(input_summary)
             pending.grad_summary.add_(grad_summary)
             pending.passes += 1
