@@ -116,11 +116,18 @@ class CurvatureCollector:
 
     def add_layer(self, name: str, module: nn.Module) -> None:
         """Collect statistics of ``module`` under ``name`` from now on."""
-        self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
+        self._handles.append(
+            module.register_forward_hook(partial(self._forward_hook, name), with_kwargs=True)
+        )
 
     # -------------------------------------------------------------------- hooks
     def _forward_hook(
-        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Tensor,
     ) -> None:
         if not (module.training and torch.is_grad_enabled() and self._is_active(name)):
             return
@@ -128,7 +135,8 @@ class CurvatureCollector:
             return
         settings = self._settings(name)
         with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
-            x = args[0].detach().to(settings.input_dtype)
+            # nn.Linear / nn.Conv2d take one argument, ``input``, maybe by keyword
+            x = (args[0] if args else kwargs["input"]).detach().to(settings.input_dtype)
             A = statistics.layer_input_matrix(module, x, approx=settings.approx)
             input_summary = self._summarise_input(name, A)
         output.register_hook(partial(self._output_grad_hook, name, module, input_summary))
