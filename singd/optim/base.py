@@ -108,7 +108,11 @@ class KroneckerOptimizer(Optimizer, ABC):
         )
         self._fallback: dict[int, str] = {}
         self._warn_unsupported = warn_unsupported
-        self._refresh_layers(stacklevel=4)
+        try:
+            self._refresh_layers(stacklevel=4)
+        except BaseException:  # e.g. a rejected layer, or the warning raised as an error
+            self._collector.remove()  # the model must not keep hooks of a dead optimizer
+            raise
 
     # ------------------------------------------------------------ subclass API
     @abstractmethod
@@ -208,12 +212,20 @@ class KroneckerOptimizer(Optimizer, ABC):
 
     # ------------------------------------------------------------------ layers
     def _refresh_layers(self, stacklevel: int) -> None:
-        """Give factors and hooks to newly optimised layers; warn about new fallbacks."""
+        """Give factors and hooks to newly optimised layers; warn about new fallbacks.
+
+        Every new layer's factors are made before any is registered, so a
+        layer that is rejected (``ValueError``) leaves no state or hook behind.
+        """
         layers = find_layers(self._model, self.param_groups)
+        new_states = {
+            layer.name: self._new_layer_state(layer, self.param_groups[layer.group_index])
+            for layer in layers
+            if layer.name not in self._layers
+        }
         for layer in layers:
-            if layer.name not in self._layers:
-                group = self.param_groups[layer.group_index]
-                self._layer_states[layer.name] = self._new_layer_state(layer, group)
+            if layer.name in new_states:
+                self._layer_states[layer.name] = new_states[layer.name]
                 self._layers[layer.name] = layer
                 self._collector.add_layer(layer.name, layer.module)
         new_fallback = fallback_params(self._model, self.param_groups, layers)
