@@ -246,7 +246,9 @@ class KroneckerOptimizer(Optimizer, ABC):
         layer = self._layers[name]
         group = self.param_groups[layer.group_index]
         input_dtype, grad_dtype = self._factor_dtypes(layer)
-        return HookSettings(group["kfac_approx"], group["loss_average"], input_dtype, grad_dtype)
+        return HookSettings(
+            group["kfac_approx"], group["loss_average"], input_dtype, grad_dtype, layer.has_bias
+        )
 
     def _grad_scale_info(self) -> GradScaleInfo:
         if self._grad_scaler is not None:

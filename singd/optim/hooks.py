@@ -38,12 +38,17 @@ class Summable(Protocol):
 
 
 class HookSettings(NamedTuple):
-    """What the hooks need to know about a layer's param group and factors."""
+    """What the hooks need to know about a layer's param group and factors.
+
+    ``bias_column``: whether ``A`` gets the column of ones (the layer's bias
+    is optimised as part of ``W~``; a frozen bias is not).
+    """
 
     approx: statistics.Approx
     loss_average: statistics.LossAverage
     input_dtype: torch.dtype
     grad_dtype: torch.dtype
+    bias_column: bool
 
 
 class GradScaleInfo(NamedTuple):
@@ -137,7 +142,9 @@ class CurvatureCollector:
         with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
             # nn.Linear / nn.Conv2d take one argument, ``input``, maybe by keyword
             x = (args[0] if args else kwargs["input"]).detach().to(settings.input_dtype)
-            A = statistics.layer_input_matrix(module, x, approx=settings.approx)
+            A = statistics.layer_input_matrix(
+                module, x, approx=settings.approx, bias=settings.bias_column
+            )
             input_summary = self._summarise_input(name, A)
         output.register_hook(partial(self._output_grad_hook, name, module, input_summary))
 

@@ -150,8 +150,14 @@ def grad_matrix(shared: Tensor, *, approx: Approx, loss_average: LossAverage) ->
 
 
 # ------------------------------------------------------------- per layer type
-def layer_input_matrix(module: nn.Module, x: Tensor, *, approx: Approx) -> Tensor:
-    """``A`` for a supported layer's input ``x`` (canonical format + :func:`input_matrix`)."""
+def layer_input_matrix(
+    module: nn.Module, x: Tensor, *, approx: Approx, bias: bool | None = None
+) -> Tensor:
+    """``A`` for a supported layer's input ``x`` (canonical format + :func:`input_matrix`).
+
+    ``bias``: whether ``W~`` has the bias column (``None``: whether the module
+    has a bias; ``False`` for a frozen bias, which is not optimised).
+    """
     if isinstance(module, nn.Conv2d):
         shared = conv2d_input_shared_format(
             x,
@@ -164,7 +170,8 @@ def layer_input_matrix(module: nn.Module, x: Tensor, *, approx: Approx) -> Tenso
         )
     else:
         shared = linear_shared_format(x)
-    return input_matrix(shared, approx=approx, bias=module.bias is not None)
+    has_bias = module.bias is not None if bias is None else bias
+    return input_matrix(shared, approx=approx, bias=has_bias)
 
 
 def layer_grad_matrix(
