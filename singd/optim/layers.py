@@ -67,6 +67,10 @@ def unwrap_model(model: Any) -> nn.Module:
 def find_layers(model: nn.Module, param_groups: list[dict[str, Any]]) -> list[Layer]:
     """The supported layers whose weight is optimised, in module order.
 
+    A layer whose weight is frozen (``requires_grad=False``) or not real
+    floating point (complex) is not one: its optimised parameters fall back to
+    momentum SGD.  A frozen bias is not a column of ``W~``.
+
     Raises:
         ValueError: if a layer's weight and bias are in different param groups
             (or one of them in none while the other is optimised), or a
@@ -79,11 +83,13 @@ def find_layers(model: nn.Module, param_groups: list[dict[str, Any]]) -> list[La
         if not is_supported(module):
             continue
         weight, bias = module.weight, module.bias
+        if not (weight.requires_grad and weight.is_floating_point()):
+            continue
         weight_group = group_of.get(id(weight))
         bias_group = None if bias is None else group_of.get(id(bias))
         if weight_group is None and bias_group is None:
             continue
-        needs_bias = bias is not None and (bias.requires_grad or bias_group is not None)
+        needs_bias = bias is not None and bias.requires_grad
         if needs_bias and weight_group != bias_group:
             raise ValueError(
                 f"layer {name!r}: weight and bias must be in the same param group (they form "
@@ -97,7 +103,7 @@ def find_layers(model: nn.Module, param_groups: list[dict[str, Any]]) -> list[La
                 )
             if param is not None:
                 owner[id(param)] = name
-        layers.append(Layer(name, module, weight_group, bias_group is not None))
+        layers.append(Layer(name, module, weight_group, needs_bias))
     return layers
 
 
