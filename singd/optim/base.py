@@ -263,6 +263,19 @@ class KroneckerOptimizer(Optimizer, ABC):
             stacklevel=3,
         )
 
+    def _check_dense_grads(self) -> None:
+        """Raise ``ValueError`` (before any state changes) if a gradient is sparse."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and param.grad.layout != torch.strided:
+                    name = self._fallback.get(id(param), "a Kronecker layer's parameter")
+                    scaling.clear_amp_attributes(self)  # GradScaler skips this when step raises
+                    raise ValueError(
+                        f"{type(self).__name__}: {param.grad.layout} (sparse) gradient of "
+                        f"{name!r} is not supported; use dense gradients (e.g. "
+                        "nn.Embedding(..., sparse=False))"
+                    )
+
     def _unscaled_grads(self, grad_scale: float | None) -> dict[int, Tensor]:
         grads = {}
         for group in self.param_groups:
@@ -334,6 +347,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_dense_grads()
         amp = scaling.read_amp_attributes(self)
         pending = self._collector.pop_all()
         if amp.found_inf:
