@@ -319,7 +319,11 @@ class KroneckerOptimizer(Optimizer, ABC):
     def _directions(
         self, grads: dict[int, Tensor], states: dict[str, LayerState]
     ) -> dict[int, Tensor]:
-        """Every parameter's update direction ``ĝ`` (before weight decay, SPEC §1.4)."""
+        """Every parameter's update direction ``ĝ`` (before weight decay, SPEC §1.4).
+
+        Only parameters with a gradient get one: if just one of ``W``, ``b``
+        has a gradient, the other enters ``∇W~`` as zeros but is not moved.
+        """
         directions = {key: grad for key, grad in grads.items() if key in self._fallback}
         for name, layer in self._layers.items():
             weight_grad = grads.get(id(layer.weight))
@@ -335,8 +339,9 @@ class KroneckerOptimizer(Optimizer, ABC):
             weight_dir, bias_dir = split_weight_matrix(
                 preconditioned, layer.weight.shape, layer.bias is not None
             )
-            directions[id(layer.weight)] = weight_dir
-            if layer.bias is not None:
+            if id(layer.weight) in grads:
+                directions[id(layer.weight)] = weight_dir
+            if layer.bias is not None and id(layer.bias) in grads:
                 directions[id(layer.bias)] = bias_dir
         return directions
 
