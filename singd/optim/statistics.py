@@ -52,7 +52,8 @@ def linear_shared_format(tensor: Tensor) -> Tensor:
     """
     if tensor.ndim == 1:
         return tensor.reshape(1, 1, -1)
-    return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
+    # explicit S: ``-1`` is ambiguous for an empty batch
+    return tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:-1]), tensor.shape[-1])
 
 
 def conv2d_explicit_padding(
