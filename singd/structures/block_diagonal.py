@@ -58,7 +58,8 @@ class BlockDiagonal(StructuredMatrix):
     @staticmethod
     def _join_rows(full: Tensor, rest: Tensor) -> Tensor:
         """Inverse of :meth:`_split_rows`: ``(n × b × m, r × m) → d × m``."""
-        return torch.cat([full.reshape(-1, full.shape[-1]), rest])
+        # explicit row count: ``-1`` is ambiguous when m = 0
+        return torch.cat([full.reshape(full.shape[0] * full.shape[1], full.shape[2]), rest])
 
     @classmethod
     def from_dense(cls, matrix: Tensor) -> BlockDiagonal:

@@ -125,7 +125,8 @@ def _toeplitz_times(first_column: Tensor, columns: Tensor, transpose: bool) -> T
     """``L X`` or ``Lᵀ X`` in the dtype of ``columns`` (``first_column`` has the same)."""
     work = compute_dtype(columns.dtype)
     first_column, work_columns = first_column.to(work), columns.to(work)
-    convolve = convolve_fft if columns.shape[0] >= FFT_MIN_DIM else convolve_direct
+    use_fft = columns.shape[0] >= FFT_MIN_DIM and columns.shape[1] > 0  # MKL rejects m = 0
+    convolve = convolve_fft if use_fft else convolve_direct
     return convolve(first_column, work_columns, transpose).to(columns.dtype)
 
 
@@ -139,7 +140,8 @@ def _diagonal_means(left: Tensor, right: Tensor) -> Tensor:
     same = right is left  # one FFT and one float32 copy for a Gram matrix
     left = left.to(work)
     right = left if same else right.to(work)
-    lag_products = lag_products_fft if dim >= FFT_MIN_DIM else lag_products_direct
+    use_fft = dim >= FFT_MIN_DIM and left.shape[1] > 0  # MKL rejects m = 0
+    lag_products = lag_products_fft if use_fft else lag_products_direct
     sums = lag_products(left, right)
     two_sided = torch.cat([sums[:1], 2 * sums[1:]])
     counts = torch.arange(dim, 0, -1, dtype=work, device=left.device)
