@@ -31,6 +31,7 @@ both for a dense ``d × m`` operand.
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -48,6 +49,22 @@ def check_square(matrix: Tensor, name: str) -> int:
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"{name}: expected a square d × d matrix, got shape {tuple(matrix.shape)}")
     return matrix.shape[0]
+
+
+def check_scalar(value: object, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a number or a 0-dim tensor.
+
+    A tensor with elements along some dimension would broadcast against the
+    storage tensors: a silently wrong result, or an error after some of them
+    had already changed.
+    """
+    if isinstance(value, Tensor):
+        if value.ndim != 0:
+            raise ValueError(
+                f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}"
+            )
+    elif not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected a scalar, got {type(value).__name__}")
 
 
 def check_factor(factor: Tensor, name: str) -> int:
@@ -206,6 +223,7 @@ class StructuredMatrix(ABC):
     # ---------------------------------------------------------------- in place
     def mul_(self, scalar: float | Tensor) -> Self:
         """``K ← s K``."""
+        check_scalar(scalar, f"{self.name}.mul_")
         for t in self._storage.values():
             t.mul_(scalar)
         return self
@@ -213,6 +231,7 @@ class StructuredMatrix(ABC):
     def add_(self, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> Self:
         """``K ← K + α L`` for ``L`` of the same structure and size."""
         self._check_same(other)
+        check_scalar(alpha, f"{self.name}.add_ alpha")
         for key, t in self._storage.items():
             t.add_(other._storage[key].to(t.dtype) * alpha)
         return self

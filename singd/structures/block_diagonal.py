@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from singd.structures.base import StructuredMatrix, check_factor, check_square
+from singd.structures.base import StructuredMatrix, check_factor, check_scalar, check_square
 
 
 class BlockDiagonal(StructuredMatrix):
@@ -129,6 +129,7 @@ class BlockDiagonal(StructuredMatrix):
 
     def add_diag_(self, value: float | Tensor) -> BlockDiagonal:
         """``K ← K + v I``."""
+        check_scalar(value, f"{self.name}.add_diag_")
         self._blocks.diagonal(dim1=1, dim2=2).add_(value)
         self._last.diagonal().add_(value)
         return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from singd.structures.base import StructuredMatrix, check_factor, check_square
+from singd.structures.base import StructuredMatrix, check_factor, check_scalar, check_square
 
 
 class Dense(StructuredMatrix):
@@ -72,5 +72,6 @@ class Dense(StructuredMatrix):
 
     def add_diag_(self, value: float | Tensor) -> Dense:
         """``K ← K + v I``."""
+        check_scalar(value, f"{self.name}.add_diag_")
         self._matrix.diagonal().add_(value)
         return self

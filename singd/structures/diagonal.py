@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from singd.structures.base import StructuredMatrix, check_factor, check_square
+from singd.structures.base import StructuredMatrix, check_factor, check_scalar, check_square
 
 
 class Diagonal(StructuredMatrix):
@@ -68,5 +68,6 @@ class Diagonal(StructuredMatrix):
 
     def add_diag_(self, value: float | Tensor) -> Diagonal:
         """``K ← K + v I``."""
+        check_scalar(value, f"{self.name}.add_diag_")
         self._diag.add_(value)
         return self

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from singd.structures.base import StructuredMatrix, check_factor, check_square
+from singd.structures.base import StructuredMatrix, check_factor, check_scalar, check_square
 
 
 class Hierarchical(StructuredMatrix):
@@ -176,6 +176,7 @@ class Hierarchical(StructuredMatrix):
 
     def add_diag_(self, value: float | Tensor) -> Hierarchical:
         """``K ← K + v I``."""
+        check_scalar(value, f"{self.name}.add_diag_")
         a, _, c, _, e = self._parts()
         a.diagonal().add_(value)
         c.add_(value)

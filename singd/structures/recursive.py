@@ -43,7 +43,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from singd.structures.base import check_factor, check_square
+from singd.structures.base import check_factor, check_scalar, check_square
 from singd.structures.lower_upper import LowerForm, UpperMirror, check_dim
 
 
@@ -219,6 +219,7 @@ class _TrilWithDiagonalBlock(LowerForm):
 
     def add_diag_(self, value: float | Tensor) -> _TrilWithDiagonalBlock:
         """``L ← L + v I``: ``a`` and ``c`` move, ``b`` does not."""
+        check_scalar(value, f"{self.name}.add_diag_")
         self._storage["a"].add_(value)
         self._storage["c"].add_(value)
         return self

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from singd.structures.base import check_factor, check_square
+from singd.structures.base import check_factor, check_scalar, check_square
 from singd.structures.lower_upper import LowerForm, UpperMirror, check_dim, compute_dtype
 
 #: Smallest ``d`` for which products and projections use the FFT.
@@ -233,6 +233,7 @@ class TrilToeplitz(LowerForm):
 
     def add_diag_(self, value: float | Tensor) -> TrilToeplitz:
         """``t₀ ← t₀ + v``."""
+        check_scalar(value, f"{self.name}.add_diag_")
         self._diagonals[:1].add_(value)
         return self
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from singd.structures.base import check_factor, check_square
+from singd.structures.base import check_factor, check_scalar, check_square
 from singd.structures.lower_upper import LowerForm, UpperMirror, check_dim
 
 
@@ -108,6 +108,7 @@ class Tril(LowerForm):
 
     def add_diag_(self, value: float | Tensor) -> Tril:
         """``L ← L + v I``."""
+        check_scalar(value, f"{self.name}.add_diag_")
         self._entries[_diagonal_positions(self.dim, self.device)] += value
         return self
 
