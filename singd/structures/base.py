@@ -112,18 +112,36 @@ class StructuredMatrix(ABC):
 
     @classmethod
     def from_storage(cls, dim: int, storage: dict[str, Tensor]) -> Self:
-        """Rebuild a member from :attr:`storage`; raises ``ValueError`` on bad shapes/keys."""
+        """Rebuild a member from :attr:`storage`.
+
+        Raises ``ValueError`` unless ``dim`` is an int and ``storage`` holds
+        exactly the expected keys, as floating tensors of the expected shapes
+        with one dtype and one device.
+        """
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ValueError(f"{cls.name}: dim must be an int, got {dim!r}")
         expected = cls.storage_shapes(dim)
         if set(storage) != set(expected):
             raise ValueError(
                 f"{cls.name}: storage keys {sorted(storage)} != expected {sorted(expected)}"
             )
         for key, shape in expected.items():
+            if not isinstance(storage[key], Tensor):
+                raise ValueError(
+                    f"{cls.name}: storage[{key!r}] must be a tensor, "
+                    f"got {type(storage[key]).__name__}"
+                )
             if tuple(storage[key].shape) != shape:
                 raise ValueError(
                     f"{cls.name}: storage[{key!r}] has shape {tuple(storage[key].shape)}, "
                     f"expected {shape} for dim={dim}"
                 )
+        kinds = {(t.dtype, t.device) for t in storage.values()}
+        if not all(t.is_floating_point() for t in storage.values()) or len(kinds) != 1:
+            raise ValueError(
+                f"{cls.name}: storage must be floating tensors of one dtype and device, got "
+                f"{sorted(str(kind) for kind in kinds)}"
+            )
         return cls(dim, dict(storage))
 
     @property
@@ -217,8 +235,11 @@ class StructuredMatrix(ABC):
         """``tr(K)`` as a 0-dim tensor."""
 
     def max_abs(self) -> Tensor:
-        """Largest absolute entry (stored entries are matrix entries)."""
-        return torch.stack([t.abs().max() for t in self._storage.values() if t.numel()]).max()
+        """Largest absolute entry (stored entries are matrix entries); 0 for ``dim = 0``."""
+        maxima = [t.abs().max() for t in self._storage.values() if t.numel()]
+        if not maxima:
+            return torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.stack(maxima).max()
 
     # ---------------------------------------------------------------- in place
     def mul_(self, scalar: float | Tensor) -> Self:
@@ -258,6 +279,11 @@ class StructuredMatrix(ABC):
     # ------------------------------------------------------------------ helpers
     def _check_rows(self, other: Tensor) -> None:
         """Raise ``ValueError`` unless ``other`` is a dense ``dim × m`` matrix."""
+        if not isinstance(other, Tensor):
+            raise ValueError(
+                f"{self.name}: expected a dense {self.dim} × m tensor, got "
+                f"{type(other).__name__} (use @ for a product of structured matrices)"
+            )
         if other.ndim != 2 or other.shape[0] != self.dim:
             raise ValueError(
                 f"{self.name}: expected a dense {self.dim} × m matrix, "
@@ -265,6 +291,11 @@ class StructuredMatrix(ABC):
             )
 
     def _check_same(self, other: StructuredMatrix) -> None:
+        if not isinstance(other, StructuredMatrix):
+            raise ValueError(
+                f"expected a {self.name} matrix of dim {self.dim}, got {type(other).__name__} "
+                "(use matmul / t_matmul for a dense tensor)"
+            )
         if type(other) is not type(self) or other.dim != self.dim:
             raise ValueError(
                 f"expected a {self.name} matrix of dim {self.dim}, "
