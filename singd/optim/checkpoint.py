@@ -121,6 +121,8 @@ def restore_groups(
     groups = []
     for index, (old, new) in enumerate(zip(saved, current, strict=True)):
         _require(isinstance(old, dict), f"param group {index} must be a dict")
+        missing = sorted(set(new) - set(old))
+        _require(not missing, f"param group {index} misses the keys {missing}")
         group = dict(old)
         for key in LAYOUT_KEYS:
             if key in new:
