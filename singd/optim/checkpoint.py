@@ -143,20 +143,34 @@ def restore_groups(
 
 
 def check_param_state(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> None:
-    """Per-parameter state: momentum buffers shaped like their parameters."""
+    """Per-parameter state: momentum buffers shaped like their parameters.
+
+    Torch's ``load_state_dict`` gives ``state[i]`` to the parameter at the
+    position of ``i`` in the saved groups' ``params`` lists, so those lists
+    must hold distinct ints, as many per group as ``groups`` has parameters.
+    Expects the saved groups checked by :func:`restore_groups`.
+    """
     state = state_dict.get("state")
     _require(isinstance(state, dict), "missing per-parameter 'state'")
-    params = [p for group in groups for p in group["params"]]
-    for index, entry in state.items():
+    saved_ids: list[Any] = []
+    for index, (saved, group) in enumerate(zip(state_dict["param_groups"], groups, strict=True)):
+        ids = saved["params"]
         _require(
-            isinstance(index, int) and 0 <= index < len(params),
-            f"state key {index!r} is not a parameter index",
+            isinstance(ids, list)
+            and len(ids) == len(group["params"])
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in ids),
+            f"param group {index}: params must be a list of {len(group['params'])} ints",
         )
+        saved_ids.extend(ids)
+    _require(len(set(saved_ids)) == len(saved_ids), "param groups repeat a parameter index")
+    param_of = dict(zip(saved_ids, (p for group in groups for p in group["params"]), strict=True))
+    for index, entry in state.items():
+        _require(index in param_of, f"state key {index!r} is not a parameter index")
         _require(isinstance(entry, dict), f"state[{index}] must be a dict")
         buffer = entry.get("momentum_buffer")
         _require(
-            isinstance(buffer, Tensor) and buffer.shape == params[index].shape,
+            isinstance(buffer, Tensor) and buffer.shape == param_of[index].shape,
             f"state[{index}]['momentum_buffer'] must be a tensor of shape "
-            f"{tuple(params[index].shape)}",
+            f"{tuple(param_of[index].shape)}",
         )
         check_factor_tensors(f"state[{index}]", {"momentum_buffer": buffer})
