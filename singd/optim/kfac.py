@@ -164,5 +164,15 @@ class KFAC(KroneckerOptimizer):
                     f"load_state_dict: {layer.name}.{factor} must be {{'matrix': tensor of "
                     f"shape {tuple(like.shape)}}}"
                 )
-            restored[factor] = saved["matrix"].to(dtype=like.dtype, device=like.device, copy=True)
+            matrix = saved["matrix"].to(dtype=like.dtype, device=like.device, copy=True)
+            # the step factorises S + λI: an indefinite S would fail there on every step
+            # (λ of this optimizer's group; a checkpoint normally carries the same one)
+            damping = self.param_groups[layer.group_index]["damping"]
+            eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+            if torch.linalg.cholesky_ex(matrix + damping * eye).info.item() != 0:
+                raise ValueError(
+                    f"load_state_dict: {layer.name}.{factor} + damping·I is not positive "
+                    "definite (a KFAC factor is a symmetric positive semi-definite average)"
+                )
+            restored[factor] = matrix
         return restored
