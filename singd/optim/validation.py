@@ -21,7 +21,14 @@ FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A Python int/float (not bool) that converts to a float (no 10**400)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def check_real(
@@ -75,21 +82,21 @@ def resolve_lr_cov(value: float | Callable[[int], float], steps: int) -> float:
 
 def check_loss_average(value: Any) -> str | None:
     """``loss_average`` ∈ {"batch", "batch+sequence", None} (SPEC §1.1)."""
-    if value not in LOSS_AVERAGES or isinstance(value, bool):
+    if not (value is None or isinstance(value, str)) or value not in LOSS_AVERAGES:
         raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {value!r}")
     return value
 
 
 def check_kfac_approx(value: Any) -> str:
     """``kfac_approx`` ∈ {"expand", "reduce"} (SPEC §1.1)."""
-    if value not in KFAC_APPROXIMATIONS:
+    if not isinstance(value, str) or value not in KFAC_APPROXIMATIONS:
         raise ValueError(f"kfac_approx must be one of {KFAC_APPROXIMATIONS}, got {value!r}")
     return value
 
 
 def check_dtype(name: str, value: Any) -> torch.dtype | None:
     """A floating dtype or ``None`` (= the parameter's dtype)."""
-    if value is not None and value not in FLOAT_DTYPES:
+    if value is not None and (not isinstance(value, torch.dtype) or value not in FLOAT_DTYPES):
         raise ValueError(f"{name} must be None or one of {FLOAT_DTYPES}, got {value!r}")
     return value
 
