@@ -31,6 +31,7 @@ from reference.updates import (
     check_weight,
     lr_cov_at,
     parameter_update,
+    trajectory,
 )
 
 
@@ -168,9 +169,4 @@ def kfac_trajectory(
     numbers: Numbers = FLOAT64,
 ) -> list[KFACState]:
     """The states after each of ``records``, starting from :func:`kfac_init` of ``w0``."""
-    state = kfac_init(w0, hyper, numbers)
-    states = []
-    for record in records:
-        state = kfac_step(state, record, hyper, numbers)
-        states.append(state)
-    return states
+    return trajectory(kfac_init, kfac_step, w0, records, hyper, numbers)

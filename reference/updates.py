@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -35,6 +36,10 @@ from reference.structures import Structure, get_structure
 
 #: A covariance learning rate: a constant or a function of the completed steps.
 LrCov = float | Callable[[int], float]
+
+#: A stepper's per-layer state and hyper-parameters (for :func:`trajectory`).
+_State = TypeVar("_State")
+_Hyper = TypeVar("_Hyper")
 
 
 # ------------------------------------------------------------ hyper-parameters
@@ -383,6 +388,26 @@ def singd_step(
     return SINGDState(steps=state.steps + 1, K=k, C=c, m_K=m_k, m_C=m_c, W=w, m_W=m_w)
 
 
+def trajectory(
+    init: Callable[[np.ndarray, _Hyper, Numbers], _State],
+    step: Callable[[_State, StepRecord, _Hyper, Numbers], _State],
+    w0: np.ndarray,
+    records: Sequence[StepRecord],
+    hyper: _Hyper,
+    numbers: Numbers = FLOAT64,
+) -> list[_State]:
+    """The states after each of ``records``, starting from ``init(w0)``, one ``step`` each.
+
+    Shared by the SINGD (SPEC §1.3/§1.4) and KFAC (SPEC §1.2/§1.4) steppers.
+    """
+    state = init(w0, hyper, numbers)
+    states = []
+    for record in records:
+        state = step(state, record, hyper, numbers)
+        states.append(state)
+    return states
+
+
 def singd_trajectory(
     w0: np.ndarray,
     records: Sequence[StepRecord],
@@ -390,9 +415,4 @@ def singd_trajectory(
     numbers: Numbers = FLOAT64,
 ) -> list[SINGDState]:
     """The states after each of ``records``, starting from :func:`singd_init` of ``w0``."""
-    state = singd_init(w0, hyper, numbers)
-    states = []
-    for record in records:
-        state = singd_step(state, record, hyper, numbers)
-        states.append(state)
-    return states
+    return trajectory(singd_init, singd_step, w0, records, hyper, numbers)

@@ -22,8 +22,9 @@ zero incoming error, a bound that does not grow with the step count.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -296,6 +297,103 @@ def _parameter_bounds(
     return error_w + hyper.lr * error_m_w + eps * (hyper.lr * m_w + w), error_m_w
 
 
+@dataclass(frozen=True)
+class _Method:
+    """One optimizer's oracle stepper and rounding bounds, for the shared comparison loops.
+
+    Attributes:
+        init: The oracle's initial state, ``init(W~, hyper, numbers)``.
+        step: One oracle step, ``step(state, record, hyper, numbers)``.
+        state_type: The oracle's state class (for :func:`_recorded_state`).
+        exact: The bounds of an exactly known state (all zero).
+        step_bounds: The bounds after one step,
+            ``step_bounds(dtype, hyper, before, after, record, shared, incoming)``.
+        entry_bounds: ``(bound, magnitude)`` per compared entry,
+            ``entry_bounds(bounds, state, hyper)``.
+    """
+
+    init: Callable[..., Any]
+    step: Callable[..., Any]
+    state_type: type[SINGDState] | type[KFACState]
+    exact: Callable[[], Any]
+    step_bounds: Callable[..., Any]
+    entry_bounds: Callable[[Any, Any, Any], dict[str, tuple[float, float]]]
+
+
+def _recorded_state(
+    state_type: type[SINGDState] | type[KFACState], recorded: dict[str, np.ndarray], steps: int
+) -> SINGDState | KFACState:
+    """The implementation's own recorded state as oracle input (exact float64 copies).
+
+    With ``α1 = 0`` SINGD's recorded momenta are zeros, which the oracle step
+    never reads (it multiplies them by ``α1``).
+    """
+    names = [f.name for f in fields(state_type) if f.name != "steps"]
+    return state_type(steps, **{key: recorded[key] for key in names})
+
+
+def _compare(
+    method: _Method,
+    run: RecordedRun,
+    oracle: dict[str, list[SINGDState]] | dict[str, list[KFACState]],
+    hyper: SINGDHyperparameters | KFACHyperparameters,
+    dtype: torch.dtype,
+    approx: str,
+    loss_average: str | None,
+    per_step: list[Deviation] | None,
+) -> list[Deviation]:
+    """Worst deviation per layer and entry, bounds propagated along the ``oracle`` trajectory.
+
+    Shared by :func:`compare_singd` (SPEC §1.3/§1.4) and :func:`compare_kfac`
+    (SPEC §1.2/§1.4); ``method`` supplies the per-step and per-entry bounds.
+    """
+    deviations = []
+    for name, states in oracle.items():
+        records = step_records(run, name, approx, loss_average)
+        shared = _shared_positions(run, name, approx)
+        bounds = method.exact()
+        before = method.init(run.initial_weights[name], hyper, FLOAT64)
+        worst: dict[str, Deviation] = {}
+        for t, (state, record) in enumerate(zip(states, records, strict=True)):
+            bounds = method.step_bounds(dtype, hyper, before, state, record, shared, bounds)
+            entries = method.entry_bounds(bounds, state, hyper)
+            _record_worst(worst, name, t, run.steps[t][name].state, state, entries, per_step)
+            before = state
+        deviations.extend(worst.values())
+    return deviations
+
+
+def _compare_local(
+    method: _Method,
+    run: RecordedRun,
+    hyper: SINGDHyperparameters | KFACHyperparameters,
+    dtype: torch.dtype,
+    approx: str,
+    loss_average: str | None,
+    per_step: list[Deviation] | None,
+) -> list[Deviation]:
+    """Worst one-step deviation per layer and entry, each step from the recorded state.
+
+    Shared by :func:`compare_singd_local` and :func:`compare_kfac_local`: one
+    float64 ``method.step`` per step, bounded with zero incoming error.
+    """
+    deviations = []
+    for name in run.layers:
+        records = step_records(run, name, approx, loss_average)
+        shared = _shared_positions(run, name, approx)
+        before = method.init(run.initial_weights[name], hyper, FLOAT64)
+        worst: dict[str, Deviation] = {}
+        for t, record in enumerate(records):
+            state = method.step(before, record, hyper, FLOAT64)
+            bounds = method.step_bounds(dtype, hyper, before, state, record, shared, method.exact())
+            entries = method.entry_bounds(bounds, state, hyper)
+            recorded = run.steps[t][name].state
+            _record_worst(worst, name, t, recorded, state, entries, per_step)
+            before = _recorded_state(method.state_type, recorded, t + 1)
+        deviations.extend(worst.values())
+    return deviations
+
+
 def _singd_step_bounds(
     dtype: torch.dtype,
     hyper: SINGDHyperparameters,
@@ -346,6 +444,16 @@ def _singd_entry_bounds(
     return entries
 
 
+_SINGD = _Method(
+    init=singd_init,
+    step=singd_step,
+    state_type=SINGDState,
+    exact=_SINGDBounds,
+    step_bounds=_singd_step_bounds,
+    entry_bounds=_singd_entry_bounds,
+)
+
+
 def compare_singd(
     run: RecordedRun,
     oracle: dict[str, list[SINGDState]],
@@ -362,32 +470,7 @@ def compare_singd(
     are not compared with ``α1 = 0``, where the optimizer need not store them.
     ``per_step``, when given, receives the deviation of every entry at every step.
     """
-    deviations = []
-    for name, states in oracle.items():
-        records = step_records(run, name, approx, loss_average)
-        shared = _shared_positions(run, name, approx)
-        bounds = _SINGDBounds()
-        before = singd_init(run.initial_weights[name], hyper, FLOAT64)
-        worst: dict[str, Deviation] = {}
-        for t, (state, record) in enumerate(zip(states, records, strict=True)):
-            bounds = _singd_step_bounds(dtype, hyper, before, state, record, shared, bounds)
-            entries = _singd_entry_bounds(bounds, state, hyper)
-            _record_worst(worst, name, t, run.steps[t][name].state, state, entries, per_step)
-            before = state
-        deviations.extend(worst.values())
-    return deviations
-
-
-def _recorded_state(
-    state_type: type[SINGDState] | type[KFACState], recorded: dict[str, np.ndarray], steps: int
-) -> SINGDState | KFACState:
-    """The implementation's own recorded state as oracle input (exact float64 copies).
-
-    With ``α1 = 0`` SINGD's recorded momenta are zeros, which the oracle step
-    never reads (it multiplies them by ``α1``).
-    """
-    names = [f.name for f in fields(state_type) if f.name != "steps"]
-    return state_type(steps, **{key: recorded[key] for key in names})
+    return _compare(_SINGD, run, oracle, hyper, dtype, approx, loss_average, per_step)
 
 
 def compare_singd_local(
@@ -407,21 +490,7 @@ def compare_singd_local(
     error.  Unlike :func:`compare_singd`, the bound does not compound, so a
     late-step error is held to the tolerance of a single step.
     """
-    deviations = []
-    for name in run.layers:
-        records = step_records(run, name, approx, loss_average)
-        shared = _shared_positions(run, name, approx)
-        before = singd_init(run.initial_weights[name], hyper, FLOAT64)
-        worst: dict[str, Deviation] = {}
-        for t, record in enumerate(records):
-            state = singd_step(before, record, hyper, FLOAT64)
-            bounds = _singd_step_bounds(dtype, hyper, before, state, record, shared, _SINGDBounds())
-            entries = _singd_entry_bounds(bounds, state, hyper)
-            recorded = run.steps[t][name].state
-            _record_worst(worst, name, t, recorded, state, entries, per_step)
-            before = _recorded_state(SINGDState, recorded, t + 1)
-        deviations.extend(worst.values())
-    return deviations
+    return _compare_local(_SINGD, run, hyper, dtype, approx, loss_average, per_step)
 
 
 def _solve_error(matrix: np.ndarray, dtype: torch.dtype) -> tuple[float, float]:
@@ -504,6 +573,16 @@ def _kfac_entry_bounds(bounds: _KFACBounds, state: KFACState) -> dict[str, tuple
     }
 
 
+_KFAC = _Method(
+    init=kfac_init,
+    step=kfac_step,
+    state_type=KFACState,
+    exact=_KFACBounds,
+    step_bounds=_kfac_step_bounds,
+    entry_bounds=lambda bounds, state, _hyper: _kfac_entry_bounds(bounds, state),
+)
+
+
 def compare_kfac(
     run: RecordedRun,
     oracle: dict[str, list[KFACState]],
@@ -523,20 +602,7 @@ def compare_kfac(
     ``‖M⁻¹‖₂² ‖δS‖₂ ‖rest‖_F`` with ``‖δS‖₂ ≤ d max|δS|``.  Momentum and
     parameter updates as in :func:`compare_singd`.
     """
-    deviations = []
-    for name, states in oracle.items():
-        records = step_records(run, name, approx, loss_average)
-        shared = _shared_positions(run, name, approx)
-        bounds = _KFACBounds()
-        before = kfac_init(run.initial_weights[name], hyper, FLOAT64)
-        worst: dict[str, Deviation] = {}
-        for t, (state, record) in enumerate(zip(states, records, strict=True)):
-            bounds = _kfac_step_bounds(dtype, hyper, before, state, record, shared, bounds)
-            entries = _kfac_entry_bounds(bounds, state)
-            _record_worst(worst, name, t, run.steps[t][name].state, state, entries)
-            before = state
-        deviations.extend(worst.values())
-    return deviations
+    return _compare(_KFAC, run, oracle, hyper, dtype, approx, loss_average, None)
 
 
 def compare_kfac_local(
@@ -547,20 +613,7 @@ def compare_kfac_local(
     loss_average: str | None = "batch",
 ) -> list[Deviation]:
     """One-step comparison of KFAC, as :func:`compare_singd_local` (zero incoming error)."""
-    deviations = []
-    for name in run.layers:
-        records = step_records(run, name, approx, loss_average)
-        shared = _shared_positions(run, name, approx)
-        before = kfac_init(run.initial_weights[name], hyper, FLOAT64)
-        worst: dict[str, Deviation] = {}
-        for t, record in enumerate(records):
-            state = kfac_step(before, record, hyper, FLOAT64)
-            bounds = _kfac_step_bounds(dtype, hyper, before, state, record, shared, _KFACBounds())
-            recorded = run.steps[t][name].state
-            _record_worst(worst, name, t, recorded, state, _kfac_entry_bounds(bounds, state))
-            before = _recorded_state(KFACState, recorded, t + 1)
-        deviations.extend(worst.values())
-    return deviations
+    return _compare_local(_KFAC, run, hyper, dtype, approx, loss_average, None)
 
 
 def _record_worst(

@@ -10,14 +10,20 @@ rounding, never the model's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
 from torch import nn
 
 from reference.kfac import KFACHyperparameters, KFACState, kfac_trajectory
-from reference.numbers import FLOAT64
+from reference.numbers import FLOAT64, Numbers
 from reference.statistics import conv2d_statistics, linear_statistics
 from reference.updates import SINGDHyperparameters, SINGDState, StepRecord, singd_trajectory
 from verification.recording import LayerPass, RecordedRun, to_numpy
+
+_State = TypeVar("_State")
+_Hyper = TypeVar("_Hyper")
 
 
 def layer_statistics(
@@ -58,6 +64,22 @@ def step_records(
     ]
 
 
+def _replay(
+    run: RecordedRun,
+    trajectory: Callable[[np.ndarray, list[StepRecord], _Hyper, Numbers], list[_State]],
+    hyper: _Hyper,
+    approx: str,
+    loss_average: str | None,
+) -> dict[str, list[_State]]:
+    """Every layer's float64 oracle ``trajectory`` from its initial ``W~``, fed the recorded run."""
+    return {
+        name: trajectory(
+            run.initial_weights[name], step_records(run, name, approx, loss_average), hyper, FLOAT64
+        )
+        for name in run.layers
+    }
+
+
 def replay_singd(
     run: RecordedRun,
     hyper: SINGDHyperparameters,
@@ -65,12 +87,7 @@ def replay_singd(
     loss_average: str | None = "batch",
 ) -> dict[str, list[SINGDState]]:
     """The float64 oracle trajectory of every layer, fed the recorded run."""
-    return {
-        name: singd_trajectory(
-            run.initial_weights[name], step_records(run, name, approx, loss_average), hyper, FLOAT64
-        )
-        for name in run.layers
-    }
+    return _replay(run, singd_trajectory, hyper, approx, loss_average)
 
 
 def replay_kfac(
@@ -80,9 +97,4 @@ def replay_kfac(
     loss_average: str | None = "batch",
 ) -> dict[str, list[KFACState]]:
     """The float64 KFAC oracle trajectory of every layer, fed the recorded run."""
-    return {
-        name: kfac_trajectory(
-            run.initial_weights[name], step_records(run, name, approx, loss_average), hyper, FLOAT64
-        )
-        for name in run.layers
-    }
+    return _replay(run, kfac_trajectory, hyper, approx, loss_average)
