@@ -158,7 +158,9 @@ class CurvatureCollector:
             G = statistics.layer_grad_matrix(
                 module, g, approx=settings.approx, loss_average=settings.loss_average
             )
-            grad_summary = self._summarise_grad(name, G / math.sqrt(info.divisor))
+            if info.divisor != 1.0:
+                G.div_(math.sqrt(info.divisor))  # G is a fresh tensor: no copy needed
+            grad_summary = self._summarise_grad(name, G)
         self._accumulate(name, input_summary, grad_summary, info)
 
     def _accumulate(
@@ -185,10 +187,6 @@ class CurvatureCollector:
             pending.passes += 1
 
     # ---------------------------------------------------------------- pending sums
-    def has_pending(self) -> bool:
-        """Whether any layer has statistics waiting for the next step."""
-        return bool(self._pending)
-
     def pop_all(self) -> dict[str, PendingStatistics]:
         """Take the pending sums of every layer (they are dropped here)."""
         with self._lock:

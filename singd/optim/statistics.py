@@ -143,7 +143,8 @@ def grad_matrix(shared: Tensor, *, approx: Approx, loss_average: LossAverage) ->
     """``G`` (n_G × d_o) from output gradients in ``[B, S, d_o]`` (SPEC §1.1).
 
     Expand flattens shared positions into rows, reduce sums over them; then
-    ``G ← G · sqrt(N)`` undoes the loss average.
+    ``G ← G · sqrt(N)`` undoes the loss average.  The result is always a new
+    tensor (never a view of ``shared``), so callers may scale it in place.
     """
     batch, positions, _ = shared.shape
     rows = shared.reshape(-1, shared.shape[-1]) if approx == "expand" else shared.sum(dim=1)
