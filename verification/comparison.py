@@ -651,12 +651,6 @@ def _shared_positions(run: RecordedRun, name: str, approx: str) -> int:
     return groups * locations
 
 
-def relative_errors_in_eps(deviations: Sequence[Deviation], dtype: torch.dtype) -> float:
-    """Largest ``error / magnitude`` over ``deviations`` in units of ``eps(dtype)`` (reports)."""
-    ratios = [d.error / d.magnitude for d in deviations if d.magnitude > 0]
-    return max(ratios, default=0.0) / EPS[dtype]
-
-
 def violations(deviations: Sequence[Deviation]) -> list[Deviation]:
     """The deviations above their bounds."""
     return [d for d in deviations if not d.error <= d.bound]
