@@ -237,6 +237,20 @@ def ikfac_rate(beta1: float, eigenvalues: np.ndarray) -> float:
     )
 
 
+def ikfac_fixed_point_bound(beta1: float, eigenvalues: np.ndarray, steps: int) -> float:
+    """Bound on ‖K Kᵀ − B⁻¹‖₂ after ``steps`` IKFAC steps from ``K_0 = I`` (constant ``B``).
+
+    ``‖KKᵀ − B⁻¹‖₂ = max |e|/b <= ρ^steps · max|b − 1|/b`` (:func:`ikfac_rate`),
+    plus the rounding floor: a contractive map keeps per-step rounding (a chain
+    of 4 products of length d, (d + 2)·eps each, relative to ``‖B⁻¹‖ <= 1/b_min``)
+    within its geometric sum, ``÷ (1 − ρ)``.
+    """
+    d = len(eigenvalues)
+    rho = ikfac_rate(beta1, eigenvalues)
+    floor = 4 * (d + 2) * d * EPS64 / eigenvalues.min() / (1 - rho)
+    return rho**steps * float(np.max(np.abs(eigenvalues - 1) / eigenvalues)) + floor
+
+
 def ikfac_fixed_point_check(rng: np.random.Generator, steps: int = 200) -> Check:
     """IKFAC, dense, constant U (d = 4, cond 10): ‖K Kᵀ − (U + λI)⁻¹‖₂ after ``steps``."""
     beta1, damping, d = 0.5, 1e-3, 4
@@ -254,11 +268,10 @@ def ikfac_fixed_point_check(rng: np.random.Generator, steps: int = 200) -> Check
     residual = float(
         np.linalg.norm(state.K @ state.K.T - np.linalg.inv(u + damping * np.eye(d)), 2)
     )
-    floor = 4 * (d + 2) * d * EPS64 / b.min() / (1 - rho)
     return Check(
         name=f"IKFAC fixed point ‖KKᵀ − (U+λI)⁻¹‖₂ (β1={beta1}, {steps} steps, ρ={rho:.3f})",
         measured=residual,
-        bound=rho**steps * float(np.max(np.abs(b - 1) / b)) + floor,
+        bound=ikfac_fixed_point_bound(beta1, b, steps),
         unit="absolute",
         rule="ρ^steps·max|b−1|/b + rounding floor 4(d+2)d·eps/(b_min(1−ρ))",
     )

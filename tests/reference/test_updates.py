@@ -42,7 +42,7 @@ from verification.selfcheck import (
     D_OUT,
     MODES,
     N_ROWS,
-    ikfac_rate,
+    ikfac_fixed_point_bound,
     make_hyper,
     make_records,
     scaled_discrepancy,
@@ -263,16 +263,11 @@ def test_ikfac_fixed_point(u: np.ndarray, gc: np.ndarray) -> None:
     for factor, stat in ((state.K, u), (state.C, gc)):
         b = np.linalg.eigvalsh(stat) + damping
         assert beta1 * b.max() <= 1  # the regime of ikfac_rate's derivation
-        rho = ikfac_rate(beta1, b)
         target = np.linalg.inv(stat + damping * np.eye(len(b)))
         residual = np.linalg.norm(factor @ factor.T - target, 2)
-        # ‖KKᵀ − B⁻¹‖₂ = max |e|/b <= ρ^steps · max|b − 1|/b (ikfac_rate), plus
-        # the rounding floor: a contractive map keeps per-step rounding
-        # (chain of 4 products of length d, (d+2)·eps each, magnitudes ‖B⁻¹‖ <=
-        # cond/scale) within its sum over the geometric series, ÷ (1 − ρ).
-        d = len(b)
-        floor = 4 * (d + 2) * d * EPS64 * (1 / b.min()) / (1 - rho)
-        assert residual <= rho**steps * np.max(np.abs(b - 1) / b) + floor
+        # rule: contraction ρ^steps of the initial residual plus the rounding
+        # floor 4(d+2)d·eps/(b_min(1 − ρ)) (derivation in ikfac_fixed_point_bound)
+        assert residual <= ikfac_fixed_point_bound(beta1, b, steps)
 
 
 @given(u=spd_matrices(4, cond=10.0, scale=1.5))
