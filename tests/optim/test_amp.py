@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from singd import KFAC, SINGD
+from tests.optim.nested import same_state, state_snapshot
 from tests.tolerances import matmul_bound
 
 STEPS = 6
@@ -107,16 +108,6 @@ def test_scaler_step_without_unscale_matches_plain_run(name, attach):
     assert error <= STEPS * matmul_bound(torch.float32, BATCH) * magnitude
 
 
-def _state_snapshot(opt: Any, model: nn.Module) -> list[torch.Tensor]:
-    tensors: list[torch.Tensor] = [p.detach().clone() for p in model.parameters()]
-    for name in opt.layer_names():
-        for value in opt.layer_state(name).values():
-            dense = value if isinstance(value, torch.Tensor) else value.to_dense()
-            tensors.append(dense.clone())
-    tensors += [s["momentum_buffer"].clone() for s in opt.state.values()]
-    return tensors
-
-
 def test_unscale_without_attached_scaler_raises_on_statistics_step():
     """The backward's scale is unknown: a clear error, never silently wrong statistics."""
     model = _model()
@@ -124,11 +115,11 @@ def test_unscale_without_attached_scaler_raises_on_statistics_step():
     scaler = _scaler(2.0**8)
     scaler.scale(_loss(model, 0)).backward()
     scaler.unscale_(opt)
-    before = _state_snapshot(opt, model)
+    before = state_snapshot(opt, model)
     with pytest.raises(ValueError, match="attach_grad_scaler"):
         scaler.step(opt)
     assert opt.steps == 0 and not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
-    assert all(torch.equal(a, b) for a, b in zip(before, _state_snapshot(opt, model), strict=True))
+    assert same_state(before, state_snapshot(opt, model))
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -141,7 +132,7 @@ def test_inf_step_is_skipped_and_leaves_state_untouched(name):
         scaler.scale(_loss(model, step)).backward()
         scaler.step(opt)
         scaler.update()
-    before, scale = _state_snapshot(opt, model), scaler.get_scale()
+    before, scale = state_snapshot(opt, model), scaler.get_scale()
     opt.zero_grad()
     scaler.scale(_loss(model, 3)).backward()
     model[0].weight.grad[0, 0] = float("inf")  # an overflow in this backward
@@ -149,7 +140,7 @@ def test_inf_step_is_skipped_and_leaves_state_untouched(name):
         scaler.step(opt)
     scaler.update()
     assert opt.steps == 3 and scaler.get_scale() == scale / 2
-    assert all(torch.equal(a, b) for a, b in zip(before, _state_snapshot(opt, model), strict=True))
+    assert same_state(before, state_snapshot(opt, model))
     opt.zero_grad()  # the next step proceeds with fresh statistics
     scaler.scale(_loss(model, 3)).backward()
     scaler.step(opt)

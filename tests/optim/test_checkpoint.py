@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from singd import KFAC, SINGD
-from tests.optim.nested import nested_tensors
+from tests.optim.nested import nested_tensors, same_state, state_snapshot
 
 OPTIMIZERS: dict[str, Callable[[nn.Module], Any]] = {
     "singd-dense": lambda m: SINGD(m, lr=0.05, T=2, lr_cov=0.1, weight_decay=1e-3),
@@ -48,19 +48,6 @@ def _train(model: nn.Module, opt: Any, steps: range) -> None:
         opt.step()
 
 
-def _snapshot(opt: Any, model: nn.Module) -> list[torch.Tensor]:
-    return [t.clone() for t in nested_tensors(opt.state_dict())] + [
-        p.detach().clone() for p in model.parameters()
-    ]
-
-
-def _bitwise_equal(left: list[torch.Tensor], right: list[torch.Tensor]) -> bool:
-    return len(left) == len(right) and all(
-        a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-        for a, b in zip(left, right, strict=True)
-    )
-
-
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("stop", [3, 4])  # T = 2: the next step is a plain / statistics step
 def test_resume_is_bitwise_identical(tmp_path, name, stop):
@@ -81,7 +68,7 @@ def test_resume_is_bitwise_identical(tmp_path, name, stop):
     _train(resumed_model, resumed_opt, range(stop, total))
 
     assert resumed_opt.steps == opt.steps == total
-    assert _bitwise_equal(_snapshot(opt, model), _snapshot(resumed_opt, resumed_model))
+    assert same_state(state_snapshot(opt, model), state_snapshot(resumed_opt, resumed_model))
 
 
 def test_state_dict_holds_factor_storages_by_layer_name():
@@ -137,14 +124,14 @@ def test_corrupted_checkpoint_raises_and_changes_nothing(corruption):
     saved = copy.deepcopy(opt.state_dict())
     _corruptions()[corruption](saved)
     _train(model, opt, range(2, 3))
-    before = _snapshot(opt, model)
+    before = state_snapshot(opt, model)
     groups_before = copy.deepcopy(
         [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     )
     with pytest.raises(ValueError, match=r"load_state_dict|lr|loaded state dict"):
         opt.load_state_dict(saved)
     assert opt.steps == 3
-    assert _bitwise_equal(before, _snapshot(opt, model))
+    assert same_state(before, state_snapshot(opt, model))
     assert groups_before == [
         {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups
     ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from singd import KFAC, SINGD
-from tests.optim.nested import nested_tensors
+from tests.optim.nested import nested_tensors, same_state, state_snapshot
 
 OPTIMIZERS: dict[str, Callable[[nn.Module], Any]] = {
     "singd": lambda m: SINGD(
@@ -31,22 +30,6 @@ def _model() -> nn.Module:
 
 def _inputs(step: int) -> torch.Tensor:
     return torch.randn(5, 4, generator=torch.Generator().manual_seed(step))
-
-
-def _snapshot(opt: Any, model: nn.Module) -> tuple[list[torch.Tensor], Any]:
-    state = copy.deepcopy(opt.state_dict())
-    tensors = [t.clone() for t in nested_tensors(state)] + [
-        p.detach().clone() for p in model.parameters()
-    ]
-    plain = {k: v for k, v in state.items() if k not in ("state", "kronecker")}
-    return tensors, (plain, state["kronecker"]["steps"], state["kronecker"]["grad_scale_prev"])
-
-
-def _assert_unchanged(before, after) -> None:
-    (left, left_plain), (right, right_plain) = before, after
-    assert left_plain == right_plain
-    assert len(left) == len(right)
-    assert all(torch.equal(a, b) for a, b in zip(left, right, strict=True))
 
 
 def _warm_up(name: str) -> tuple[nn.Module, Any]:
@@ -87,12 +70,12 @@ def _poison_statistics(model: nn.Module, opt: Any) -> None:
 )
 def test_nonfinite_step_is_skipped_and_changes_nothing(name, poison):
     model, opt = _warm_up(name)
-    before = _snapshot(opt, model)
+    before = state_snapshot(opt, model)
     opt.zero_grad()
     poison(model, opt)
     with pytest.warns(UserWarning, match="skipped"):
         opt.step()
-    _assert_unchanged(before, _snapshot(opt, model))
+    assert same_state(before, state_snapshot(opt, model))
     assert opt.steps == 2
 
     opt.zero_grad()  # the statistics were dropped: the next step uses only its own pass

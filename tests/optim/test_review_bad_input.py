@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from singd import KFAC, SINGD
-from tests.optim.nested import nested_tensors
+from tests.optim.nested import nested_tensors, same_state, state_snapshot
 
 
 def _model() -> nn.Module:
@@ -33,19 +33,6 @@ def _train(model: nn.Module, opt: Any, steps: int, batch: int = 5) -> None:
         x = torch.randn(batch, 3, generator=torch.Generator().manual_seed(step))
         model(x).square().mean().backward()
         opt.step()
-
-
-def _snapshot(opt: Any, model: nn.Module) -> list[torch.Tensor]:
-    return [t.clone() for t in nested_tensors(opt.state_dict())] + [
-        p.detach().clone() for p in model.parameters()
-    ]
-
-
-def _unchanged(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
-    return len(before) == len(after) and all(
-        a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-        for a, b in zip(before, after, strict=True)
-    )
 
 
 def _hook_counts(model: nn.Module) -> list[int]:
@@ -166,12 +153,12 @@ def test_sparse_gradient_is_a_clear_error_and_changes_nothing():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(5, 3, sparse=True), nn.Linear(3, 2))
     opt = SINGD(model, T=1, warn_unsupported=False)
-    before = _snapshot(opt, model)
+    before = state_snapshot(opt, model)
     model(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match=r"sparse.*'0\.weight'"):
         opt.step()
     assert opt.steps == 0
-    assert _unchanged(before, _snapshot(opt, model))
+    assert same_state(before, state_snapshot(opt, model))
 
 
 # -------------------------------------------------------------- checkpoints
@@ -182,10 +169,10 @@ def test_checkpoint_group_missing_a_key_is_a_value_error(key):
     _train(model, opt, 2)
     saved = copy.deepcopy(opt.state_dict())
     saved["param_groups"][0].pop(key)
-    before = _snapshot(opt, model)
+    before = state_snapshot(opt, model)
     with pytest.raises(ValueError, match=f"load_state_dict.*{key}"):
         opt.load_state_dict(saved)
-    assert opt.steps == 2 and _unchanged(before, _snapshot(opt, model))
+    assert opt.steps == 2 and same_state(before, state_snapshot(opt, model))
 
 
 @pytest.mark.parametrize("params", [[0, 1, 3, 2], [0, 0, 1, 2], [1, 2, 3, 4]])
@@ -197,10 +184,10 @@ def test_checkpoint_param_indices_must_match_the_buffers(params):
     _train(model, opt, 2)
     saved = copy.deepcopy(opt.state_dict())
     saved["param_groups"][0]["params"] = params
-    before = _snapshot(opt, model)
+    before = state_snapshot(opt, model)
     with pytest.raises(ValueError, match="load_state_dict"):
         opt.load_state_dict(saved)
-    assert opt.steps == 2 and _unchanged(before, _snapshot(opt, model))
+    assert opt.steps == 2 and same_state(before, state_snapshot(opt, model))
 
 
 def test_kfac_checkpoint_with_indefinite_factor_is_rejected():
@@ -210,10 +197,10 @@ def test_kfac_checkpoint_with_indefinite_factor_is_rejected():
     _train(model, opt, 2)
     saved = copy.deepcopy(opt.state_dict())
     saved["kronecker"]["layers"]["0"]["factors"]["S_K"]["matrix"].neg_()
-    before = _snapshot(opt, model)
+    before = state_snapshot(opt, model)
     with pytest.raises(ValueError, match=r"load_state_dict.*0\.S_K.*positive definite"):
         opt.load_state_dict(saved)
-    assert opt.steps == 2 and _unchanged(before, _snapshot(opt, model))
+    assert opt.steps == 2 and same_state(before, state_snapshot(opt, model))
     _train(model, opt, 1)
 
 
