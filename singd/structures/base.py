@@ -254,7 +254,11 @@ class StructuredMatrix(ABC):
         self._check_same(other)
         check_scalar(alpha, f"{self.name}.add_ alpha")
         for key, t in self._storage.items():
-            t.add_(other._storage[key].to(t.dtype) * alpha)
+            addend = other._storage[key].to(t.dtype)
+            if isinstance(alpha, Tensor):  # torch's add_ takes only a number as alpha
+                t.add_(addend * alpha)
+            else:
+                t.add_(addend, alpha=alpha)  # fused: no temporary of the storage's size
         return self
 
     @abstractmethod
