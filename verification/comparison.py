@@ -1,29 +1,28 @@
-"""Compare a recorded torch run with its oracle replay against a propagated rounding bound.
+"""Compare a recorded torch run with its float64 oracle replay against derived rounding bounds.
 
-Tolerance rule (first-order rounding-error analysis, as in :mod:`verification.tolerances`):
-the bound on every state entry is *propagated along the oracle trajectory*.
-Each operation of SPEC §1.1–§1.4 adds its own rounding error, ``(n + 2)·eps``
-times the magnitude of its result evaluated on absolute values (Higham: error
-relative to ``|A||B|``, never to ``|AB|``; ``n`` the reduction length), and
-passes on the errors already in its operands to first order
-(``|X1|…(δ_i 𝟙)…|Xk|`` for a perturbed factor of a product).  So the factor
-errors grow with ``β1 |m|`` per update, the parameter error with ``β2`` times
-the momentum error, and every stored number adds ``eps`` of its magnitude
-(in bf16, updates below half an ulp are lost: that is this ``eps`` per step).
-Π̂ is accounted as at most doubling an entry (tril/triu/hierarchical coupling
-blocks) plus a ``d``-term average (Toeplitz).  Nothing is fitted to the data.
+SINGD (SPEC §1.3–§1.4): the bound of every state entry is entrywise and
+comes from :mod:`verification.bounds`, which evaluates each step a second
+time under the run's arithmetic model (:mod:`verification.arithmetic`:
+where torch rounds and in which precision it accumulates) plus the float64
+oracle's own rounding.  Three checks use it: the whole trajectory
+(:func:`compare_singd`, bounds propagated from the initial ``W~``), blocks
+(:func:`compare_singd_blocks`: the oracle restarts from the
+implementation's recorded state every ``block`` steps, so no bound
+compounds over more than ``block`` steps) and one step at a time
+(:func:`compare_singd_local`, ``block = 1``).
 
-The propagated bound compounds over the steps, so late steps are held only
-loosely.  The one-step ("teacher-forced") comparisons :func:`compare_singd_local`
-and :func:`compare_kfac_local` restart the oracle at every step from the
-implementation's own recorded state and apply the same per-step rules with
-zero incoming error, a bound that does not grow with the step count.
+KFAC (SPEC §1.2) keeps the scalar first-order rule of
+:mod:`verification.tolerances`: every product of reduction length ``n`` adds
+``(n + 2)·eps`` times the magnitude of its result evaluated on absolute
+values, and errors already in its operands pass on to first order; the
+Cholesky solves add ``κ₂·d·(3d + 3)·eps`` (Higham Thm. 10.4).  Nothing is
+fitted to the data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -40,8 +39,10 @@ from reference.updates import (
     singd_init,
     singd_step,
 )
-from verification.recording import RecordedRun
-from verification.replay import step_records
+from verification.arithmetic import Precision, precision_for
+from verification.bounds import StatisticPass, singd_step_bounds
+from verification.recording import LayerPass, RecordedRun
+from verification.replay import layer_statistics, step_records
 from verification.tolerances import EPS, chain_bound, matmul_bound
 
 #: Π̂ at most doubles an entry (tril/triu/hierarchical coupling blocks, SPEC §2).
@@ -75,194 +76,6 @@ def _abs_chain(*matrices: np.ndarray) -> np.ndarray:
     for matrix in matrices[1:]:
         result = result @ np.abs(matrix)
     return result
-
-
-def _perturbed(matrices: Sequence[np.ndarray], errors: Sequence[float]) -> float:
-    """First-order bound on ``max |δ(X1 … Xk)|`` when ``Xi`` has entry errors ``<= errors[i]``.
-
-    ``Σ_i |X1| … |X_{i-1}| (errors[i] · 𝟙) |X_{i+1}| … |Xk|``, largest entry.
-    """
-    total = 0.0
-    for index, error in enumerate(errors):
-        if error == 0:
-            continue
-        factors = [np.abs(m) for m in matrices]
-        factors[index] = np.full(np.shape(matrices[index]), error)
-        total = total + _abs_chain(*factors)
-    return float(np.max(total))
-
-
-@dataclass
-class _FactorBound:
-    """Running bounds for one factor ``K`` (or ``C``) and its momentum.
-
-    Attributes:
-        factor: Bound on ``max |δK|``.
-        momentum: Bound on ``max |δm_K|``.
-        momentum_magnitude: Magnitude of the latest ``m_K`` (for reports).
-    """
-
-    factor: float = 0.0
-    momentum: float = 0.0
-    momentum_magnitude: float = 0.0
-
-
-def _inner_bound(
-    dtype: torch.dtype,
-    factor: np.ndarray,
-    error: float,
-    statistics: Sequence[np.ndarray],
-    shared: int,
-) -> tuple[np.ndarray, float]:
-    """Magnitude and error bound of ``H = Σ_passes Π̂(Kᵀ AᵀA K)`` (SPEC §1.1).
-
-    Rounding: the statistic itself (averaging over ``shared`` positions and
-    the scaling, once per appearance), ``Kᵀ Aᵀ`` (``d``), the Gram product
-    (``n``), Π̂ (at most a ``d``-term average) and the sum over passes; plus
-    the propagated ``δK`` (first order).
-    """
-    d = factor.shape[0]
-    magnitude = np.zeros_like(factor)
-    error_h = 0.0
-    for a in statistics:
-        rho = chain_bound(dtype, [shared, shared, d, a.shape[0], d, len(statistics)])
-        chain = [factor.T, a.T, a, factor]
-        term = PROJECTION_GAIN * _abs_chain(*chain)
-        magnitude = magnitude + term
-        error_h += rho * float(term.max()) + PROJECTION_GAIN * _perturbed(
-            chain, [error, 0, 0, error]
-        )
-    return magnitude, error_h
-
-
-def _gram_bound(dtype: torch.dtype, factor: np.ndarray, error: float) -> tuple[np.ndarray, float]:
-    """Magnitude and error bound of ``Π̂(KᵀK)`` (product ``d``, Π̂ ``d``, propagated ``δK``)."""
-    d = factor.shape[0]
-    magnitude = PROJECTION_GAIN * _abs_chain(factor.T, factor)
-    error_gram = chain_bound(dtype, [d, d]) * float(magnitude.max())
-    error_gram += PROJECTION_GAIN * _perturbed([factor.T, factor], [error, error])
-    return magnitude, error_gram
-
-
-def _trace_bound(dtype: torch.dtype, magnitude: np.ndarray, error: float) -> tuple[float, float]:
-    """Magnitude and error bound of ``tr(X)`` from entry magnitude/error bounds of ``X``."""
-    d = magnitude.shape[0]
-    trace = float(np.trace(magnitude))
-    return trace, d * error + chain_bound(dtype, [d]) * trace
-
-
-def _momentum_bound(
-    dtype: torch.dtype,
-    hyper: SINGDHyperparameters,
-    own: tuple[np.ndarray, float, np.ndarray, float],
-    other: tuple[np.ndarray, float, np.ndarray, float],
-    old_momentum: np.ndarray,
-    old_error: float,
-) -> tuple[float, float]:
-    """Magnitude and error bound of the new ``m_K`` (SPEC §1.3; ``m_C`` with roles swapped).
-
-    Args:
-        dtype: The dtype whose rounding is bounded.
-        hyper: The hyper-parameters.
-        own: ``(|H_K|, δH_K, |Π̂(KᵀK)|, δΠ̂(KᵀK))``.
-        other: The same for ``C``.
-        old_momentum: The oracle's previous ``m_K``.
-        old_error: Bound on the previous ``δm_K``.
-    """
-    h, error_h, gram, error_gram = own
-    h_other, error_h_other, gram_other, error_gram_other = other
-    d_other = h_other.shape[0]
-    if hyper.kfac_like:
-        terms = float(h.max()) + hyper.damping * float(gram.max()) + 1
-        error = error_h + hyper.damping * error_gram
-        divisor = 1
-    else:
-        trace_h, error_trace_h = _trace_bound(dtype, h_other, error_h_other)
-        trace_gram, error_trace_gram = _trace_bound(dtype, gram_other, error_gram_other)
-        terms = trace_h * float(h.max()) + hyper.damping * trace_gram * float(gram.max()) + d_other
-        error = error_trace_h * float(h.max()) + trace_h * error_h
-        error += hyper.damping * (error_trace_gram * float(gram.max()) + trace_gram * error_gram)
-        divisor = d_other
-    # Three additions, the scaling and the storage of the bracket round once each.
-    error += 4 * EPS[dtype] * terms
-    old = hyper.alpha1 * float(np.abs(old_momentum).max())
-    magnitude = 0.5 * terms / divisor + old
-    return magnitude, 0.5 * error / divisor + hyper.alpha1 * old_error + 2 * EPS[dtype] * (
-        old + magnitude
-    )
-
-
-def _factor_step_bound(
-    dtype: torch.dtype,
-    factor: np.ndarray,
-    new_factor: np.ndarray,
-    momentum: np.ndarray,
-    bounds: _FactorBound,
-    beta1: float,
-    normalize: bool,
-) -> float:
-    """Bound on ``δK`` after ``K ← K − β K m`` (SPEC §1.4a).
-
-    ``β = β1 / max(1, ‖m‖_∞)`` with ``normalize_lr_cov``; ``1/max(1, x)`` is
-    1-Lipschitz, so ``δβ ≤ β1 δm``.
-    """
-    d = factor.shape[0]
-    step = beta1 / max(1.0, float(np.abs(momentum).max())) if normalize else beta1
-    error_step = beta1 * bounds.momentum if normalize else 0.0
-    product = float(_abs_chain(factor, momentum).max())
-    error = bounds.factor + step * _perturbed([factor, momentum], [bounds.factor, bounds.momentum])
-    error += step * matmul_bound(dtype, d) * product + error_step * product
-    return error + EPS[dtype] * (float(np.abs(new_factor).max()) + step * product)
-
-
-@dataclass(frozen=True)
-class _SINGDBounds:
-    """Error bounds of one layer's SINGD state (all zero: an exactly known state).
-
-    Attributes:
-        k: Bounds of ``K`` and ``m_K``.
-        c: Bounds of ``C`` and ``m_C``.
-        w: Bound on ``max |δW~|``.
-        m_w: Bound on ``max |δm_W~|``.
-    """
-
-    k: _FactorBound = field(default_factory=_FactorBound)
-    c: _FactorBound = field(default_factory=_FactorBound)
-    w: float = 0.0
-    m_w: float = 0.0
-
-
-def _factor_bounds(
-    dtype: torch.dtype,
-    hyper: SINGDHyperparameters,
-    before: SINGDState,
-    after: SINGDState,
-    record: StepRecord,
-    shared: int,
-    incoming: _SINGDBounds,
-) -> tuple[_FactorBound, _FactorBound]:
-    """Bounds of ``K``, ``m_K``, ``C``, ``m_C`` after a factor step (SPEC §1.3)."""
-    own_k = (
-        *_inner_bound(dtype, before.K, incoming.k.factor, [a for a, _ in record.stats], shared),
-        *_gram_bound(dtype, before.K, incoming.k.factor),
-    )
-    own_c = (
-        *_inner_bound(dtype, before.C, incoming.c.factor, [g for _, g in record.stats], shared),
-        *_gram_bound(dtype, before.C, incoming.c.factor),
-    )
-    beta1 = lr_cov_at(hyper.lr_cov, before.steps)
-    bounds = []
-    for own, other, old, new, old_m, new_m, bound in (
-        (own_k, own_c, before.K, after.K, before.m_K, after.m_K, incoming.k),
-        (own_c, own_k, before.C, after.C, before.m_C, after.m_C, incoming.c),
-    ):
-        magnitude, momentum = _momentum_bound(dtype, hyper, own, other, old_m, bound.momentum)
-        with_momentum = _FactorBound(bound.factor, momentum, magnitude)
-        factor = _factor_step_bound(
-            dtype, old, new, new_m, with_momentum, beta1, hyper.normalize_lr_cov
-        )
-        bounds.append(_FactorBound(factor, momentum, magnitude))
-    return bounds[0], bounds[1]
 
 
 def _parameter_bounds(
@@ -394,103 +207,167 @@ def _compare_local(
     return deviations
 
 
-def _singd_step_bounds(
-    dtype: torch.dtype,
+def statistic_passes(
+    run: RecordedRun, name: str, approx: str, loss_average: str | None
+) -> list[list[StatisticPass]]:
+    """Per step, the oracle's ``A``, ``G`` of every pass with the magnitudes they average.
+
+    ``|A|`` bounds the magnitude when no positions are averaged (expand without
+    groups); otherwise the statistics of ``|a|`` and ``|g|`` do (a mean of
+    absolute values bounds the terms a mean of values sums).
+    """
+    module = run.layers[name]
+    shared = _shared_positions(run, name, approx)
+    result = []
+    for step in run.steps:
+        passes = []
+        for layer_pass in step[name].passes:
+            a, g = layer_statistics(module, layer_pass, approx, loss_average)
+            if shared == 1:
+                a_abs, g_abs = np.abs(a), np.abs(g)
+            else:
+                absolute = LayerPass(layer_pass.inputs.abs(), layer_pass.output_grads.abs())
+                a_abs, g_abs = layer_statistics(module, absolute, approx, loss_average)
+            passes.append(StatisticPass(a, g, a_abs, g_abs))
+        result.append(passes)
+    return result
+
+
+#: The SINGD state entries compared, in report order.
+SINGD_KEYS = ("K", "C", "m_K", "m_C", "W", "m_W")
+
+
+def _singd_blocks(
+    run: RecordedRun,
     hyper: SINGDHyperparameters,
-    before: SINGDState,
-    after: SINGDState,
-    record: StepRecord,
-    shared: int,
-    incoming: _SINGDBounds,
-) -> _SINGDBounds:
-    """Bounds after one oracle step ``before → after``, given the bounds ``incoming`` of ``before``.
+    precision: Precision,
+    approx: str,
+    loss_average: str | None,
+    block: int | None,
+    per_step: list[Deviation] | None,
+) -> list[Deviation]:
+    """Worst deviation per layer and entry; the oracle restarts from the recording every ``block``.
 
-    Each operation of SPEC §1.3/§1.4 adds its rounding error
-    ``(n + 2) · eps · |magnitude|`` and passes on the errors of its inputs to
-    first order (:func:`_perturbed`).
+    At steps ``t`` with ``t % block == 0`` the float64 oracle starts again
+    from the implementation's own recorded state after step ``t − 1`` (exactly
+    known: zero incoming error); in between, bounds propagate entrywise
+    through :func:`verification.bounds.singd_step_bounds`.  ``block=None``
+    never restarts (the whole trajectory from the initial ``W~``);
+    ``block=1`` is the one-step check.
     """
-    k, c = incoming.k, incoming.c
-    if before.steps % hyper.T == 0:
-        k, c = _factor_bounds(dtype, hyper, before, after, record, shared, incoming)
-    d_o, d_i = after.W.shape
-    chain = [after.C, after.C.T, record.grad, after.K, after.K.T]
-    magnitude_g = float(_abs_chain(*chain).max())
-    error_g = chain_bound(dtype, [d_o, d_o, d_i, d_i]) * magnitude_g
-    error_g += _perturbed(chain, [c.factor] * 2 + [0] + [k.factor] * 2)
-    w, m_w = _parameter_bounds(
-        dtype, hyper, before, after, (magnitude_g, error_g), (incoming.w, incoming.m_w)
-    )
-    return _SINGDBounds(k, c, w, m_w)
+    keys = [key for key in SINGD_KEYS if hyper.alpha1 != 0 or key not in ("m_K", "m_C")]
+    deviations = []
+    for name in run.layers:
+        records = step_records(run, name, approx, loss_average)
+        passes = statistic_passes(run, name, approx, loss_average)
+        shared = _shared_positions(run, name, approx)
+        state = singd_init(run.initial_weights[name], hyper, FLOAT64)
+        errors = None
+        worst: dict[str, Deviation] = {}
+        for t, record in enumerate(records):
+            if block is not None and t > 0 and t % block == 0:
+                state = _recorded_state(SINGDState, run.steps[t - 1][name].state, t)
+                errors = None
+            bounds = singd_step_bounds(precision, hyper, state, errors, record, passes[t], shared)
+            state = singd_step(state, record, hyper, FLOAT64)
+            recorded = run.steps[t][name].state
+            for key in keys:
+                candidate = _entry_deviation(
+                    name, key, t, recorded[key], getattr(state, key), getattr(bounds, key).error
+                )
+                if per_step is not None:
+                    per_step.append(candidate)
+                if key not in worst or _ratio(candidate) > _ratio(worst[key]):
+                    worst[key] = candidate
+            errors = bounds
+        deviations.extend(worst.values())
+    return deviations
 
 
-def _singd_entry_bounds(
-    bounds: _SINGDBounds, state: SINGDState, hyper: SINGDHyperparameters
-) -> dict[str, tuple[float, float]]:
-    """``(bound, magnitude)`` per compared entry; ``m_K``/``m_C`` not with ``α1 = 0``.
+def _entry_deviation(
+    layer: str, key: str, step: int, computed: np.ndarray, oracle: np.ndarray, bound: np.ndarray
+) -> Deviation:
+    """Entrywise comparison folded into one :class:`Deviation`.
 
-    With ``α1 = 0`` the momenta are never read, so the optimizer need not store
-    them (SPEC §1.4a).
+    ``error`` is the largest ``|computed − oracle|``; ``bound`` is chosen so that
+    ``error / bound`` is the largest *entrywise* ratio (``inf`` where a nonzero
+    error meets a zero bound).
     """
-    entries = {
-        "K": (bounds.k.factor, float(np.abs(state.K).max())),
-        "C": (bounds.c.factor, float(np.abs(state.C).max())),
-        "m_K": (bounds.k.momentum, bounds.k.momentum_magnitude),
-        "m_C": (bounds.c.momentum, bounds.c.momentum_magnitude),
-        "W": (bounds.w, float(np.abs(state.W).max())),
-        "m_W": (bounds.m_w, float(np.abs(state.m_W).max())),
-    }
-    if hyper.alpha1 == 0:
-        del entries["m_K"], entries["m_C"]
-    return entries
+    difference = np.abs(computed - oracle)
+    error = float(difference.max(initial=0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(difference == 0, 0.0, difference / bound)
+    worst = float(ratios.max(initial=0.0))
+    effective = error / worst if worst > 0 else float(bound.max(initial=0.0))
+    magnitude = float(np.abs(oracle).max(initial=0.0))
+    return Deviation(layer, key, step, error, effective, magnitude)
 
 
-_SINGD = _Method(
-    init=singd_init,
-    step=singd_step,
-    state_type=SINGDState,
-    exact=_SINGDBounds,
-    step_bounds=_singd_step_bounds,
-    entry_bounds=_singd_entry_bounds,
-)
+def _ratio(deviation: Deviation) -> float:
+    if deviation.error == 0:
+        return 0.0
+    return deviation.error / deviation.bound if deviation.bound > 0 else float("inf")
 
 
 def compare_singd(
     run: RecordedRun,
-    oracle: dict[str, list[SINGDState]],
+    oracle: dict[str, list[SINGDState]] | None,
     hyper: SINGDHyperparameters,
-    dtype: torch.dtype,
+    dtype: torch.dtype | Precision,
     approx: str = "expand",
     loss_average: str | None = "batch",
     per_step: list[Deviation] | None = None,
 ) -> list[Deviation]:
-    """Worst deviation (relative to its bound) of every layer's K, C, m_K, m_C, W~, m_W~.
+    """Whole-trajectory comparison of every layer's K, C, m_K, m_C, W~, m_W~ (never restarted).
 
-    The bound of every entry is propagated step by step along the oracle
-    trajectory (module docstring, :func:`_singd_step_bounds`).  ``m_K``/``m_C``
-    are not compared with ``α1 = 0``, where the optimizer need not store them.
-    ``per_step``, when given, receives the deviation of every entry at every step.
+    The bound of every entry propagates entrywise along the float64 oracle
+    trajectory from the initial ``W~`` (:func:`verification.bounds.
+    singd_step_bounds`); it compounds over the steps.  ``dtype`` is the
+    run's dtype (CPU model, factors alike) or a
+    :class:`~verification.arithmetic.Precision`.  ``oracle`` (the replayed
+    trajectory) is accepted for compatibility; the comparison steps the
+    oracle itself.  ``m_K``/``m_C`` are not compared with ``α1 = 0``.
     """
-    return _compare(_SINGD, run, oracle, hyper, dtype, approx, loss_average, per_step)
+    del oracle  # recomputed step by step beside the bounds (the same float64 steps)
+    precision = precision_for(dtype)
+    return _singd_blocks(run, hyper, precision, approx, loss_average, None, per_step)
+
+
+def compare_singd_blocks(
+    run: RecordedRun,
+    hyper: SINGDHyperparameters,
+    dtype: torch.dtype | Precision,
+    approx: str = "expand",
+    loss_average: str | None = "batch",
+    block: int = 5,
+    per_step: list[Deviation] | None = None,
+) -> list[Deviation]:
+    """Teacher-forced comparison in blocks of ``block`` steps (a non-compounding trajectory check).
+
+    Every ``block`` steps the oracle restarts from the implementation's own
+    recorded state, so a bound compounds over at most ``block`` steps however
+    long the run, and every step is judged within the rounding of a short
+    stretch of the trajectory.
+    """
+    precision = precision_for(dtype)
+    return _singd_blocks(run, hyper, precision, approx, loss_average, block, per_step)
 
 
 def compare_singd_local(
     run: RecordedRun,
     hyper: SINGDHyperparameters,
-    dtype: torch.dtype,
+    dtype: torch.dtype | Precision,
     approx: str = "expand",
     loss_average: str | None = "batch",
     per_step: list[Deviation] | None = None,
 ) -> list[Deviation]:
     """One-step ("teacher-forced") comparison: every step from the implementation's own state.
 
-    For every step ``t`` one float64 oracle step starts from the recorded
-    state after step ``t − 1`` (the initial state for ``t = 0``) with the record
-    of step ``t``, and the recorded state after step ``t`` is compared with it
-    against the one-step bound: :func:`_singd_step_bounds` with zero incoming
-    error.  Unlike :func:`compare_singd`, the bound does not compound, so a
-    late-step error is held to the tolerance of a single step.
+    :func:`compare_singd_blocks` with ``block = 1``: the bound of a single
+    step from an exactly known state, which does not grow with the step count.
     """
-    return _compare_local(_SINGD, run, hyper, dtype, approx, loss_average, per_step)
+    precision = precision_for(dtype)
+    return _singd_blocks(run, hyper, precision, approx, loss_average, 1, per_step)
 
 
 def _solve_error(matrix: np.ndarray, dtype: torch.dtype) -> tuple[float, float]:

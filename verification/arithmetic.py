@@ -1,0 +1,288 @@
+"""Arithmetic models: where torch rounds, and in which precision each reduction accumulates.
+
+A rounding-error bound is only as good as its model of the arithmetic.  The
+old rule charged every product of reduction length ``n`` with ``(n + 2)·eps``
+of the *storage* dtype, the worst case of a sum accumulated in that dtype.
+Torch does not compute that way: on CPU a bfloat16/float16 matmul, sum or
+mean accumulates in float32 and rounds once, and elementwise kernels compute
+in float32 ("opmath") and round once.  So in bf16 the honest per-product
+error is ``γ_n(u₃₂)·|A||B| + u_bf16·|AB|`` — about one half-ulp of the result
+— where the old rule allowed ``(n + 2)`` ulps (40 % of an entry at ``n = 37``,
+and no bound at all once ``n·eps ≥ 1``).
+
+An :class:`ArithmeticModel` states, for one device and storage dtype:
+
+* ``storage``: the dtype every result is rounded to (unit roundoff
+  ``u_s = eps/2``);
+* ``accumulation``: the dtype of partial sums in matmuls and reductions
+  (``u_a``); an inner product of length ``n`` then has error at most
+  ``γ_n(u_a) = n·u_a / (1 − n·u_a)`` relative to ``|a|ᵀ|b|`` (Higham,
+  *Accuracy and Stability*, Thm. 3.5), plus one rounding ``u_s`` when
+  ``storage`` is narrower than ``accumulation``;
+* ``input_rounding``: a rounding of the *operands* of a product before it
+  (TF32 on CUDA: ``u = 2⁻¹¹``), ``0`` otherwise;
+* ``elementwise``: the dtype elementwise kernels compute in before the
+  single rounding to ``storage``.
+
+Optionally a **probabilistic** bound (Higham & Mary, SIAM J. Sci. Comput.
+41(5), 2019, Thm. 3.1) replaces ``γ_n`` by
+``γ̃_n(λ) = exp(λ√n·u_a + n·u_a²/(1 − u_a)) − 1 ≈ λ√n·u_a``, which holds for
+one inner product with probability at least ``1 − 2n·exp(−λ²(1 − u_a)²/2)``
+when the rounding errors are independent and of mean zero.  It is always
+labelled as such (:attr:`ArithmeticModel.label`) and never replaces the
+worst-case bound in a verdict.
+
+:func:`model_for` gives the model of torch on a device (reading the CUDA
+reduced-precision and TF32 switches); :mod:`verification.probe` measures
+the real errors of that device and refuses a model they contradict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+#: Machine epsilon (spacing at 1.0) per dtype; the unit roundoff is half of it.
+EPS: dict[torch.dtype, float] = {
+    torch.float64: 2.0**-52,
+    torch.float32: 2.0**-23,
+    torch.bfloat16: 2.0**-7,
+    torch.float16: 2.0**-10,
+}
+
+#: TF32's unit roundoff (10 stored mantissa bits), for CUDA float32 matmuls with TF32 on.
+TF32_UNIT = 2.0**-11
+
+#: Default ``λ`` of the probabilistic bound: failure probability per inner product of
+#: length ``n`` at most ``2n·exp(−λ²/2·(1 − u)²)`` = ``n · 4.6e-11`` at ``λ = 7``.
+DEFAULT_LAMBDA = 7.0
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u = eps/2`` of ``dtype`` (round to nearest)."""
+    return EPS[dtype] / 2
+
+
+def gamma(n: int, unit: float) -> float:
+    """``γ_n = n·u / (1 − n·u)`` (Higham Lemma 3.1); ``inf`` once ``n·u ≥ 1``."""
+    nu = max(n, 0) * unit
+    return nu / (1 - nu) if nu < 1 else math.inf
+
+
+def probabilistic_gamma(n: int, unit: float, lam: float) -> float:
+    """``γ̃_n(λ) = exp(λ√n·u + n·u²/(1 − u)) − 1`` (Higham & Mary 2019, Thm. 2.4)."""
+    n = max(n, 0)
+    return math.expm1(lam * math.sqrt(n) * unit + n * unit**2 / (1 - unit))
+
+
+def failure_probability(n: int, unit: float, lam: float) -> float:
+    """Probability bound that one inner product of length ``n`` exceeds ``γ̃_n(λ)``."""
+    return min(1.0, 2 * n * math.exp(-(lam**2) * (1 - unit) ** 2 / 2))
+
+
+@dataclass(frozen=True)
+class ArithmeticModel:
+    """How one device computes in one storage dtype (module docstring).
+
+    Attributes:
+        device: ``"cpu"`` or ``"cuda"`` (the device type the model describes).
+        storage: The dtype results are rounded to.
+        accumulation: The dtype of partial sums of matmuls and reductions.
+        elementwise: The dtype elementwise kernels compute in before rounding.
+        input_rounding: Unit roundoff applied to matmul operands first (TF32), or 0.
+        lam: ``None`` for worst-case bounds, else the ``λ`` of the probabilistic bound.
+    """
+
+    device: str
+    storage: torch.dtype
+    accumulation: torch.dtype
+    elementwise: torch.dtype
+    input_rounding: float = 0.0
+    lam: float | None = None
+
+    @property
+    def unit(self) -> float:
+        """``u_s``: one rounding to the storage dtype."""
+        return unit_roundoff(self.storage)
+
+    @property
+    def accumulation_unit(self) -> float:
+        """``u_a``: one rounding of a partial sum."""
+        return unit_roundoff(self.accumulation)
+
+    @property
+    def eps(self) -> float:
+        """Machine epsilon of the storage dtype (the unit of reports: ulps of the scale)."""
+        return EPS[self.storage]
+
+    def _final_rounding(self, compute: torch.dtype) -> float:
+        """``u_s`` when results computed in ``compute`` are rounded to a narrower storage."""
+        return self.unit if EPS[self.storage] > EPS[compute] else 0.0
+
+    def reduction(self, n: int) -> float:
+        """Relative error (to ``Σ|terms|``) of a sum of ``n`` terms, including its storage.
+
+        ``γ_{n−1}(u_a)`` (``n − 1`` additions; 0 for one term) plus one rounding to storage.
+        """
+        if n <= 1:
+            return 0.0
+        accumulation_unit = self.accumulation_unit
+        if self.lam is None:
+            accumulated = gamma(n - 1, accumulation_unit)
+        else:
+            accumulated = probabilistic_gamma(n - 1, accumulation_unit, self.lam)
+        return accumulated + self._final_rounding(self.accumulation)
+
+    def product(self, n: int) -> float:
+        """Relative error (to ``|A||B|``) of one product with reduction length ``n``.
+
+        Operand rounding (``2·u_in``), ``n`` accumulated multiply-adds
+        (``γ_n(u_a)`` or ``γ̃_n(λ)``) and one rounding to storage.
+        """
+        accumulation_unit = self.accumulation_unit
+        n = max(n, 1)
+        if self.lam is None:
+            accumulated = gamma(n, accumulation_unit)
+        else:
+            accumulated = probabilistic_gamma(n, accumulation_unit, self.lam)
+        return 2 * self.input_rounding + accumulated + self._final_rounding(self.accumulation)
+
+    def chain(self, lengths: list[int]) -> float:
+        """Relative error of a chain of products (first order: the per-product errors add)."""
+        return sum(self.product(n) for n in lengths)
+
+    @property
+    def store(self) -> float:
+        """Relative error of one elementwise result (computed in ``elementwise``, rounded once)."""
+        inner = unit_roundoff(self.elementwise)
+        return self.unit + (inner if self.elementwise != self.storage else 0.0)
+
+    def probabilistic(self, lam: float = DEFAULT_LAMBDA) -> ArithmeticModel:
+        """The same model with the probabilistic accumulation bound at ``λ = lam``."""
+        return replace(self, lam=lam)
+
+    @property
+    def label(self) -> str:
+        """A one-line statement of the model (for reports)."""
+        name = _NAMES[self.storage]
+        parts = [
+            f"{self.device} {name}: results rounded to {name}",
+            f"matmul/sum accumulate in {_NAMES[self.accumulation]}",
+            f"elementwise in {_NAMES[self.elementwise]}, one rounding",
+        ]
+        if self.input_rounding:
+            parts.append(f"operands rounded first (u = {self.input_rounding:.3g}, TF32)")
+        bound = (
+            "worst case γ_n"
+            if self.lam is None
+            else f"PROBABILISTIC γ̃_n(λ = {self.lam:g}) (Higham & Mary 2019)"
+        )
+        return "; ".join(parts) + f"; {bound}"
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready fields."""
+        return {
+            "device": self.device,
+            "storage": _NAMES[self.storage],
+            "accumulation": _NAMES[self.accumulation],
+            "elementwise": _NAMES[self.elementwise],
+            "input_rounding": self.input_rounding,
+            "lambda": self.lam,
+            "label": self.label,
+        }
+
+
+_NAMES = {
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def model_for(dtype: torch.dtype, device: str | torch.device = "cpu") -> ArithmeticModel:
+    """The arithmetic model of torch computing in ``dtype`` on ``device``.
+
+    CPU: float64/float32 accumulate in themselves; bfloat16/float16 matmuls,
+    sums and elementwise kernels work in float32 and round once.  CUDA: the
+    same, except that ``torch.backends.cuda.matmul.allow_{bf16,fp16}_reduced_
+    precision_reduction`` lets cuBLAS keep partial sums in the narrow dtype
+    (modelled as accumulation in ``dtype``), and ``allow_tf32`` rounds float32
+    operands to TF32 first.
+
+    Raises:
+        ValueError: For a dtype without a model.
+    """
+    if dtype not in EPS:
+        raise ValueError(f"no arithmetic model for dtype {dtype}")
+    kind = torch.device(device).type
+    if dtype not in _HALF:
+        tf32 = kind == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        return ArithmeticModel(kind, dtype, dtype, dtype, TF32_UNIT if tf32 else 0.0)
+    accumulation = torch.float32
+    if kind == "cuda":
+        matmul = torch.backends.cuda.matmul
+        reduced = (
+            matmul.allow_bf16_reduced_precision_reduction
+            if dtype == torch.bfloat16
+            else matmul.allow_fp16_reduced_precision_reduction
+        )
+        if reduced:
+            accumulation = dtype
+    return ArithmeticModel(kind, dtype, accumulation, torch.float32)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The arithmetic of one run: factors (``K``, ``C``, ``m_K``, ``m_C``, ``H``) and parameters.
+
+    Attributes:
+        factors: Model of the factor dtype (statistics, ``H``, momenta, factor step,
+            preconditioning products).
+        params: Model of the model dtype (``∇W~``, ``W~``, ``m_W~``).
+    """
+
+    factors: ArithmeticModel
+    params: ArithmeticModel
+
+    @property
+    def cast(self) -> float:
+        """Rounding of a parameter-side tensor cast to the factor dtype (0 if not narrower)."""
+        return self.factors.unit if self.factors.eps > self.params.eps else 0.0
+
+    @property
+    def coarsest(self) -> ArithmeticModel:
+        """The model with the larger eps (the unit of reports)."""
+        return max((self.factors, self.params), key=lambda model: model.eps)
+
+    def probabilistic(self, lam: float = DEFAULT_LAMBDA) -> Precision:
+        """Both models with the probabilistic accumulation bound."""
+        return Precision(self.factors.probabilistic(lam), self.params.probabilistic(lam))
+
+    @property
+    def label(self) -> str:
+        """The models in force, one line."""
+        if self.factors == self.params:
+            return self.params.label
+        return f"factors: {self.factors.label} | parameters: {self.params.label}"
+
+
+def precision_for(
+    dtype: torch.dtype | Precision,
+    factor_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Precision:
+    """The :class:`Precision` of a run with model ``dtype`` and factors in ``factor_dtype``.
+
+    A :class:`Precision` passes through unchanged, so comparison functions
+    accept either a dtype (CPU model, factors in the same dtype) or a precision.
+    """
+    if isinstance(dtype, Precision):
+        return dtype
+    params = model_for(dtype, device)
+    factors = params if factor_dtype is None else model_for(factor_dtype, device)
+    return Precision(factors, params)

@@ -1,0 +1,474 @@
+"""Entrywise running error bounds of one SINGD step, under an arithmetic model.
+
+The bound of a state entry is obtained by evaluating the step a second
+time, in float64, on :class:`Bounded` values: an exact value together with
+an entrywise bound on how far the implementation's computed value may be
+from it.  Every operation follows the implementation's evaluation order
+(:mod:`singd.optim.updates`, :mod:`singd.optim.statistics`) and charges the
+rounding its :class:`~verification.arithmetic.ArithmeticModel` says it
+makes, so in bfloat16 with float32 accumulation a product costs about half
+an ulp of its result instead of ``(n + 2)`` ulps of ``|A||B|``.
+
+Rules (rigorous, not just first order, for ``x̂ = x + δx`` with
+``|δx| ≤ e_x`` entrywise):
+
+* product ``z = x y`` (reduction ``n``): ``|x̂ŷ − xy| ≤ |x|e_y + e_x|y| + e_x e_y``
+  (propagated) and the computed product adds ``γ_n(u_a)·(|x| + e_x)(|y| + e_y)``
+  (accumulation, Higham Thm. 3.5) and one rounding ``u_s`` of the stored
+  result, ``u_s·(|z| + propagated + accumulated)``;
+* a Toeplitz product on the FFT path (``d ≥ FFT_MIN_DIM``) replaces the
+  accumulation term by the normwise FFT bound of every column
+  ``(2α + 2ε_a)‖t‖₂‖x_j‖₂ + α‖t‖₁‖x_j‖₂`` with ``α = 5·log₂(n)·ε_a``
+  (Higham §24.1; ``‖t ∗ x‖₂ ≤ ‖t‖₁‖x‖₂``, Young), and the Π̂ of a Gram
+  matrix by the lag-product bound ``(2α + (m + 3)ε_a)‖Y‖_F² + α‖r‖₂``;
+* elementwise ``a + αb``, ``s·a``: propagated errors plus ``store·|result|``
+  (computed in the elementwise dtype, rounded once);
+* a sum of ``n`` terms (trace, mean): ``reduction(n)·Σ|terms|``;
+* Π̂ (linear, nonnegative weights): the errors of ``Π̂(M)`` are at most
+  ``Π̂(max(E, Eᵀ))`` (mask structures copy or add two entries, exactly);
+  Toeplitz means add one accumulated sum and one division.
+
+The comparison adds the float64 oracle's own rounding (the same evaluation
+under the float64 model) to the implementation's: both are computed values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from reference.structures import Structure, get_structure
+from reference.updates import SINGDHyperparameters, SINGDState, StepRecord, lr_cov_at
+from singd.structures.toeplitz import FFT_MIN_DIM, fft_length
+from verification.arithmetic import ArithmeticModel, Precision, model_for
+
+_TOEPLITZ = ("triltoeplitz", "triutoeplitz")
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """An exact value and an entrywise bound on the computed value's error.
+
+    Attributes:
+        value: The exact value (float64 array or scalar).
+        error: Entrywise bound, same shape, nonnegative.
+    """
+
+    value: np.ndarray
+    error: np.ndarray
+
+    @property
+    def magnitude(self) -> np.ndarray:
+        """``|value| + error``: a bound on the computed value's magnitude."""
+        return np.abs(self.value) + self.error
+
+    @property
+    def T(self) -> Bounded:
+        """The transpose (exact)."""
+        return Bounded(self.value.T, self.error.T)
+
+
+def exact(value: np.ndarray | float) -> Bounded:
+    """A value the implementation knows exactly (recorded inputs, the state a step starts from)."""
+    value = np.asarray(value, dtype=np.float64)
+    return Bounded(value, np.zeros_like(value))
+
+
+class Arithmetic:
+    """The rounding of one storage dtype: the implementation's model plus the oracle's float64.
+
+    Every rounding term is the sum of the terms of both models (the computed
+    implementation value and the computed oracle value each err from the
+    exact one).
+    """
+
+    def __init__(self, model: ArithmeticModel, oracle: ArithmeticModel | None = None) -> None:
+        self.models = (model, oracle or model_for_oracle(model))
+
+    def _sum(self, rule: str, *args: int) -> float:
+        return sum(getattr(model, rule)(*args) for model in self.models)
+
+    @property
+    def unit(self) -> float:
+        """Rounding of one stored value (``u_s`` of both models)."""
+        return sum(model.unit for model in self.models)
+
+    @property
+    def store(self) -> float:
+        """Rounding of one elementwise result."""
+        return sum(model.store for model in self.models)
+
+    def reduction(self, n: int) -> float:
+        """Relative error of a sum of ``n`` terms (to ``Σ|terms|``)."""
+        return self._sum("reduction", n)
+
+    def _accumulation(self, n: int) -> float:
+        """``γ_n`` of the partial sums (the product rule without its final rounding)."""
+        return sum(
+            model.product(n) - model._final_rounding(model.accumulation) for model in self.models
+        )
+
+    def _final(self) -> float:
+        return sum(model._final_rounding(model.accumulation) for model in self.models)
+
+    def fft_alpha(self, dim: int) -> float:
+        """Normwise error of one FFT of length ``fft_length(dim)``: ``5·log₂(n)·ε_a`` (both)."""
+        log_n = max(math.log2(fft_length(dim)), 1.0)
+        return sum(5 * log_n * 2 * model.accumulation_unit for model in self.models)
+
+    def fft_epsilon(self) -> float:
+        """``ε_a`` of both models."""
+        return sum(2 * model.accumulation_unit for model in self.models)
+
+    # ------------------------------------------------------------ operations
+    def product(
+        self, x: Bounded, y: Bounded, *, toeplitz_fft: bool = False, structured: bool = False
+    ) -> Bounded:
+        """``x @ y`` (module docstring).
+
+        ``toeplitz_fft``: ``x`` is a Toeplitz factor on the FFT path;
+        ``structured``: ``y`` is Toeplitz too, so only the first column is
+        computed and every entry carries its (largest) column bound.
+        """
+        value = x.value @ y.value
+        propagated = np.abs(x.value) @ y.error + x.error @ np.abs(y.value) + x.error @ y.error
+        if toeplitz_fft:
+            accumulated = self._fft_product_error(x, y)
+            if structured:
+                accumulated = np.full_like(accumulated, accumulated.max())
+        else:
+            accumulated = self._accumulation(x.value.shape[-1]) * (x.magnitude @ y.magnitude)
+        rounding = self._final() * (np.abs(value) + propagated + accumulated)
+        return Bounded(value, propagated + accumulated + rounding)
+
+    def _fft_product_error(self, x: Bounded, y: Bounded) -> np.ndarray:
+        """Normwise FFT bound per column of ``L X``, ``L`` Toeplitz (first row or column ``t``)."""
+        magnitude = x.magnitude
+        dim = magnitude.shape[0]
+        t = np.maximum(np.abs(magnitude[:, 0]), np.abs(magnitude[0, :]))  # either triangle
+        alpha, epsilon = self.fft_alpha(dim), self.fft_epsilon()
+        columns = np.linalg.norm(y.magnitude, axis=0)
+        per_column = (2 * alpha + 2 * epsilon) * np.linalg.norm(t) * columns
+        per_column = per_column + alpha * np.abs(t).sum() * columns
+        return np.broadcast_to(per_column, (dim, columns.size)).copy()
+
+    def add(self, x: Bounded, y: Bounded, alpha: float = 1.0, alpha_error: float = 0.0) -> Bounded:
+        """``x + α y`` in one kernel (``add_(y, alpha=α)``), ``|δα| ≤ alpha_error``."""
+        value = x.value + alpha * y.value
+        propagated = x.error + abs(alpha) * y.error + alpha_error * y.magnitude
+        return Bounded(value, propagated + self.store * (np.abs(value) + propagated))
+
+    def scale(self, x: Bounded, scalar: Bounded) -> Bounded:
+        """``s · x`` in one kernel (``mul_(s)``), with a bounded scalar ``s``."""
+        s, error_s = float(scalar.value), float(scalar.error)
+        value = s * x.value
+        propagated = abs(s) * x.error + error_s * x.magnitude
+        return Bounded(value, propagated + self.store * (np.abs(value) + propagated))
+
+    def add_identity(self, x: Bounded, shift: float) -> Bounded:
+        """``x + shift·I`` (``add_diag_``): only the diagonal is rounded."""
+        value = x.value + shift * np.eye(x.value.shape[0])
+        error = x.error.copy()
+        diagonal = np.diag_indices_from(error)
+        error[diagonal] += self.store * (np.abs(value[diagonal]) + error[diagonal])
+        return Bounded(value, error)
+
+    def trace(self, x: Bounded) -> Bounded:
+        """``tr(x)``: a sum of ``d`` diagonal entries, accumulated and rounded once."""
+        diagonal = np.diag(x.value)
+        propagated = float(np.diag(x.error).sum())
+        accumulated = self.reduction(diagonal.size) * (float(np.abs(diagonal).sum()) + propagated)
+        return Bounded(np.float64(diagonal.sum()), np.float64(propagated + accumulated))
+
+    def cast(self, x: Bounded, unit: float) -> Bounded:
+        """Rounding to a narrower dtype with unit roundoff ``unit`` (0: no rounding)."""
+        if unit == 0:
+            return x
+        return Bounded(x.value, x.error + unit * x.magnitude)
+
+    def project_gram(self, structure: Structure, y: Bounded, fft: bool) -> Bounded:
+        """``Π̂(Y Yᵀ)`` as the structures compute it (Gram product, then Π̂)."""
+        if fft:
+            return self._toeplitz_lags(structure, y)
+        return self.project(structure, self.product(y, y.T))
+
+    def project(self, structure: Structure, x: Bounded) -> Bounded:
+        """``Π̂(x)`` of a (symmetric) computed matrix (module docstring)."""
+        value = structure.project(_symmetric(x.value))
+        error = structure.project(np.maximum(x.error, x.error.T))
+        if structure.name in _TOEPLITZ:
+            dim = value.shape[0]
+            counts = 2 * np.maximum(dim - np.abs(np.subtract.outer(range(dim), range(dim))), 1)
+            magnitude = structure.project(np.maximum(x.magnitude, x.magnitude.T))
+            error = error + self.reduction(int(counts.max())) * magnitude
+            error = error + self.store * (np.abs(value) + error)
+        return Bounded(value, error)
+
+    def _toeplitz_lags(self, structure: Structure, y: Bounded) -> Bounded:
+        """Π̂(Y Yᵀ) of a Toeplitz structure from FFT lag products (normwise, every entry)."""
+        gram = y.value @ y.value.T
+        value = structure.project(_symmetric(gram))
+        dim, columns = y.value.shape
+        alpha, epsilon = self.fft_alpha(dim), self.fft_epsilon()
+        frobenius = float(np.linalg.norm(y.magnitude)) ** 2
+        lags = np.array([np.trace(gram, -k) for k in range(dim)])
+        lag_error = (2 * alpha + (columns + 3) * epsilon) * frobenius
+        lag_error += alpha * math.sqrt(2) * float(np.linalg.norm(lags))
+        # propagated δY: |r_k(Ŷ) − r_k(Y)| ≤ 2‖E‖_F‖Y‖_F + ‖E‖_F² (Cauchy–Schwarz)
+        norm_error = float(np.linalg.norm(y.error))
+        lag_error += 2 * norm_error * float(np.linalg.norm(y.value)) + norm_error**2
+        # entry k is (1 or 2)·r_k/(d − k): at most 2·lag_error, plus the division's rounding
+        error = np.where(structure.mask(dim), 2 * lag_error, 0.0)
+        return Bounded(value, error + self.store * (np.abs(value) + error))
+
+    def toeplitz_self_lags(self, structure: Structure, factor: Bounded) -> Bounded:
+        """``Π̂(LᵀL)`` of a Toeplitz ``L`` on the FFT path: lags of ``t`` and ``w ⊙ t``.
+
+        ``Σ_i (LᵀL)_{i+k,i} = Σ_p (d − k − p) t_p t_{p+k}``: the lag products of
+        ``t`` and ``w ⊙ t`` (``w_q = d − q``) err by ``(2α + 4ε_a)‖t‖₂‖w ⊙ t‖₂
+        + α‖r‖₂`` (two spectra, the spectral product and the weights, the
+        inverse FFT); a propagated ``δt`` adds ``2‖δt‖₂‖w ⊙ t‖₂`` (first order,
+        with ``|δt| ≤ e``).
+        """
+        dim = factor.value.shape[0]
+        value = structure.project(_symmetric(factor.value.T @ factor.value))
+        t, error_t = _toeplitz_column(factor.value), _toeplitz_column(factor.error)
+        weighted = (dim - np.arange(dim)) * (np.abs(t) + error_t)
+        alpha, epsilon = self.fft_alpha(dim), self.fft_epsilon()
+        lags = np.array(
+            [np.dot(t[: dim - k], (dim - np.arange(k, dim)) * t[k:]) for k in range(dim)]
+        )
+        lag_error = (
+            (2 * alpha + 4 * epsilon)
+            * np.linalg.norm(np.abs(t) + error_t)
+            * np.linalg.norm(weighted)
+        )
+        lag_error += alpha * math.sqrt(2) * float(np.linalg.norm(lags))
+        lag_error += 2 * float(np.linalg.norm(error_t)) * float(np.linalg.norm(weighted))
+        error = np.where(structure.mask(dim), 2 * lag_error, 0.0)
+        return Bounded(value, error + self.store * (np.abs(value) + error))
+
+
+def _toeplitz_column(matrix: np.ndarray) -> np.ndarray:
+    """The defining column ``t`` of a lower (or row of an upper) triangular Toeplitz matrix."""
+    return matrix[:, 0] if np.abs(matrix[:, 0]).sum() >= np.abs(matrix[0, :]).sum() else matrix[0]
+
+
+def model_for_oracle(model: ArithmeticModel) -> ArithmeticModel:
+    """The float64 oracle's model (CPU float64), paired with ``model``."""
+    del model  # the oracle always computes in float64 numpy on the CPU
+    return model_for(torch.float64)
+
+
+def _symmetric(matrix: np.ndarray) -> np.ndarray:
+    """``(M + Mᵀ)/2``: the exact Gram matrix, free of float64 asymmetry, for Π̂."""
+    return (matrix + matrix.T) / 2
+
+
+# ------------------------------------------------------------ one SINGD step
+@dataclass(frozen=True)
+class StepBounds:
+    """Entrywise error bounds of one layer's state after one step.
+
+    Attributes:
+        K, C, m_K, m_C, W, m_W: :class:`Bounded` (value: the float64 evaluation).
+    """
+
+    K: Bounded
+    C: Bounded
+    m_K: Bounded
+    m_C: Bounded
+    W: Bounded
+    m_W: Bounded
+
+
+def bounded_state(state: SINGDState, errors: StepBounds | None) -> StepBounds:
+    """``state``'s values with the incoming ``errors`` (``None``: exactly known)."""
+    keys = ("K", "C", "m_K", "m_C", "W", "m_W")
+    if errors is None:
+        return StepBounds(**{key: exact(getattr(state, key)) for key in keys})
+    return StepBounds(
+        **{key: Bounded(getattr(state, key), getattr(errors, key).error) for key in keys}
+    )
+
+
+@dataclass(frozen=True)
+class StatisticPass:
+    """One pass's ``A``, ``G`` with magnitude bounds of the values they average.
+
+    Attributes:
+        a, g: The oracle's scaled statistics (``n × d_i``, ``n × d_o``).
+        a_abs, g_abs: The same statistics of ``|a|``, ``|g|`` (``≥ |A|``, ``|G|``).
+    """
+
+    a: np.ndarray
+    g: np.ndarray
+    a_abs: np.ndarray
+    g_abs: np.ndarray
+
+
+def _statistic(
+    arith: Arithmetic, value: np.ndarray, magnitude: np.ndarray, cast: float, shared: int
+) -> Bounded:
+    """A scaled statistic: cast to the factor dtype, mean/sum over ``shared`` positions, scaling."""
+    relative = cast + arith.reduction(shared) + arith.store
+    return Bounded(value, relative * magnitude)
+
+
+def _is_fft(name: str, dim: int) -> bool:
+    return name in _TOEPLITZ and dim >= FFT_MIN_DIM
+
+
+def _summed_h(
+    arith: Arithmetic,
+    structure: Structure,
+    name: str,
+    factor: Bounded,
+    statistics: Sequence[Bounded],
+) -> Bounded:
+    """``Σ_passes Π̂((Kᵀ Aᵀ)(Kᵀ Aᵀ)ᵀ)`` (hooks: one ``project_inner`` per pass, then sums)."""
+    fft = _is_fft(name, factor.value.shape[0])
+    total = None
+    for statistic in statistics:
+        y = arith.product(factor.T, statistic.T, toeplitz_fft=fft)
+        h = arith.project_gram(structure, y, fft)
+        total = h if total is None else arith.add(total, h)
+    assert total is not None
+    return total
+
+
+def _gram(arith: Arithmetic, structure: Structure, name: str, factor: Bounded) -> Bounded:
+    """``Π̂(KᵀK)`` (``project_self_inner``)."""
+    if _is_fft(name, factor.value.shape[0]):
+        return arith.toeplitz_self_lags(structure, factor)
+    return arith.project(structure, arith.product(factor.T, factor))
+
+
+def singd_step_bounds(
+    precision: Precision,
+    hyper: SINGDHyperparameters,
+    before: SINGDState,
+    incoming: StepBounds | None,
+    record: StepRecord,
+    passes: Sequence[StatisticPass],
+    shared: int,
+) -> StepBounds:
+    """Entrywise bounds of the state after one SINGD step from ``before`` (SPEC §1.3–§1.4a).
+
+    Mirrors :func:`singd.optim.updates.singd_update_factors` and
+    :func:`~singd.optim.updates.singd_precondition`, then
+    :func:`~singd.optim.updates.momentum_parameter_update`, operation by
+    operation.  ``record`` gives ``∇W~`` (exact: recorded); ``passes`` the
+    statistics with their magnitudes; ``shared`` the positions averaged into
+    one row of ``A`` (1 for expand).
+    """
+    factors = Arithmetic(precision.factors)
+    params = Arithmetic(precision.params)
+    state = bounded_state(before, incoming)
+    k, c, m_k, m_c = state.K, state.C, state.m_K, state.m_C
+    if before.steps % hyper.T == 0:
+        name_k, name_c = hyper.structures
+        s_k, s_c = get_structure(name_k), get_structure(name_c)
+        a = [_statistic(factors, p.a, p.a_abs, precision.cast, shared) for p in passes]
+        g = [_statistic(factors, p.g, p.g_abs, precision.cast, shared) for p in passes]
+        h_k = _summed_h(factors, s_k, name_k, k, a)
+        h_c = _summed_h(factors, s_c, name_c, c, g)
+        inner_k, inner_c = _gram(factors, s_k, name_k, k), _gram(factors, s_c, name_c, c)
+        m_k, m_c = _momenta(factors, hyper, (h_k, inner_k, m_k), (h_c, inner_c, m_c))
+        beta1 = lr_cov_at(hyper.lr_cov, before.steps)
+        k = _factor_step(factors, hyper, name_k, k, m_k, beta1)
+        c = _factor_step(factors, hyper, name_c, c, m_c, beta1)
+    preconditioned = _precondition(factors, precision.cast, hyper, k, c, record.grad)
+    w, m_w = _parameter_update(params, hyper, state.W, state.m_W, preconditioned)
+    return StepBounds(k, c, m_k, m_c, w, m_w)
+
+
+def _momenta(
+    arith: Arithmetic,
+    hyper: SINGDHyperparameters,
+    own_k: tuple[Bounded, Bounded, Bounded],
+    own_c: tuple[Bounded, Bounded, Bounded],
+) -> tuple[Bounded, Bounded]:
+    """New ``m_K``, ``m_C`` in :func:`singd.optim.updates.singd_factor_momenta`'s order."""
+    (h_k, inner_k, m_k), (h_c, inner_c, m_c) = own_k, own_c
+    d_i, d_o = h_k.value.shape[0], h_c.value.shape[0]
+    coef = 0.5 * (1 - hyper.alpha1) if hyper.normalize_lr_cov else 0.5
+    if hyper.kfac_like:
+        results = []
+        for h, inner in ((h_k, inner_k), (h_c, inner_c)):
+            bracket = arith.add_identity(arith.add(h, inner, hyper.damping), -1.0)
+            results.append(arith.scale(bracket, exact(coef)))
+        return results[0], results[1]
+    trace_h_k, trace_h_c = arith.trace(h_k), arith.trace(h_c)
+    trace_k, trace_c = arith.trace(inner_k), arith.trace(inner_c)
+    results = []
+    for h, inner, m_old, trace_other, trace_gram_other, d_other in (
+        (h_k, inner_k, m_k, trace_h_c, trace_c, d_o),
+        (h_c, inner_c, m_c, trace_h_k, trace_k, d_i),
+    ):
+        damping = Bounded(
+            hyper.damping * trace_gram_other.value, hyper.damping * trace_gram_other.error
+        )
+        bracket = arith.scale(h, trace_other)
+        bracket = arith.add(bracket, inner, float(damping.value), float(damping.error))
+        bracket = arith.add_identity(bracket, -float(d_other))
+        scaled = arith.scale(bracket, exact(coef / d_other))
+        results.append(arith.add(scaled, m_old, hyper.alpha1))
+    return results[0], results[1]
+
+
+def _factor_step(
+    arith: Arithmetic,
+    hyper: SINGDHyperparameters,
+    name: str,
+    factor: Bounded,
+    momentum: Bounded,
+    beta1: float,
+) -> Bounded:
+    """``K ← K − β K m`` (``clone().add_(K @ m, alpha=−β)``), ``β`` normalised if asked.
+
+    ``1/max(1, x)`` is 1-Lipschitz for ``x ≥ 0``, so ``|δβ| ≤ β1·max|δm|``.
+    """
+    step, step_error = beta1, 0.0
+    if hyper.normalize_lr_cov:
+        step = beta1 / max(1.0, float(np.abs(momentum.value).max()))
+        step_error = beta1 * float(momentum.error.max())
+    fft = _is_fft(name, factor.value.shape[0])
+    product = arith.product(factor, momentum, toeplitz_fft=fft, structured=True)
+    return arith.add(factor, product, -step, step_error)
+
+
+def _precondition(
+    arith: Arithmetic,
+    cast: float,
+    hyper: SINGDHyperparameters,
+    k: Bounded,
+    c: Bounded,
+    grad: np.ndarray,
+) -> Bounded:
+    """``C (Cᵀ ∇W~)`` then ``(K (Kᵀ leftᵀ))ᵀ`` (:func:`singd.optim.updates.singd_precondition`)."""
+    name_k, name_c = hyper.structures
+    fft_k, fft_c = _is_fft(name_k, k.value.shape[0]), _is_fft(name_c, c.value.shape[0])
+    g = arith.cast(exact(grad), cast)
+    left = arith.product(c, arith.product(c.T, g, toeplitz_fft=fft_c), toeplitz_fft=fft_c)
+    right = arith.product(k, arith.product(k.T, left.T, toeplitz_fft=fft_k), toeplitz_fft=fft_k)
+    return right.T
+
+
+def _parameter_update(
+    arith: Arithmetic,
+    hyper: SINGDHyperparameters,
+    w: Bounded,
+    m_w: Bounded,
+    preconditioned: Bounded,
+) -> tuple[Bounded, Bounded]:
+    """``ĝ += γ W~``; ``m ← α2 m + ĝ``; ``W~ ← W~ − β2 m`` (``momentum_parameter_update``)."""
+    direction = preconditioned
+    if hyper.weight_decay != 0.0:
+        direction = arith.add(direction, w, hyper.weight_decay)
+    momentum = arith.add(arith.scale(m_w, exact(hyper.momentum)), direction)
+    return arith.add(w, momentum, -hyper.lr), momentum
