@@ -48,6 +48,27 @@ from verification.arithmetic import ArithmeticModel, Precision, model_for
 
 _TOEPLITZ = ("triltoeplitz", "triutoeplitz")
 
+#: Structures whose kernels sum up to three separately rounded block products per entry
+#: (``singd.structures.hierarchical``: ``B1ᵀX1 + c ⊙ X2 + DᵀX3``; ``singd.structures.
+#: recursive``: ``D X`` plus the spread or gather, the products of two members).
+_SUMMED_KERNELS = (
+    "hierarchical",
+    "triltopleftdiagonal",
+    "trilbottomrightdiagonal",
+    "triutopleftdiagonal",
+    "triubottomrightdiagonal",
+)
+
+
+def kernel_terms(name: str) -> int:
+    """Rounded parts per entry of a product with a factor of structure ``name``."""
+    return 3 if name.startswith(_SUMMED_KERNELS) else 1
+
+
+#: Errors are capped here: a bound this large says nothing, and the cap keeps it finite
+#: (a bound propagated over many steps can overflow float64; inf·0 would give nan).
+VACUOUS = 1e150
+
 
 @dataclass(frozen=True)
 class Bounded:
@@ -55,11 +76,18 @@ class Bounded:
 
     Attributes:
         value: The exact value (float64 array or scalar).
-        error: Entrywise bound, same shape, nonnegative.
+        error: Entrywise bound, same shape, nonnegative, at most :data:`VACUOUS`.
     """
 
     value: np.ndarray
     error: np.ndarray
+
+    def capped(self) -> Bounded:
+        """The same with non-finite or huge error entries set to :data:`VACUOUS`."""
+        if np.all(self.error <= VACUOUS):  # False for nan and inf
+            return self
+        error = np.nan_to_num(self.error, nan=VACUOUS, posinf=VACUOUS)
+        return Bounded(self.value, np.minimum(error, VACUOUS))
 
     @property
     def magnitude(self) -> np.ndarray:
@@ -126,13 +154,24 @@ class Arithmetic:
 
     # ------------------------------------------------------------ operations
     def product(
-        self, x: Bounded, y: Bounded, *, toeplitz_fft: bool = False, structured: bool = False
+        self,
+        x: Bounded,
+        y: Bounded,
+        *,
+        toeplitz_fft: bool = False,
+        structured: bool = False,
+        terms: int = 1,
     ) -> Bounded:
         """``x @ y`` (module docstring).
 
         ``toeplitz_fft``: ``x`` is a Toeplitz factor on the FFT path;
         ``structured``: ``y`` is Toeplitz too, so only the first column is
         computed and every entry carries its (largest) column bound.
+        ``terms``: the kernel forms each entry as a sum of up to ``terms``
+        separately rounded block products (hierarchical, recursive forms):
+        the ``terms`` roundings of the parts and the ``terms − 2`` inner sums
+        add at most ``(terms − 1)·u_s·|x||y|`` to the final rounding (every
+        part and partial sum is at most ``|x||y|``).
         """
         value = x.value @ y.value
         propagated = np.abs(x.value) @ y.error + x.error @ np.abs(y.value) + x.error @ y.error
@@ -143,6 +182,8 @@ class Arithmetic:
         else:
             accumulated = self._accumulation(x.value.shape[-1]) * (x.magnitude @ y.magnitude)
         rounding = self._final() * (np.abs(value) + propagated + accumulated)
+        if terms > 1:
+            rounding = rounding + (terms - 1) * self.unit * (x.magnitude @ y.magnitude)
         return Bounded(value, propagated + accumulated + rounding)
 
     def _fft_product_error(self, x: Bounded, y: Bounded) -> np.ndarray:
@@ -198,6 +239,7 @@ class Arithmetic:
 
     def project(self, structure: Structure, x: Bounded) -> Bounded:
         """``Π̂(x)`` of a (symmetric) computed matrix (module docstring)."""
+        x = x.capped()
         value = structure.project(_symmetric(x.value))
         error = structure.project(np.maximum(x.error, x.error.T))
         if structure.name in _TOEPLITZ:
@@ -292,7 +334,7 @@ def bounded_state(state: SINGDState, errors: StepBounds | None) -> StepBounds:
     if errors is None:
         return StepBounds(**{key: exact(getattr(state, key)) for key in keys})
     return StepBounds(
-        **{key: Bounded(getattr(state, key), getattr(errors, key).error) for key in keys}
+        **{key: Bounded(getattr(state, key), getattr(errors, key).error).capped() for key in keys}
     )
 
 
@@ -334,7 +376,7 @@ def _summed_h(
     fft = _is_fft(name, factor.value.shape[0])
     total = None
     for statistic in statistics:
-        y = arith.product(factor.T, statistic.T, toeplitz_fft=fft)
+        y = arith.product(factor.T, statistic.T, toeplitz_fft=fft, terms=kernel_terms(name))
         h = arith.project_gram(structure, y, fft)
         total = h if total is None else arith.add(total, h)
     assert total is not None
@@ -345,7 +387,7 @@ def _gram(arith: Arithmetic, structure: Structure, name: str, factor: Bounded) -
     """``Π̂(KᵀK)`` (``project_self_inner``)."""
     if _is_fft(name, factor.value.shape[0]):
         return arith.toeplitz_self_lags(structure, factor)
-    return arith.project(structure, arith.product(factor.T, factor))
+    return arith.project(structure, arith.product(factor.T, factor, terms=kernel_terms(name)))
 
 
 def singd_step_bounds(
@@ -384,7 +426,7 @@ def singd_step_bounds(
         c = _factor_step(factors, hyper, name_c, c, m_c, beta1)
     preconditioned = _precondition(factors, precision.cast, hyper, k, c, record.grad)
     w, m_w = _parameter_update(params, hyper, state.W, state.m_W, preconditioned)
-    return StepBounds(k, c, m_k, m_c, w, m_w)
+    return StepBounds(*(bounded.capped() for bounded in (k, c, m_k, m_c, w, m_w)))
 
 
 def _momenta(
@@ -438,7 +480,9 @@ def _factor_step(
         step = beta1 / max(1.0, float(np.abs(momentum.value).max()))
         step_error = beta1 * float(momentum.error.max())
     fft = _is_fft(name, factor.value.shape[0])
-    product = arith.product(factor, momentum, toeplitz_fft=fft, structured=True)
+    product = arith.product(
+        factor, momentum, toeplitz_fft=fft, structured=True, terms=kernel_terms(name)
+    )
     return arith.add(factor, product, -step, step_error)
 
 
@@ -453,9 +497,11 @@ def _precondition(
     """``C (Cᵀ ∇W~)`` then ``(K (Kᵀ leftᵀ))ᵀ`` (:func:`singd.optim.updates.singd_precondition`)."""
     name_k, name_c = hyper.structures
     fft_k, fft_c = _is_fft(name_k, k.value.shape[0]), _is_fft(name_c, c.value.shape[0])
+    kernel_c = {"toeplitz_fft": fft_c, "terms": kernel_terms(name_c)}
+    kernel_k = {"toeplitz_fft": fft_k, "terms": kernel_terms(name_k)}
     g = arith.cast(exact(grad), cast)
-    left = arith.product(c, arith.product(c.T, g, toeplitz_fft=fft_c), toeplitz_fft=fft_c)
-    right = arith.product(k, arith.product(k.T, left.T, toeplitz_fft=fft_k), toeplitz_fft=fft_k)
+    left = arith.product(c, arith.product(c.T, g, **kernel_c), **kernel_c)
+    right = arith.product(k, arith.product(k.T, left.T, **kernel_k), **kernel_k)
     return right.T
 
 
