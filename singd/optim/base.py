@@ -93,6 +93,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             "init_grad_scale", init_grad_scale, low=0.0, low_open=True
         )
         self._grad_scaler: Any = None
+        self._declared_grad_scale: float | None = None
         self.steps = 0
         self._layers: dict[str, Layer] = {}
         self._layer_states: dict[str, LayerState] = {}
@@ -198,6 +199,22 @@ class KroneckerOptimizer(Optimizer, ABC):
         if not callable(getattr(scaler, "get_scale", None)):
             raise ValueError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self._grad_scaler = scaler
+
+    def set_current_grad_scale(self, grad_scale: float) -> None:
+        """Declare the scale of the gradients of the backward passes before the next ``step``.
+
+        The public singd package's call for a loss scaled by hand,
+        ``(s * loss).backward()``: the next ``step`` divides the gradients by
+        ``s`` and corrects the statistics for it (SPEC §1.5), as if a
+        ``GradScaler`` had passed ``grad_scale=s``.  When a scaler calls that
+        ``step``, it states the gradients' scale itself (``s`` must agree, or
+        ``unscale_`` was called and ``s`` only fixes the statistics).  Applies
+        to one step; pass ``init_grad_scale`` of the same size for the first.
+
+        Raises:
+            ValueError: unless ``grad_scale`` is a positive finite number.
+        """
+        self._declared_grad_scale = check_real("grad_scale", grad_scale, low=0.0, low_open=True)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated first; its supported layers get factors)."""
@@ -353,7 +370,8 @@ class KroneckerOptimizer(Optimizer, ABC):
             with torch.enable_grad():
                 loss = closure()
         self._check_dense_grads()
-        amp = scaling.read_amp_attributes(self)
+        amp = scaling.read_amp_attributes(self, self._declared_grad_scale)
+        self._declared_grad_scale = None  # applies to this step only
         pending = self._collector.pop_all()
         if amp.found_inf:
             self._skip("the GradScaler found inf/NaN gradients")
@@ -413,8 +431,8 @@ class KroneckerOptimizer(Optimizer, ABC):
                     momentum=group["momentum"],
                     weight_decay=group["weight_decay"],
                 )
-        if amp.grad_scale is not None:
-            self._grad_scale_prev = amp.grad_scale
+        if amp.backward_scale is not None:
+            self._grad_scale_prev = amp.backward_scale
         self.steps += 1
         return loss
 

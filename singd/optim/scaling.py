@@ -17,8 +17,15 @@ setting                     ``s_div`` (backward)        ``s_t`` (statistics)
 no scaler                   ``init_grad_scale``         1
 ``scaler.step`` only        ``s_{t−1}`` (last step)     ``grad_scale`` at step
 attached scaler             scaler's scale at backward  the same (exactly known)
-``unscale_`` + not attached ``s_{t−1}``                 unknown → ``ValueError``
+``set_current_grad_scale``  ``s_{t−1}``                 the declared ``s``
+``unscale_``, neither       ``s_{t−1}``                 unknown → ``ValueError``
 ==========================  ==========================  =========================
+
+``s_{t−1}`` is the backward scale of the last step taken (``init_grad_scale``
+before the first).  ``set_current_grad_scale(s)`` (the public singd package's
+call) declares ``s`` for the next step: without a scaler the gradients are
+divided by it; a scaler calling ``step`` states the gradients' scale itself,
+which must then agree with ``s`` (or be ``None`` after ``unscale_``).
 """
 
 from __future__ import annotations
@@ -37,23 +44,41 @@ class AmpStepInfo(NamedTuple):
         via_scaler: whether the scaler invoked ``step`` (attributes present).
         found_inf: whether the scaler found inf/NaN gradients.
         grad_scale: the scale the ``.grad`` tensors carry (``None``: unscaled).
+        declared_scale: ``set_current_grad_scale``'s value for this step, if any.
     """
 
     via_scaler: bool
     found_inf: bool
     grad_scale: float | None
+    declared_scale: float | None
+
+    @property
+    def backward_scale(self) -> float | None:
+        """The scale of this step's backward passes, if known at the step."""
+        return self.grad_scale if self.declared_scale is None else self.declared_scale
 
 
-def read_amp_attributes(optimizer: Optimizer) -> AmpStepInfo:
-    """Read (and sync to host) the ``grad_scale``/``found_inf`` set by ``GradScaler.step``."""
+def read_amp_attributes(optimizer: Optimizer, declared_scale: float | None) -> AmpStepInfo:
+    """Read (and sync to host) the ``grad_scale``/``found_inf`` set by ``GradScaler.step``.
+
+    Args:
+        optimizer: the optimizer whose ``step`` is running.
+        declared_scale: the value of ``set_current_grad_scale`` for this step, if any.
+
+    Raises:
+        ValueError: if a scaler's ``grad_scale`` contradicts ``declared_scale``.
+    """
     if not hasattr(optimizer, "found_inf"):
-        return AmpStepInfo(False, False, None)
-    grad_scale = getattr(optimizer, "grad_scale", None)
-    return AmpStepInfo(
-        True,
-        bool(float(optimizer.found_inf) != 0.0),
-        None if grad_scale is None else float(grad_scale),
-    )
+        return AmpStepInfo(False, False, declared_scale, declared_scale)
+    raw_scale = getattr(optimizer, "grad_scale", None)
+    grad_scale = None if raw_scale is None else float(raw_scale)
+    if declared_scale is not None and grad_scale not in (None, declared_scale):
+        clear_amp_attributes(optimizer)  # GradScaler skips this when step raises
+        raise ValueError(
+            f"set_current_grad_scale({declared_scale}) disagrees with the GradScaler's scale "
+            f"{grad_scale}; with scaler.step(optimizer) it is not needed"
+        )
+    return AmpStepInfo(True, bool(float(optimizer.found_inf) != 0.0), grad_scale, declared_scale)
 
 
 def clear_amp_attributes(optimizer: Optimizer) -> None:
@@ -71,13 +96,14 @@ def statistics_correction(info: GradScaleInfo, amp: AmpStepInfo, layer: str) -> 
     """
     if info.scale is not None:
         scale = info.scale
-    elif amp.grad_scale is not None:
-        scale = amp.grad_scale
+    elif amp.backward_scale is not None:
+        scale = amp.backward_scale
     elif amp.via_scaler:
         raise ValueError(
             f"layer {layer!r}: scaler.unscale_(optimizer) was called before scaler.step, so "
             "the scale of the curvature statistics is unknown to the optimizer; call "
-            "optimizer.attach_grad_scaler(scaler) once after creating the scaler"
+            "optimizer.attach_grad_scaler(scaler) once after creating the scaler (or "
+            "optimizer.set_current_grad_scale(scaler.get_scale()) before every step)"
         )
     else:
         scale = 1.0

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from singd.optim.base import FactorStepInputs, KroneckerOptimizer, LayerState
+from singd.optim.compat import FactorView, ModuleNameView
 from singd.optim.hooks import PendingStatistics
 from singd.optim.layers import Layer
 from singd.optim.updates import (
@@ -67,7 +68,9 @@ class SINGD(KroneckerOptimizer):
 
     ``layer_state(name)`` maps ``"K"``, ``"C"``, ``"m_K"``, ``"m_C"`` to the
     live ``StructuredMatrix`` objects of a layer (replaced, not mutated, by a
-    step); ``state[p]["momentum_buffer"]`` is ``m_μ``.
+    step); ``state[p]["momentum_buffer"]`` is ``m_μ``.  The public singd
+    package's ``Ks``, ``Cs``, ``m_Ks``, ``m_Cs`` and ``module_names`` are live
+    read-only views of the same state (:mod:`singd.optim.compat`).
 
     Robustness: a step with non-finite gradients, statistics or results is
     skipped with a warning, drops its statistics and changes no state.
@@ -157,6 +160,36 @@ class SINGD(KroneckerOptimizer):
             init_grad_scale=init_grad_scale,
         )
 
+    # ------------------------------------- the public singd package's attributes
+    @property
+    def Ks(self) -> FactorView:
+        """Layer name → ``K``: a live read-only view (:mod:`singd.optim.compat`)."""
+        return FactorView("SINGD.Ks", self._layer_states, "K", _every_layer)
+
+    @property
+    def Cs(self) -> FactorView:
+        """Layer name → ``C``: a live read-only view (:mod:`singd.optim.compat`)."""
+        return FactorView("SINGD.Cs", self._layer_states, "C", _every_layer)
+
+    @property
+    def m_Ks(self) -> FactorView:
+        """Layer name → ``m_K`` for the layers of groups with ``alpha1 != 0`` (live, read-only)."""
+        return FactorView("SINGD.m_Ks", self._layer_states, "m_K", self._has_momenta)
+
+    @property
+    def m_Cs(self) -> FactorView:
+        """Layer name → ``m_C`` for the layers of groups with ``alpha1 != 0`` (live, read-only)."""
+        return FactorView("SINGD.m_Cs", self._layer_states, "m_C", self._has_momenta)
+
+    @property
+    def module_names(self) -> ModuleNameView:
+        """Kronecker-preconditioned module → its name in ``Ks`` (live, read-only)."""
+        return ModuleNameView("SINGD.module_names", self._layers)
+
+    def _has_momenta(self, name: str) -> bool:
+        """Whether layer ``name`` keeps ``m_K``/``m_C`` (its group's ``alpha1 != 0``)."""
+        return self.param_groups[self._layers[name].group_index]["alpha1"] != 0.0
+
     # ----------------------------------------------------------- subclass hooks
     def _check_group(self, group: dict[str, Any]) -> None:
         check_singd_group(group)
@@ -244,6 +277,11 @@ class SINGD(KroneckerOptimizer):
             except ValueError as error:
                 raise ValueError(f"load_state_dict: {layer.name}.{factor}: {error}") from None
         return restored
+
+
+def _every_layer(name: str) -> bool:
+    """``Ks`` and ``Cs`` hold every Kronecker-preconditioned layer."""
+    return True
 
 
 def _factor_state(state: LayerState) -> FactorState:

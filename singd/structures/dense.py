@@ -1,4 +1,7 @@
-"""Dense factors (SPEC §2, row ``dense``): all ``d²`` entries free, ``Π̂(M) = M``."""
+"""Dense factors (SPEC §2, row ``dense``): all ``d²`` entries free, ``Π̂(M) = M``.
+
+``DenseMatrix`` is the public singd package's name for :class:`Dense`.
+"""
 
 from __future__ import annotations
 
@@ -75,3 +78,7 @@ class Dense(StructuredMatrix):
         check_scalar(value, f"{self.name}.add_diag_")
         self._matrix.diagonal().add_(value)
         return self
+
+
+#: The public singd package's name (``singd.structures.dense.DenseMatrix``).
+DenseMatrix = Dense

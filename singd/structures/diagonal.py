@@ -1,4 +1,7 @@
-"""Diagonal factors (SPEC §2, row ``diagonal``): ``d`` free entries, ``Π̂(M) = diag(M)``."""
+"""Diagonal factors (SPEC §2, row ``diagonal``): ``d`` free entries, ``Π̂(M) = diag(M)``.
+
+``DiagonalMatrix`` is the public singd package's name for :class:`Diagonal`.
+"""
 
 from __future__ import annotations
 
@@ -71,3 +74,7 @@ class Diagonal(StructuredMatrix):
         check_scalar(value, f"{self.name}.add_diag_")
         self._diag.add_(value)
         return self
+
+
+#: The public singd package's name (``singd.structures.diagonal.DiagonalMatrix``).
+DiagonalMatrix = Diagonal

@@ -15,6 +15,11 @@ with ``A`` (``k1 × k1``), ``E`` (``k2 × k2``), ``B = [B1 | B2]``
 ``c = diag(M)[k1:k1+m]``, ``D = 2·M[k1+m:, k1:k1+m]``, ``E = M[k1+m:, k1+m:]``.
 With small ``K1``, ``K2`` no operation forms a ``d × d`` tensor (except
 ``to_dense``); the largest temporaries are ``k1 × d`` and ``k2 × m``.
+
+The public singd package's names resolve here too:
+``HierarchicalMatrixTemplate`` is :class:`Hierarchical`, and
+``Hierarchical15_15Matrix`` / ``Hierarchical3_2Matrix`` are the registry's
+classes for ``"hierarchical15_15"`` / ``"hierarchical3_2"`` (module ``__getattr__``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from singd.structures import get_structure
 from singd.structures.base import StructuredMatrix, check_factor, check_scalar, check_square
 
 
@@ -182,3 +188,27 @@ class Hierarchical(StructuredMatrix):
         c.add_(value)
         e.diagonal().add_(value)
         return self
+
+
+#: The public singd package's name for the template.
+HierarchicalMatrixTemplate = Hierarchical
+
+#: The public singd package's parametric names → registry names.
+_PUBLIC_MEMBERS = {
+    "Hierarchical15_15Matrix": "hierarchical15_15",
+    "Hierarchical3_2Matrix": "hierarchical3_2",
+}
+
+
+def __getattr__(name: str) -> type[StructuredMatrix]:
+    """The public package's parametric names, looked up in the registry on first access.
+
+    Not at import time: the registry imports this module to build the class,
+    and a lookup from inside that import would make a second class.
+
+    Raises:
+        AttributeError: for any other name.
+    """
+    if name in _PUBLIC_MEMBERS:
+        return get_structure(_PUBLIC_MEMBERS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
