@@ -297,7 +297,9 @@ class EmulatedArray(np.ndarray):
     # ------------------------------------------------------------- helpers
     def _round(self, values: Any) -> EmulatedArray:
         """``values`` rounded once to the storage dtype, as an array of this class."""
-        return _view(np.asarray(values).astype(self.storage).astype(np.float64), self.storage)
+        with np.errstate(over="ignore"):  # overflow to ±inf is the modelled rounding
+            rounded = np.asarray(values).astype(self.storage)
+        return _view(rounded.astype(np.float64), self.storage)
 
     @staticmethod
     def _plain(x: Any) -> Any:
