@@ -77,7 +77,7 @@ def round_nearest(exact: mp.mpf, storage: str) -> float:
     """
     dtype = DTYPES[storage]
     largest = float(ml_dtypes.finfo(dtype).max)
-    # Overflow: from max + ulp(max)/2 on (a tie goes to even, i.e. inf), ulp(max) = max·eps/(2 − eps).
+    # Overflow from max + ulp(max)/2 on (a tie goes to even: inf); ulp(max) = max·eps/(2 − eps).
     eps = EPS[storage]
     if abs(exact) >= largest + largest * eps / (2 - eps) / 2:
         return math.copysign(math.inf, exact)
