@@ -14,9 +14,11 @@ Then
   loss terms the loss is averaged over (``"batch"``: ``B``,
   ``"batch+sequence"``: ``B·S``, ``None``: sum loss, no factor).
 
-Everything works on float64 arrays and on object arrays of ``mpmath.mpf``;
-for the latter call inside ``Numbers.context()`` (``reference.numbers``), as
-the divisions and square roots round to mpmath's working precision.
+Everything works on float64 arrays, on object arrays of ``mpmath.mpf`` and on
+emulated bf16/fp16 arrays (``reference.numbers.EmulatedArray``: each sum,
+division and product rounds once to the storage dtype); for mpmath call
+inside ``Numbers.context()`` (``reference.numbers``), as the divisions and
+square roots round to mpmath's working precision.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 from mpmath import mp
 
+from reference.numbers import same_system
 from reference.patches import extract_patches, output_size, pair, resolve_padding
 
 #: The KFAC flavours of SPEC §1.1.
@@ -64,8 +67,8 @@ def loss_terms(batch_size: int, shared: int, loss_average: str | None) -> int:
 
 
 def _as_numbers(x: np.ndarray) -> np.ndarray:
-    """``x`` as is if it holds ``mpf`` objects, else as float64."""
-    x = np.asarray(x)
+    """``x`` as is if it holds ``mpf`` objects, else as float64 (an emulated array stays one)."""
+    x = np.asanyarray(x)
     return x if x.dtype == object else x.astype(np.float64)
 
 
@@ -229,7 +232,8 @@ def conv2d_statistics(
         raise ValueError(
             f"g has spatial size {g.shape[2:]}, but the convolution's output size is {expected}"
         )
-    patches = extract_patches(x, kernel, strides, padding, dilations)  # [B, L, C_in·kh·kw]
+    # [B, L, C_in·kh·kw]; copies of x's entries and zeros, so exact in any number system
+    patches = same_system(extract_patches(x, kernel, strides, padding, dilations), x)
     batch, locations, _ = patches.shape
     per_group = patches.reshape(batch, locations, groups, -1)  # columns ordered (group, c, kh, kw)
     a = per_group.sum(axis=2) / groups

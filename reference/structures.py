@@ -55,24 +55,27 @@ def _check_symmetric(m: np.ndarray) -> np.ndarray:
     """Validate a dense symmetric matrix; return it as float64 unless it holds ``mpf``.
 
     Symmetry is exact for ``mpf`` (object) arrays and within
-    ``8 · eps64 · max|M|`` for float arrays (one rounding of each of ``M_ij``
-    and ``M_ji`` from a symmetric product, with slack).
+    ``8 · eps · max|M|`` for float arrays (one rounding of each of ``M_ij``
+    and ``M_ji`` from a symmetric product, with slack), ``eps`` that of
+    float64 or, for an emulated array (``reference.numbers.EmulatedArray``,
+    kept as is), of its storage dtype.
 
     Raises:
         ValueError: If ``m`` is not a square 2-D matrix, not finite (float) or not symmetric.
     """
-    m = np.asarray(m)
+    m = np.asanyarray(m)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"Π̂ needs a square d × d matrix, got shape {m.shape}")
     if m.dtype == object:
         if not (m == m.T).all():
             raise ValueError("Π̂ needs a symmetric matrix; the mpf matrix differs from Mᵀ")
         return m
-    m = np.asarray(m, dtype=np.float64)
+    m = np.asanyarray(m, dtype=np.float64)
     if not np.isfinite(m).all():
         raise ValueError("Π̂ needs a finite matrix; got inf or nan entries")
+    eps = getattr(m, "eps", np.finfo(np.float64).eps)
     asymmetry = np.abs(m - m.T).max(initial=0.0)
-    allowed = _FLOAT64_SYMMETRY_FACTOR * np.finfo(np.float64).eps * np.abs(m).max(initial=0.0)
+    allowed = _FLOAT64_SYMMETRY_FACTOR * eps * np.abs(m).max(initial=0.0)
     if not asymmetry <= allowed:
         raise ValueError(
             f"Π̂ needs a symmetric matrix; max |M − Mᵀ| = {asymmetry:.3g} > {allowed:.3g}"
