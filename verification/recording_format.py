@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -672,13 +673,30 @@ def _read_archive(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         data = path.read_bytes()
     except OSError as error:
         raise RecordingError(f"cannot read {path}: {error}") from error
+    unreadable = (
+        OSError,
+        ValueError,
+        EOFError,
+        KeyError,
+        NotImplementedError,
+        zipfile.BadZipFile,
+        zlib.error,
+    )
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            corrupted = archive.testzip()  # reads every member and checks its CRC-32
+        if corrupted is None:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+    except unreadable as error:
         raise RecordingError(
             f"{path} is not a readable .npz archive (truncated or corrupted?): {error}"
         ) from error
+    if corrupted is not None:
+        raise RecordingError(
+            f"{path} is not a readable .npz archive (truncated or corrupted?): member "
+            f"{corrupted!r} fails its CRC-32 check"
+        )
     if MANIFEST_KEY not in arrays:
         raise RecordingError(f"{path} has no {MANIFEST_KEY!r} member: not a SINGD recording")
     raw = arrays.pop(MANIFEST_KEY)
@@ -784,7 +802,9 @@ def load_recording(path: str | Path) -> tuple[RecordedRun, SINGDHyperparameters,
                     )
                 )
             grad = _take(arrays, f"{prefix}/grad")
-            _check_array(grad, (spec.d_out, spec.d_in), model_dtype, f"step {t}: grad")
+            _check_array(
+                grad, (spec.d_out, spec.d_in), model_dtype, f"step {t}, layer {spec.name!r}: grad"
+            )
             state = {}
             for key in STATE_KEYS:
                 shape = _state_shape(key, spec)
