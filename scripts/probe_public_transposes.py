@@ -5,8 +5,9 @@ scripts/probe_public_transposes.py``).  For every structure class it builds a
 non-symmetric member ``K`` by two SINGD-like updates ``K ← K − 0.3 K Π̂(S)``
 from the identity (``S`` random symmetric; one update of ``I`` stays
 symmetric), then prints in float32 the largest entry of
-``|K − Kᵀ|``, ``K.rmatmat(X) − Kᵀ X`` and ``K.from_inner(X) − Π̂(Kᵀ X Xᵀ K)``.
-A correct structure shows rounding-level numbers (≲ 1e-5) in the last two columns.
+``|K − Kᵀ|``, ``K.rmatmat(X) − Kᵀ X``, ``K.from_inner(X) − Π̂(Kᵀ X Xᵀ K)`` and
+``K.from_inner() − Π̂(Kᵀ K)``.  A correct structure shows rounding-level
+numbers (≲ 1e-5) in the last three columns.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def main(d: int = 7) -> None:
     """Print one line per structure (dimension ``d``)."""
     warnings.filterwarnings("ignore", message="Calling naive implementation")
     torch.manual_seed(0)
-    print(f"{'structure':<24} {'|K-Kᵀ|':>9} {'rmatmat err':>12} {'from_inner err':>15}")
+    print(
+        f"{'structure':<24} {'|K-Kᵀ|':>9} {'rmatmat err':>12} {'from_inner(X) err':>18} "
+        f"{'from_inner() err':>17}"
+    )
     for name, cls in CLASSES.items():
         factor = cls.eye(d, dtype=torch.float32)
         for _ in range(2):
@@ -49,8 +53,12 @@ def main(d: int = 7) -> None:
         asymmetry = (dense - dense.T).abs().max().item()
         rmatmat = (factor.rmatmat(x) - dense.T @ x).abs().max().item()
         projected = cls.from_dense(dense.T @ x @ x.T @ dense).to_dense()
-        inner = factor.from_inner(x).to_dense() - projected
-        print(f"{name:<24} {asymmetry:>9.2e} {rmatmat:>12.2e} {inner.abs().max().item():>15.2e}")
+        inner = (factor.from_inner(x).to_dense() - projected).abs().max().item()
+        gram = factor.from_inner().to_dense() - cls.from_dense(dense.T @ dense).to_dense()
+        print(
+            f"{name:<24} {asymmetry:>9.2e} {rmatmat:>12.2e} {inner:>18.2e} "
+            f"{gram.abs().max().item():>17.2e}"
+        )
 
 
 if __name__ == "__main__":
