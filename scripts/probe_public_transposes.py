@@ -15,14 +15,14 @@ from __future__ import annotations
 import warnings
 
 import torch
+
 from singd.optim.optimizer import SINGD
 from singd.structures.blockdiagonal import Block3DiagonalMatrix
+from singd.structures.hierarchical import Hierarchical3_2Matrix
 from singd.structures.trilbottomrightdiag import TrilBottomRightDiagonalMatrix
 from singd.structures.triltopleftdiag import TrilTopLeftDiagonalMatrix
 from singd.structures.triubottomrightdiag import TriuBottomRightDiagonalMatrix
 from singd.structures.triutopleftdiag import TriuTopLeftDiagonalMatrix
-
-from singd.structures.hierarchical import Hierarchical3_2Matrix
 
 CLASSES = {
     **SINGD.SUPPORTED_STRUCTURES,

@@ -43,16 +43,16 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
+import singd
 from singd.optim.optimizer import SINGD
 from singd.structures.blockdiagonal import Block3DiagonalMatrix
+from singd.structures.hierarchical import Hierarchical3_2Matrix
 from singd.structures.trilbottomrightdiag import TrilBottomRightDiagonalMatrix
 from singd.structures.triltopleftdiag import TrilTopLeftDiagonalMatrix
 from singd.structures.triubottomrightdiag import TriuBottomRightDiagonalMatrix
 from singd.structures.triutopleftdiag import TriuTopLeftDiagonalMatrix
-from torch import Tensor, nn
-
-import singd
-from singd.structures.hierarchical import Hierarchical3_2Matrix
 
 REPO = Path(__file__).resolve().parent.parent
 
