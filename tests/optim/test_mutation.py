@@ -24,6 +24,10 @@ A last, subtle mutant shows why the one-step comparison exists: an error of
 ``LATE_ERROR`` eps in one entry of ``K`` added on every factor update from step
 ``LATE_STEP`` on stays below the trajectory bound, which has compounded by
 then, but far exceeds the one-step bound.
+
+Runtime: the oracle's float64 products go through numpy's OpenBLAS, whose
+threads contend on a busy two-core machine: measured 12 s for this file with
+``OPENBLAS_NUM_THREADS=1``, 57 s without (torch is held to one thread here).
 """
 
 from __future__ import annotations
