@@ -251,7 +251,14 @@ class Arithmetic:
         return Bounded(value, error)
 
     def _toeplitz_lags(self, structure: Structure, y: Bounded) -> Bounded:
-        """Π̂(Y Yᵀ) of a Toeplitz structure from FFT lag products (normwise, every entry)."""
+        """Π̂(Y Yᵀ) of a Toeplitz structure from FFT lag products ``r_k``.
+
+        Each computed lag errs by ``L = (2α + (m + 3)ε_a)‖Y‖_F² + α√2‖r‖₂``
+        (normwise, every lag), and entry ``k`` is ``c_k r_k`` with ``c_0 = 1/d``,
+        ``c_k = 2/(d − k)``; an error ``|δY| ≤ E`` moves the Gram matrix by at
+        most ``P = E|Y|ᵀ + |Y|Eᵀ + EEᵀ`` entrywise, which Π̂ (a mean of
+        diagonal entries) carries over as ``Π̂(P)``.
+        """
         gram = y.value @ y.value.T
         value = structure.project(_symmetric(gram))
         dim, columns = y.value.shape
@@ -260,11 +267,9 @@ class Arithmetic:
         lags = np.array([np.trace(gram, -k) for k in range(dim)])
         lag_error = (2 * alpha + (columns + 3) * epsilon) * frobenius
         lag_error += alpha * math.sqrt(2) * float(np.linalg.norm(lags))
-        # propagated δY: |r_k(Ŷ) − r_k(Y)| ≤ 2‖E‖_F‖Y‖_F + ‖E‖_F² (Cauchy–Schwarz)
-        norm_error = float(np.linalg.norm(y.error))
-        lag_error += 2 * norm_error * float(np.linalg.norm(y.value)) + norm_error**2
-        # entry k is (1 or 2)·r_k/(d − k): at most 2·lag_error, plus the division's rounding
-        error = np.where(structure.mask(dim), 2 * lag_error, 0.0)
+        absolute = np.abs(y.value)
+        moved = y.error @ absolute.T + absolute @ y.error.T + y.error @ y.error.T
+        error = _lag_weights(structure, dim) * lag_error + structure.project(moved)
         return Bounded(value, error + self.store * (np.abs(value) + error))
 
     def toeplitz_self_lags(self, structure: Structure, factor: Bounded) -> Bounded:
@@ -272,27 +277,36 @@ class Arithmetic:
 
         ``Σ_i (LᵀL)_{i+k,i} = Σ_p (d − k − p) t_p t_{p+k}``: the lag products of
         ``t`` and ``w ⊙ t`` (``w_q = d − q``) err by ``(2α + 4ε_a)‖t‖₂‖w ⊙ t‖₂
-        + α‖r‖₂`` (two spectra, the spectral product and the weights, the
-        inverse FFT); a propagated ``δt`` adds ``2‖δt‖₂‖w ⊙ t‖₂`` (first order,
-        with ``|δt| ≤ e``).
+        + α√2‖r‖₂`` (two spectra, the spectral product and the weights, the
+        inverse FFT), weighted by ``c_k`` as in :meth:`_toeplitz_lags`; an error
+        ``|δL| ≤ E`` moves ``LᵀL`` by at most ``Eᵀ|L| + |L|ᵀE + EᵀE``.
         """
         dim = factor.value.shape[0]
         value = structure.project(_symmetric(factor.value.T @ factor.value))
         t, error_t = _toeplitz_column(factor.value), _toeplitz_column(factor.error)
-        weighted = (dim - np.arange(dim)) * (np.abs(t) + error_t)
+        magnitude_t = np.abs(t) + error_t
+        weighted = (dim - np.arange(dim)) * magnitude_t
         alpha, epsilon = self.fft_alpha(dim), self.fft_epsilon()
         lags = np.array(
             [np.dot(t[: dim - k], (dim - np.arange(k, dim)) * t[k:]) for k in range(dim)]
         )
-        lag_error = (
-            (2 * alpha + 4 * epsilon)
-            * np.linalg.norm(np.abs(t) + error_t)
-            * np.linalg.norm(weighted)
+        lag_error = (2 * alpha + 4 * epsilon) * float(
+            np.linalg.norm(magnitude_t) * np.linalg.norm(weighted)
         )
         lag_error += alpha * math.sqrt(2) * float(np.linalg.norm(lags))
-        lag_error += 2 * float(np.linalg.norm(error_t)) * float(np.linalg.norm(weighted))
-        error = np.where(structure.mask(dim), 2 * lag_error, 0.0)
+        absolute = np.abs(factor.value)
+        moved = (
+            factor.error.T @ absolute + absolute.T @ factor.error + factor.error.T @ factor.error
+        )
+        error = _lag_weights(structure, dim) * lag_error + structure.project(moved)
         return Bounded(value, error + self.store * (np.abs(value) + error))
+
+
+def _lag_weights(structure: Structure, dim: int) -> np.ndarray:
+    """``c_k`` on diagonal ``k`` of the structure's pattern: ``1/d`` (``k = 0``), ``2/(d − k)``."""
+    lag = np.abs(np.subtract.outer(np.arange(dim), np.arange(dim)))
+    weights = np.where(lag == 0, 1.0 / dim, 2.0 / np.maximum(dim - lag, 1))
+    return np.where(structure.mask(dim), weights, 0.0)
 
 
 def _toeplitz_column(matrix: np.ndarray) -> np.ndarray:
@@ -408,6 +422,19 @@ def singd_step_bounds(
     statistics with their magnitudes; ``shared`` the positions averaged into
     one row of ``A`` (1 for expand).
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # a vacuous bound may overflow: capped
+        return _singd_step_bounds(precision, hyper, before, incoming, record, passes, shared)
+
+
+def _singd_step_bounds(
+    precision: Precision,
+    hyper: SINGDHyperparameters,
+    before: SINGDState,
+    incoming: StepBounds | None,
+    record: StepRecord,
+    passes: Sequence[StatisticPass],
+    shared: int,
+) -> StepBounds:
     factors = Arithmetic(precision.factors)
     params = Arithmetic(precision.params)
     state = bounded_state(before, incoming)

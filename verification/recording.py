@@ -85,12 +85,21 @@ def combined_grad(module: nn.Module) -> Tensor:
     return torch.cat([grad, module.bias.grad.unsqueeze(1)], dim=1)
 
 
+def _momentum_buffer(optimizer: torch.optim.Optimizer, param: Tensor) -> Tensor:
+    """``param``'s momentum buffer; zeros (its initial value) while no step has been taken.
+
+    Only every step so far having been skipped (non-finite) leaves no buffer.
+    """
+    buffer = optimizer.state[param].get("momentum_buffer")
+    return torch.zeros_like(param) if buffer is None else buffer
+
+
 def _combined_momentum(optimizer: torch.optim.Optimizer, module: nn.Module) -> Tensor:
     """The momentum buffers of ``weight`` and ``bias`` in the ``W~`` layout."""
-    weight = optimizer.state[module.weight]["momentum_buffer"].flatten(start_dim=1)
+    weight = _momentum_buffer(optimizer, module.weight).flatten(start_dim=1)
     if module.bias is None:
         return weight
-    bias = optimizer.state[module.bias]["momentum_buffer"]
+    bias = _momentum_buffer(optimizer, module.bias)
     return torch.cat([weight, bias.unsqueeze(1)], dim=1)
 
 

@@ -119,6 +119,11 @@ def conv_net() -> nn.Module:
     )
 
 
+def wide_mlp() -> nn.Module:
+    """Linear(64→64) – tanh – Linear(64→48): every factor has ``d >= 48`` (Toeplitz FFT path)."""
+    return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 48))
+
+
 SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
     for scenario in (
@@ -141,6 +146,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("seq-reduce", "MLP on [B,S,d] = [3, 4, 6], KFAC-reduce", mlp, (3, 4, 6), "reduce"),
         Scenario("conv", "Conv2d (stride, padding, groups) + Linear", conv_net, (2, 4, 5, 5)),
         Scenario("mlp-accumulate", "MLP, 2 micro-batches per step", mlp, (3, 6), micro_batches=2),
+        Scenario("wide", "MLP 64-64-48, x [256, 64] (Toeplitz FFT path)", wide_mlp, (256, 64)),
     )
 }
 
@@ -168,22 +174,14 @@ def loss_function(scenario: Scenario, dtype: torch.dtype) -> LossFunction:
     return loss_fn
 
 
-def run_and_replay(
+def make_singd(
+    model: nn.Module,
     scenario: Scenario,
-    hyper_overrides: dict[str, object],
-    dtype: torch.dtype = torch.float64,
+    hyper: SINGDHyperparameters,
     preconditioner_dtype: torch.dtype | None = None,
-    steps: int = 20,
-) -> tuple[RecordedRun, dict[str, list[SINGDState]], SINGDHyperparameters]:
-    """Record ``steps`` steps of SINGD on ``scenario`` and replay them through the oracle.
-
-    Returns:
-        The recording, the oracle trajectory of every layer, the hyper-parameters.
-    """
-    torch.manual_seed(0)
-    model = scenario.make_model().to(dtype)
-    hyper = SINGDHyperparameters(**{**BASE_HYPER, **hyper_overrides})
-    optimizer = SINGD(
+) -> SINGD:
+    """SINGD on ``model`` with the oracle's ``hyper`` and ``scenario``'s statistics settings."""
+    return SINGD(
         model,
         lr=hyper.lr,
         momentum=hyper.momentum,
@@ -199,8 +197,41 @@ def run_and_replay(
         kfac_approx=scenario.approx,
         preconditioner_dtype=(preconditioner_dtype, preconditioner_dtype),
     )
+
+
+def record(
+    scenario: Scenario,
+    hyper_overrides: dict[str, object],
+    dtype: torch.dtype = torch.float64,
+    preconditioner_dtype: torch.dtype | None = None,
+    steps: int = 20,
+) -> tuple[RecordedRun, SINGDHyperparameters]:
+    """Record ``steps`` steps of SINGD on ``scenario`` (the torch side of :func:`run_and_replay`).
+
+    Returns:
+        The recording and the hyper-parameters.
+    """
+    torch.manual_seed(0)
+    model = scenario.make_model().to(dtype)
+    hyper = SINGDHyperparameters(**{**BASE_HYPER, **hyper_overrides})
+    optimizer = make_singd(model, scenario, hyper, preconditioner_dtype)
     loss_fn = loss_function(scenario, dtype)
-    run = record_run(model, optimizer, loss_fn, steps, scenario.micro_batches)
+    return record_run(model, optimizer, loss_fn, steps, scenario.micro_batches), hyper
+
+
+def run_and_replay(
+    scenario: Scenario,
+    hyper_overrides: dict[str, object],
+    dtype: torch.dtype = torch.float64,
+    preconditioner_dtype: torch.dtype | None = None,
+    steps: int = 20,
+) -> tuple[RecordedRun, dict[str, list[SINGDState]], SINGDHyperparameters]:
+    """Record ``steps`` steps of SINGD on ``scenario`` and replay them through the oracle.
+
+    Returns:
+        The recording, the oracle trajectory of every layer, the hyper-parameters.
+    """
+    run, hyper = record(scenario, hyper_overrides, dtype, preconditioner_dtype, steps)
     oracle = replay_singd(run, hyper, scenario.approx, scenario.loss_average)
     return run, oracle, hyper
 
