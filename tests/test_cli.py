@@ -42,9 +42,14 @@ def test_quick_run_passes_and_writes_the_report(tmp_path: Path) -> None:
         assert {"K", "C", "W", "m_W"} <= set(case["entries"]) <= set(KEYS)
         for entry in [*case["entries"].values(), *case["local_entries"].values()]:
             assert {"ratio", "error_eps", "layer", "step"} <= set(entry)
+        assert case["block_worst_ratio"] <= 1 and "accumulate in" in case["model"]
+    # The arithmetic model of every dtype was probed and not contradicted.
+    models = result["arithmetic_models"]
+    assert {model["model"]["storage"] for model in models} == set(DTYPES)
+    assert all(model["passed"] and 0 < model["worst_ratio"] <= 1 for model in models)
     markdown = (tmp_path / "report.md").read_text()
     assert "Verdict: PASS" in markdown and "Tolerance rule" in markdown
-    assert "one-step err/bound" in markdown
+    assert "one-step err/bound" in markdown and "Arithmetic model in force" in markdown
     for plot in result["plots"]:
         assert (tmp_path / plot).stat().st_size > 0
         assert f"]({plot})" in markdown
@@ -80,10 +85,14 @@ def test_lower_bound_checks_pass_at_or_above_the_bound() -> None:
     assert ">=" in table and "1/1 passed" in table
 
 
-def test_verdict_needs_the_one_step_check() -> None:
-    """A case within its trajectory bound but over its one-step bound fails."""
+def test_verdict_needs_every_check() -> None:
+    """A case within two of its bounds but over the third (one-step or block) fails."""
     within = EntryResult(key="K", layer="0", step=0, ratio=0.5, error_eps=1.0)
     over = EntryResult(key="K", layer="0", step=15, ratio=2.0, error_eps=100.0)
-    result = CaseResult(Case("mlp", "singd"), (within,), (), (over,), (), 0.0)
-    assert result.worst_ratio <= 1 and not result.passed
-    assert result.as_dict()["local_entries"]["K"]["ratio"] == 2.0
+    one_step = CaseResult(Case("mlp", "singd"), (within,), (), (over,), (), (within,), None, 0.0)
+    assert one_step.worst_ratio <= 1 and not one_step.passed
+    assert one_step.as_dict()["local_entries"]["K"]["ratio"] == 2.0
+    block = CaseResult(Case("mlp", "singd"), (within,), (), (within,), (), (over,), None, 0.0)
+    assert not block.passed and block.as_dict()["block_worst_ratio"] == 2.0
+    fine = CaseResult(Case("mlp", "singd"), (within,), (), (within,), (), (within,), None, 0.0)
+    assert fine.passed

@@ -1,9 +1,11 @@
 """``singd-verify`` (also ``python -m verification``): self-check, comparison grid, report.
 
-Runs (a) the oracle self-check (:mod:`verification.selfcheck`) and (b) a
-grid of implementation-vs-oracle comparisons (:mod:`verification.grid`),
-prints both summaries, writes ``report.md``, ``report.json`` and PNG plots
-into ``--out``, and exits 0 iff every check passes.
+Runs (a) the oracle self-check (:mod:`verification.selfcheck`), (b) the
+arithmetic-model probe of every dtype (:mod:`verification.probe`), (c) a grid
+of implementation-vs-oracle comparisons (:mod:`verification.grid`) and (d)
+the mutation check (:mod:`verification.mutants`), prints the summaries and a
+progress line while the grid runs, writes ``report.md``, ``report.json`` and
+PNG plots into ``--out``, and exits 0 iff every check passes.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from verification.grid import CaseResult, run_grid
+from verification.mutants import mutation_table
 from verification.plots import matplotlib_missing, write_plots
+from verification.probe import calibrate
 from verification.report import Report, as_json, by_precision, precision_summary, write_report
 from verification.scenarios import GRIDS
 from verification.selfcheck import format_table, run_selfcheck
@@ -44,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--grid",
         choices=sorted(GRIDS),
-        help="comparison grid: quick (4 cases), default (~550 cases, about a minute on two "
+        help="comparison grid: quick (5 cases), default (~600 cases, two minutes on two "
         "cores), full (the product of every scenario, mode, structure pair and dtype)",
     )
     parser.add_argument(
@@ -62,7 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the self-check's random data (default 0)"
     )
+    parser.add_argument(
+        "--no-mutants",
+        action="store_true",
+        help="skip the mutation check (about 30 s; it is skipped with --quick too)",
+    )
     return parser
+
+
+def _progress(total: int, start: float) -> Callable[[int, CaseResult], None]:
+    """A callback printing ``done/total``, elapsed time and an estimate, every ~5 % of cases."""
+    every = max(1, total // 20)
+
+    def report(index: int, result: CaseResult) -> None:
+        done = index + 1
+        if done % every and done != total and result.passed:
+            return
+        elapsed = time.perf_counter() - start
+        remaining = elapsed / done * (total - done)
+        status = "" if result.passed else f"  FAIL {result.case.precision} {result.case.name}"
+        print(
+            f"  {done:>4}/{total} cases, {elapsed:5.0f} s, ~{remaining:4.0f} s left{status}",
+            flush=True,
+        )
+
+    return report
 
 
 def _print_comparison(results: list[CaseResult]) -> None:
@@ -95,15 +124,34 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     grid = args.grid or ("quick" if args.quick else "default")
     start = time.perf_counter()
+    print("oracle self-check ...", flush=True)
     checks = run_selfcheck(quick=args.quick, seed=args.seed)
     print(format_table(checks))
-    print(f"\nimplementation vs oracle, grid {grid!r}:")
-    results = run_grid(GRIDS[grid]())
+    print("\narithmetic models (probe error/bound, > 1 refuses the model):", flush=True)
+    calibrations = tuple(calibrate())
+    for calibration in calibrations:
+        verdict = "ok" if calibration.passed else "CONTRADICTED"
+        print(f"  {calibration.worst_ratio:6.3f}  {verdict:<12} {calibration.model.label}")
+    cases = GRIDS[grid]()
+    print(f"\nimplementation vs oracle, grid {grid!r} ({len(cases)} cases):", flush=True)
+    results = run_grid(cases, _progress(len(cases), time.perf_counter()))
     _print_comparison(results)
+    mutations = None
+    if not (args.quick or args.no_mutants):
+        print("\nmutation check ...", flush=True)
+        mutations = mutation_table()
+        print(
+            f"  every mutant visible by >= {mutations['visible_ulps']:g} ulps killed: "
+            f"{'yes' if mutations['ok'] else 'NO'}"
+        )
+        for precision, found in mutations["resolution"].items():
+            print(f"  resolution {precision:<26} δ = {found['delta']:.2g}")
     args.out.mkdir(parents=True, exist_ok=True)
     note = matplotlib_missing()
     plots = () if note else write_plots(results, args.out)
-    report = Report(checks, results, grid, time.perf_counter() - start, plots, note)
+    report = Report(
+        checks, results, grid, time.perf_counter() - start, plots, note, calibrations, mutations
+    )
     markdown, _ = write_report(report, args.out)
     if args.json is not None:
         args.json.write_text(json.dumps(as_json(report), indent=2, ensure_ascii=False) + "\n")

@@ -122,8 +122,14 @@ def _heatmaps(plt, groups: dict[str, list[CaseResult]]):
             if not np.isnan(value):
                 colour = "red" if value > 1 else "white"
                 axis.text(j, i, f"{value:.1g}", ha="center", va="center", fontsize=6, color=colour)
+        # anchored at the tick's right end, so a rotated label ends under its column
         axis.set_xticks(
-            range(len(columns)), ["/".join(c) for c in columns], rotation=70, fontsize=7
+            range(len(columns)),
+            ["/".join(c) for c in columns],
+            rotation=70,
+            ha="right",
+            rotation_mode="anchor",
+            fontsize=7,
         )
         axis.set_title(label, fontsize=10)
     axes[0][0].set_yticks(range(len(rows)), rows, fontsize=7)

@@ -212,3 +212,48 @@ def calibrated_model(
         details = ", ".join(f"{r.name}: error/bound {r.ratio:.3g}" for r in failed)
         raise ValueError(f"the arithmetic model '{model.label}' is contradicted by {details}")
     return model, results
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The model of one dtype on one device and the probe's measurements of it.
+
+    Attributes:
+        model: The arithmetic model (:func:`~verification.arithmetic.model_for`).
+        results: Every probe's measurement.
+    """
+
+    model: ArithmeticModel
+    results: tuple[ProbeResult, ...]
+
+    @property
+    def passed(self) -> bool:
+        """Whether no probe contradicts the model (else it must not be used)."""
+        return all(result.passed for result in self.results)
+
+    @property
+    def worst_ratio(self) -> float:
+        """The largest measured error/bound over the probes."""
+        return max(result.ratio for result in self.results)
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready fields."""
+        return {
+            "model": self.model.as_dict(),
+            "passed": self.passed,
+            "worst_ratio": self.worst_ratio,
+            "probes": [result.as_dict() for result in self.results],
+        }
+
+
+def calibrate(
+    dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+    device: str = "cpu",
+    seed: int = 0,
+) -> list[Calibration]:
+    """:func:`run_probe` of :func:`~verification.arithmetic.model_for` for every dtype."""
+    calibrations = []
+    for dtype in dtypes:
+        model = model_for(dtype, device)
+        calibrations.append(Calibration(model, tuple(run_probe(model, device, seed))))
+    return calibrations

@@ -281,8 +281,21 @@ DEFAULT_LAYERS = ("mlp", "seq-expand", "seq-reduce", "conv")
 DEFAULT_MODES = ("singd", "ikfac", "normalized", "T3")
 
 
+#: Structure pairs of the wide layers (d >= 64: Toeplitz on the FFT path, blocks, hierarchies).
+WIDE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("dense", "dense"),
+    ("triltoeplitz", "triutoeplitz"),
+    ("block30diagonal", "hierarchical15_15"),
+    ("tril", "triltopleftdiagonal"),
+)
+
+
 def default_grid() -> tuple[Case, ...]:
-    """Layers × modes × structure pairs × dtypes, plus float32 with bfloat16 factors."""
+    """Layers × modes × structure pairs × dtypes, plus float32 with bfloat16 factors.
+
+    Plus the ``wide`` layers (widths 64 and 48 on 256 rows: reductions of 256,
+    the Toeplitz FFT path) in two modes, six steps each, in every precision.
+    """
     cases = [
         Case(scenario, variant, structures, dtype)
         for dtype, scenario, variant, structures in itertools.product(
@@ -292,6 +305,14 @@ def default_grid() -> tuple[Case, ...]:
     cases += [
         Case("mlp", variant, structures, "float32", "bfloat16")
         for variant, structures in itertools.product(("singd", "ikfac"), STRUCTURE_PAIRS)
+    ]
+    cases += [
+        Case("wide", variant, structures, dtype, factor_dtype, steps=6)
+        for (dtype, factor_dtype), variant, structures in itertools.product(
+            [(name, None) for name in DTYPES] + [("float32", "bfloat16")],
+            ("singd", "ikfac"),
+            WIDE_PAIRS,
+        )
     ]
     return tuple(cases)
 
@@ -303,15 +324,17 @@ def quick_grid() -> tuple[Case, ...]:
         Case("conv", "ikfac", ("hierarchical2_3", "block3diagonal"), "float32", steps=6),
         Case("seq-reduce", "T3", ("tril", "triu"), "bfloat16", steps=6),
         Case("mlp", "normalized", ("triltoeplitz", "diagonal"), "float16", steps=6),
+        Case("wide", "singd", ("triltoeplitz", "triutoeplitz"), "bfloat16", steps=3),
     )
 
 
 def full_grid() -> tuple[Case, ...]:
-    """The product scenario × variant × structure pair × dtype."""
+    """The product scenario × variant × structure pair × dtype (``wide`` also with its pairs)."""
     return tuple(
         Case(scenario, variant, structures, dtype)
-        for dtype, scenario, variant, structures in itertools.product(
-            DTYPES, SCENARIOS, VARIANTS, STRUCTURE_PAIRS
+        for dtype, scenario, variant in itertools.product(DTYPES, SCENARIOS, VARIANTS)
+        for structures in dict.fromkeys(
+            STRUCTURE_PAIRS + (WIDE_PAIRS if scenario == "wide" else ())
         )
     )
 
