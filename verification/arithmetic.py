@@ -220,20 +220,24 @@ def model_for(dtype: torch.dtype, device: str | torch.device = "cpu") -> Arithme
     if dtype not in EPS:
         raise ValueError(f"no arithmetic model for dtype {dtype}")
     kind = torch.device(device).type
+    flags = cuda_matmul_flags() if kind == "cuda" else {}
     if dtype not in _HALF:
-        tf32 = kind == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        tf32 = dtype == torch.float32 and flags.get("allow_tf32", False)
         return ArithmeticModel(kind, dtype, dtype, dtype, TF32_UNIT if tf32 else 0.0)
-    accumulation = torch.float32
-    if kind == "cuda":
-        matmul = torch.backends.cuda.matmul
-        reduced = (
-            matmul.allow_bf16_reduced_precision_reduction
-            if dtype == torch.bfloat16
-            else matmul.allow_fp16_reduced_precision_reduction
-        )
-        if reduced:
-            accumulation = dtype
-    return ArithmeticModel(kind, dtype, accumulation, torch.float32)
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    reduced = flags.get(f"allow_{name}_reduced_precision_reduction", False)
+    return ArithmeticModel(kind, dtype, dtype if reduced else torch.float32, torch.float32)
+
+
+def cuda_matmul_flags() -> dict[str, bool]:
+    """torch's cuBLAS switches that change how CUDA matmuls round (read at call time)."""
+    matmul = torch.backends.cuda.matmul
+    names = (
+        "allow_tf32",
+        "allow_bf16_reduced_precision_reduction",
+        "allow_fp16_reduced_precision_reduction",
+    )
+    return {name: bool(getattr(matmul, name, False)) for name in names}
 
 
 @dataclass(frozen=True)

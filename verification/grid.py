@@ -18,7 +18,7 @@ labelled, the one-step ratio under the probabilistic bound (Higham & Mary,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from verification.arithmetic import Precision, precision_for
@@ -28,6 +28,7 @@ from verification.comparison import (
     compare_singd_blocks,
     compare_singd_local,
 )
+from verification.emulated import EmulatedAgreement, compare_emulated_local
 from verification.scenarios import DTYPES, SCENARIOS, VARIANTS, Case, run_and_replay
 from verification.tolerances import EPS
 
@@ -68,6 +69,11 @@ class CaseResult:
         local_entries: Worst one-step deviation per state entry, in :data:`KEYS` order.
         local_history: Every entry's one-step deviation at every step.
         block_entries: Worst deviation per entry in teacher-forced blocks of :data:`BLOCK`.
+        emulated: Against the emulated bf16/fp16 oracle restarted from the recording every
+            step (:func:`verification.emulated.compare_emulated_local`): the fraction
+            of entries bitwise equal, the largest difference in ulps of the entry's
+            scale and the largest ratio to the rule's allowance; ``None`` for other
+            precisions.  Reported beside the verdict, not in it.
         probabilistic_ratio: Worst one-step ``error / bound`` under the probabilistic
             bound (reported, never part of the verdict); ``None`` where products
             accumulate in a wider dtype than they store (bf16/fp16 on CPU), so the
@@ -83,6 +89,7 @@ class CaseResult:
     block_entries: tuple[EntryResult, ...]
     probabilistic_ratio: float | None
     seconds: float
+    emulated: dict[str, float] | None = None
 
     @property
     def worst_ratio(self) -> float:
@@ -133,6 +140,7 @@ class CaseResult:
             "local_worst_error_eps": self.local_worst_error_eps,
             "block_worst_ratio": self.block_worst_ratio,
             "probabilistic_local_worst_ratio": self.probabilistic_ratio,
+            "emulated": self.emulated,
             "model": case_precision(case).label,
             "passed": self.passed,
             "seconds": self.seconds,
@@ -213,6 +221,11 @@ def run_case(case: Case) -> CaseResult:
         probabilistic = compare_singd_local(run, hyper, precision.probabilistic(), *settings)
         probabilistic_ratio = max(map(ratio, probabilistic))
     eps = EPS[case.bound_dtype]
+    emulated = None
+    if case.factor_dtype is None and case.dtype in STORAGE_OF_NAME:
+        emulated = _emulated_summary(
+            compare_emulated_local(run, hyper, case.dtype, *settings).values()
+        )
     return CaseResult(
         case,
         _worst_entries(history, eps),
@@ -222,7 +235,22 @@ def run_case(case: Case) -> CaseResult:
         _worst_entries(list(blocks), eps),
         probabilistic_ratio,
         time.perf_counter() - start,
+        emulated,
     )
+
+
+#: Precisions with an emulated oracle (``reference.numbers.emulated_numbers``).
+STORAGE_OF_NAME = ("bfloat16", "float16")
+
+
+def _emulated_summary(agreements: Iterable[EmulatedAgreement]) -> dict[str, float]:
+    """Bitwise fraction (smallest), ulps and ratio to the allowance (largest) over the entries."""
+    agreements = list(agreements)
+    return {
+        "bitwise_fraction": min(a.bitwise_fraction for a in agreements),
+        "max_ulps": max(a.max_ulps for a in agreements),
+        "worst_ratio": max(a.worst_ratio for a in agreements),
+    }
 
 
 def run_grid(

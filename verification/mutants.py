@@ -44,6 +44,7 @@ import json
 import math
 import pkgutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1015,6 +1016,15 @@ def mutation_table(
         "results": {precision: MutantResult.as_dict()}}}, "ok", "resolution":
         {precision: resolution(precision)}}``; ``ok`` iff every visible mutant is killed.
     """
+    with warnings.catch_warnings():
+        # mutants overflow and make the optimizer skip steps, with a warning each: expected
+        warnings.simplefilter("ignore", UserWarning)
+        return _mutation_table(precisions, mutants, with_resolution)
+
+
+def _mutation_table(
+    precisions: Sequence[str], mutants: Sequence[str] | None, with_resolution: bool
+) -> dict[str, object]:
     names = list(MUTANTS) if mutants is None else list(mutants)
     rows: dict[str, object] = {}
     ok = True

@@ -24,12 +24,13 @@ contradicts.  The measured ratios say how tight the model is on that device.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from verification.arithmetic import ArithmeticModel, model_for
+from verification.arithmetic import EPS, ArithmeticModel, model_for
 
 #: Stored mantissa bits + 1 (the precision ``p``): a storage-dtype sum of ones stalls at 2^p.
 PRECISION_BITS = {torch.float64: 53, torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
@@ -76,36 +77,40 @@ def _ratio(computed: torch.Tensor, exact: np.ndarray, bound: np.ndarray) -> tupl
     return float(error.max()), float(ratio.max())
 
 
+#: A matrix product ``(A, B) ↦ A @ B`` (the probe's subject; torch's by default).
+Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def _matmul_probe(
-    name: str, model: ArithmeticModel, a: torch.Tensor, b: torch.Tensor
+    name: str, model: ArithmeticModel, a: torch.Tensor, b: torch.Tensor, matmul: Matmul
 ) -> ProbeResult:
     """``a @ b`` against ``model.product(n)·|a||b|`` (``n`` the inner dimension)."""
     exact_a, exact_b = _exact(a), _exact(b)
     bound = model.product(a.shape[-1]) * (np.abs(exact_a) @ np.abs(exact_b))
-    return ProbeResult(name, *_ratio(a @ b, exact_a @ exact_b, bound))
+    return ProbeResult(name, *_ratio(matmul(a, b), exact_a @ exact_b, bound))
 
 
 def _matmul_probes(
-    model: ArithmeticModel, device: str, generator: torch.Generator
+    model: ArithmeticModel, device: str, generator: torch.Generator, matmul: Matmul
 ) -> list[ProbeResult]:
     dtype, n = model.storage, REDUCTION
     stall = 2 ** PRECISION_BITS[dtype]
     results = []
     if stall * 4 <= 2**20:
         ones = torch.ones(1, 4 * stall, dtype=dtype, device=device)
-        results.append(_matmul_probe(f"matmul ones n={4 * stall}", model, ones, ones.T))
+        results.append(_matmul_probe(f"matmul ones n={4 * stall}", model, ones, ones.T, matmul))
     a = torch.randn(48, n, generator=generator).to(dtype=dtype, device=device)
     b = torch.randn(n, 40, generator=generator).to(dtype=dtype, device=device)
-    results.append(_matmul_probe(f"matmul random n={n}", model, a, b))
-    results.append(_matmul_probe(f"matmul Aᵀ·B random n={n}", model, a.T.contiguous().T, b))
-    results.append(_matmul_probe(f"matmul A·Bᵀ random n={n}", model, a, b.T.contiguous().T))
-    results.append(_matmul_probe(f"matvec random n={n}", model, a, b[:, :1]))
+    results.append(_matmul_probe(f"matmul random n={n}", model, a, b, matmul))
+    results.append(_matmul_probe(f"matmul Aᵀ·B random n={n}", model, a.T.contiguous().T, b, matmul))
+    results.append(_matmul_probe(f"matmul A·Bᵀ random n={n}", model, a, b.T.contiguous().T, matmul))
+    results.append(_matmul_probe(f"matvec random n={n}", model, a, b[:, :1], matmul))
     # cancellation: [x, −x + r] so that |A||B| ≫ |AB|
     half = torch.randn(48, n // 2, generator=generator)
     residual = 1e-4 * torch.randn(48, n // 2, generator=generator)
     left = torch.cat([half, -half + residual], dim=1).to(dtype=dtype, device=device)
     right = torch.ones(n, 8, dtype=dtype, device=device)
-    results.append(_matmul_probe(f"matmul cancellation n={n}", model, left, right))
+    results.append(_matmul_probe(f"matmul cancellation n={n}", model, left, right, matmul))
     return results
 
 
@@ -144,7 +149,7 @@ def _elementwise_probe(
     """``a.add_(b, alpha=α)`` with ``α·b`` near half an ulp of ``a``: one rounding (``store``)."""
     dtype = model.storage
     a = (1 + torch.rand(4096, generator=generator)).to(dtype=dtype, device=device)
-    ulp = torch.tensor(2 * model.unit, dtype=torch.float64)
+    ulp = torch.tensor(EPS[dtype], dtype=torch.float64)  # the dtype's spacing at 1, not the model's
     b = ((0.5 + 0.01 * torch.rand(4096, generator=generator, dtype=torch.float64)) * ulp).to(
         dtype=dtype, device=device
     )
@@ -187,10 +192,12 @@ def _fft_probe(model: ArithmeticModel, device: str, generator: torch.Generator) 
     return ProbeResult(f"Toeplitz FFT product d={FFT_DIM}", *_ratio(computed, exact, bound))
 
 
-def run_probe(model: ArithmeticModel, device: str = "cpu", seed: int = 0) -> list[ProbeResult]:
-    """Every probe of ``model`` on ``device`` (module docstring)."""
+def run_probe(
+    model: ArithmeticModel, device: str = "cpu", seed: int = 0, matmul: Matmul = torch.matmul
+) -> list[ProbeResult]:
+    """Every probe of ``model`` on ``device`` (module docstring); ``matmul``: the product probed."""
     generator = torch.Generator().manual_seed(seed)
-    results = _matmul_probes(model, device, generator)
+    results = _matmul_probes(model, device, generator, matmul)
     results += _reduction_probes(model, device, generator)
     results.append(_elementwise_probe(model, device, generator))
     results.append(_fft_probe(model, device, generator))

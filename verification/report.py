@@ -155,7 +155,20 @@ def precision_summary(results: list[CaseResult]) -> dict[str, object]:
         "probabilistic_local_worst_ratio": _max_or_none(
             [r.probabilistic_ratio for r in results if r.probabilistic_ratio is not None]
         ),
+        "emulated_worst_ratio": _max_or_none(
+            [r.emulated["worst_ratio"] for r in results if r.emulated is not None]
+        ),
+        "emulated_max_ulps": _max_or_none(
+            [r.emulated["max_ulps"] for r in results if r.emulated is not None]
+        ),
+        "emulated_min_bitwise_fraction": _min_or_none(
+            [r.emulated["bitwise_fraction"] for r in results if r.emulated is not None]
+        ),
     }
+
+
+def _min_or_none(values: list[float]) -> float | None:
+    return min(values) if values else None
 
 
 def _max_or_none(values: list[float]) -> float | None:
@@ -196,6 +209,16 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _verdict(passed: bool) -> str:
     return "PASS" if passed else "**FAIL**"
+
+
+def _emulated_cell(summary: dict[str, object]) -> str:
+    """``max ulps / worst ratio to the allowance, smallest bitwise fraction`` or a dash."""
+    if summary["emulated_worst_ratio"] is None:
+        return "–"
+    return (
+        f"{summary['emulated_max_ulps']:.2g} ulps / {summary['emulated_worst_ratio']:.2g}, "
+        f"{100 * summary['emulated_min_bitwise_fraction']:.0f} %"
+    )
 
 
 def _optional(value: float | None) -> str:
@@ -445,6 +468,7 @@ def as_markdown(report: Report) -> str:
                 f"{summary['local_worst_error_eps']:.3g}",
                 _ratio_cell(summary["block_worst_ratio"]),
                 _optional(summary["probabilistic_local_worst_ratio"]),
+                _emulated_cell(summary),
             ]
         )
     header = [
@@ -458,6 +482,7 @@ def as_markdown(report: Report) -> str:
         "one-step err [eps]",
         f"blocks of {BLOCK} err/bound",
         "one-step vs probabilistic bound (not in verdict)",
+        "vs emulated oracle: worst ulps / allowance, min bitwise (not in verdict)",
     ]
     lines += [*_table(header, summary_rows), ""]
     if report.plots:
