@@ -46,9 +46,10 @@ def summary_block(report: dict) -> list[str]:
     for label, summary in report["comparison"]["summary"].items():
         emulated = "–"
         if summary.get("emulated_worst_ratio") is not None:
+            share = _ratio(summary["emulated_worst_ratio"])
             emulated = (
-                f"{summary['emulated_max_ulps']:.2g} ulps ({_ratio(summary['emulated_worst_ratio'])}"
-                f" of the rule), {100 * summary['emulated_min_bitwise_fraction']:.0f} % bitwise"
+                f"{summary['emulated_max_ulps']:.2g} ulps ({share} of the rule), "
+                f"{100 * summary['emulated_min_bitwise_fraction']:.0f} % bitwise"
             )
         rows.append(
             [
@@ -139,9 +140,11 @@ def rewrite(text: str, report: dict) -> str:
     """``text`` with every known block regenerated from ``report``."""
     for name, block in BLOCKS.items():
         pattern = re.compile(
-            rf"(<!-- figures:{name} -->\n).*?(\n<!-- /figures:{name} -->)", flags=re.DOTALL
+            rf"(<!-- figures:{name} -->\n)(?:.*?\n)?(<!-- /figures:{name} -->)", flags=re.DOTALL
         )
-        text = pattern.sub(lambda m, b=block: m.group(1) + "\n".join(b(report)) + m.group(2), text)
+        text = pattern.sub(
+            lambda m, b=block: m.group(1) + "\n".join(b(report)) + "\n" + m.group(2), text
+        )
     return text
 
 

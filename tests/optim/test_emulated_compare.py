@@ -51,3 +51,12 @@ def test_wrong_run_breaks_the_rule(recorded: tuple[RecordedRun, object, torch.dt
         dataclasses.replace(run, steps=steps), hyper, storage, "expand", "batch"
     )
     assert any(results[name, "W"].worst_ratio > 1 for name in run.layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_alpha1_zero_compares_no_momenta(dtype: torch.dtype) -> None:
+    """IKFAC (α1 = 0) keeps m_K, m_C at zero, never read: only K, C, W, m_W are compared."""
+    run, _, hyper = run_and_replay(SCENARIOS["mlp"], {"kfac_like": True, "alpha1": 0.0}, dtype)
+    results = compare_emulated_local(run, hyper, STORAGE_OF[dtype], "expand", "batch")
+    assert {entry for _, entry in results} == {"K", "C", "W", "m_W"}
+    assert all(agreement.worst_ratio <= 1 for agreement in results.values())
