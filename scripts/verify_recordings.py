@@ -76,14 +76,54 @@ def markdown(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _parts(file: str) -> tuple[str, str, str, str]:
+    """``scenario, mode, structures, dtype`` from ``scenario_mode_K-C_dtype.npz``."""
+    scenario, mode, rest = file.removesuffix(".npz").split("_", 2)
+    structures, dtype = rest.rsplit("_", 1)
+    pair = structures.split("-")
+    return scenario, mode, pair[0] if pair[0] == pair[1] else " / ".join(pair), dtype
+
+
+def pivot(summaries: list[dict[str, Any]]) -> str:
+    """One table per scenario: rows (K, C), columns mode × dtype, cells verdict and worst ratio.
+
+    The ratio is the larger of the trajectory and one-step worst error/bound.
+    """
+    cells: dict[str, dict[str, dict[str, str]]] = {}
+    for s in summaries:
+        scenario, mode, structures, dtype = _parts(s["file"])
+        short = {"float64": "f64", "float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype]
+        if s["verdict"] == "refused":
+            cell = "refused"
+        elif "error" in s:
+            cell = "invalid"
+        else:
+            ratio = max(s["worst_ratio"], s["local_worst_ratio"])
+            cell = f"pass {ratio:.2g}" if s["verdict"] == "pass" else f"**FAIL {ratio:.2g}**"
+        cells.setdefault(scenario, {}).setdefault(structures, {})[f"{mode} {short}"] = cell
+    tables = []
+    for scenario, rows in cells.items():
+        columns = list(dict.fromkeys(column for row in rows.values() for column in row))
+        lines = [f"`{scenario}`:", "", "| (K, C) | " + " | ".join(columns) + " |"]
+        lines.append("|---|" + "---|" * len(columns))
+        for structures, row in rows.items():
+            values = [row.get(column, "") for column in columns]
+            lines.append(f"| {structures} | " + " | ".join(values) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the table; exit 0 iff every recording passes."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path)
     parser.add_argument("--json", type=Path, help="also write the summaries as JSON")
+    parser.add_argument(
+        "--pivot", action="store_true", help="tables of structures × (mode, dtype) per scenario"
+    )
     args = parser.parse_args(argv)
     summaries = summarize(args.directory)
-    print(markdown(summaries))
+    print(pivot(summaries) if args.pivot else markdown(summaries))
     if args.json is not None:
         args.json.write_text(json.dumps(summaries, indent=2) + "\n")
     return 0 if all(s["verdict"] == "pass" for s in summaries) else 1
