@@ -117,37 +117,36 @@ class ArithmeticModel:
         """Machine epsilon of the storage dtype (the unit of reports: ulps of the scale)."""
         return EPS[self.storage]
 
-    def _final_rounding(self, compute: torch.dtype) -> float:
-        """``u_s`` when results computed in ``compute`` are rounded to a narrower storage."""
-        return self.unit if EPS[self.storage] > EPS[compute] else 0.0
+    @property
+    def final_unit(self) -> float:
+        """``u_s`` when accumulated results are rounded to a narrower storage dtype, else 0."""
+        return self.unit if EPS[self.storage] > EPS[self.accumulation] else 0.0
+
+    def _gamma(self, n: int) -> float:
+        """``γ_n(u_a)``, or ``γ̃_n(λ)`` with the probabilistic bound."""
+        if self.lam is None:
+            return gamma(n, self.accumulation_unit)
+        return probabilistic_gamma(n, self.accumulation_unit, self.lam)
 
     def reduction(self, n: int) -> float:
         """Relative error (to ``Σ|terms|``) of a sum of ``n`` terms, including its storage.
 
-        ``γ_{n−1}(u_a)`` (``n − 1`` additions; 0 for one term) plus one rounding to storage.
+        ``γ_{n−1}`` of the partial sums (``n − 1`` additions; 0 for one term) plus
+        one rounding to storage.
         """
-        if n <= 1:
-            return 0.0
-        accumulation_unit = self.accumulation_unit
-        if self.lam is None:
-            accumulated = gamma(n - 1, accumulation_unit)
-        else:
-            accumulated = probabilistic_gamma(n - 1, accumulation_unit, self.lam)
-        return accumulated + self._final_rounding(self.accumulation)
+        return 0.0 if n <= 1 else self._gamma(n - 1) + self.final_unit
+
+    def accumulated(self, n: int) -> float:
+        """Relative error (to ``|A||B|``) of a product's partial sums, before storage.
+
+        Operand rounding (``2·u_in``) and ``n`` accumulated multiply-adds
+        (``γ_n(u_a)`` or ``γ̃_n(λ)``).
+        """
+        return 2 * self.input_rounding + self._gamma(max(n, 1))
 
     def product(self, n: int) -> float:
-        """Relative error (to ``|A||B|``) of one product with reduction length ``n``.
-
-        Operand rounding (``2·u_in``), ``n`` accumulated multiply-adds
-        (``γ_n(u_a)`` or ``γ̃_n(λ)``) and one rounding to storage.
-        """
-        accumulation_unit = self.accumulation_unit
-        n = max(n, 1)
-        if self.lam is None:
-            accumulated = gamma(n, accumulation_unit)
-        else:
-            accumulated = probabilistic_gamma(n, accumulation_unit, self.lam)
-        return 2 * self.input_rounding + accumulated + self._final_rounding(self.accumulation)
+        """Relative error (to ``|A||B|``) of one product with reduction length ``n``, stored."""
+        return self.accumulated(n) + self.final_unit
 
     def chain(self, lengths: list[int]) -> float:
         """Relative error of a chain of products (first order: the per-product errors add)."""

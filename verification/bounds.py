@@ -114,8 +114,8 @@ class Arithmetic:
     exact one).
     """
 
-    def __init__(self, model: ArithmeticModel, oracle: ArithmeticModel | None = None) -> None:
-        self.models = (model, oracle or model_for_oracle(model))
+    def __init__(self, model: ArithmeticModel) -> None:
+        self.models = (model, model_for(torch.float64))  # the oracle: float64 numpy on the CPU
 
     def _sum(self, rule: str, *args: int) -> float:
         return sum(getattr(model, rule)(*args) for model in self.models)
@@ -135,13 +135,11 @@ class Arithmetic:
         return self._sum("reduction", n)
 
     def _accumulation(self, n: int) -> float:
-        """``γ_n`` of the partial sums (the product rule without its final rounding)."""
-        return sum(
-            model.product(n) - model._final_rounding(model.accumulation) for model in self.models
-        )
+        """The partial sums of a product (the product rule without its final rounding)."""
+        return sum(model.accumulated(n) for model in self.models)
 
     def _final(self) -> float:
-        return sum(model._final_rounding(model.accumulation) for model in self.models)
+        return sum(model.final_unit for model in self.models)
 
     def fft_alpha(self, dim: int) -> float:
         """Normwise error of one FFT of length ``fft_length(dim)``: ``5·log₂(n)·ε_a`` (both)."""
@@ -312,12 +310,6 @@ def _lag_weights(structure: Structure, dim: int) -> np.ndarray:
 def _toeplitz_column(matrix: np.ndarray) -> np.ndarray:
     """The defining column ``t`` of a lower (or row of an upper) triangular Toeplitz matrix."""
     return matrix[:, 0] if np.abs(matrix[:, 0]).sum() >= np.abs(matrix[0, :]).sum() else matrix[0]
-
-
-def model_for_oracle(model: ArithmeticModel) -> ArithmeticModel:
-    """The float64 oracle's model (CPU float64), paired with ``model``."""
-    del model  # the oracle always computes in float64 numpy on the CPU
-    return model_for(torch.float64)
 
 
 def _symmetric(matrix: np.ndarray) -> np.ndarray:

@@ -245,6 +245,7 @@ def _singd_blocks(
     loss_average: str | None,
     block: int | None,
     per_step: list[Deviation] | None,
+    oracle: dict[str, list[SINGDState]] | None = None,
 ) -> list[Deviation]:
     """Worst deviation per layer and entry; the oracle restarts from the recording every ``block``.
 
@@ -252,7 +253,8 @@ def _singd_blocks(
     from the implementation's own recorded state after step ``t − 1`` (exactly
     known: zero incoming error); in between, bounds propagate entrywise
     through :func:`verification.bounds.singd_step_bounds`.  ``block=None``
-    never restarts (the whole trajectory from the initial ``W~``);
+    never restarts (the whole trajectory from the initial ``W~``; an already
+    replayed ``oracle`` trajectory is used instead of stepping again);
     ``block=1`` is the one-step check.
     """
     keys = [key for key in SINGD_KEYS if hyper.alpha1 != 0 or key not in ("m_K", "m_C")]
@@ -269,7 +271,8 @@ def _singd_blocks(
                 state = _recorded_state(SINGDState, run.steps[t - 1][name].state, t)
                 errors = None
             bounds = singd_step_bounds(precision, hyper, state, errors, record, passes[t], shared)
-            state = singd_step(state, record, hyper, FLOAT64)
+            replayed = oracle is not None and block is None
+            state = oracle[name][t] if replayed else singd_step(state, record, hyper, FLOAT64)
             recorded = run.steps[t][name].state
             for key in keys:
                 candidate = _entry_deviation(
@@ -324,13 +327,12 @@ def compare_singd(
     trajectory from the initial ``W~`` (:func:`verification.bounds.
     singd_step_bounds`); it compounds over the steps.  ``dtype`` is the
     run's dtype (CPU model, factors alike) or a
-    :class:`~verification.arithmetic.Precision`.  ``oracle`` (the replayed
-    trajectory) is accepted for compatibility; the comparison steps the
-    oracle itself.  ``m_K``/``m_C`` are not compared with ``α1 = 0``.
+    :class:`~verification.arithmetic.Precision`.  ``oracle`` is the replayed
+    trajectory (:func:`verification.replay.replay_singd`), or ``None`` to step
+    the oracle here.  ``m_K``/``m_C`` are not compared with ``α1 = 0``.
     """
-    del oracle  # recomputed step by step beside the bounds (the same float64 steps)
     precision = precision_for(dtype)
-    return _singd_blocks(run, hyper, precision, approx, loss_average, None, per_step)
+    return _singd_blocks(run, hyper, precision, approx, loss_average, None, per_step, oracle)
 
 
 def compare_singd_blocks(

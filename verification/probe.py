@@ -188,7 +188,7 @@ def _fft_probe(model: ArithmeticModel, device: str, generator: torch.Generator) 
     full = np.stack([np.convolve(exact_t, column) for column in exact_x.T], axis=1)
     per_column = (2 * alpha + 2 * eps_a) * np.linalg.norm(exact_t) * np.linalg.norm(exact_x, axis=0)
     per_column = per_column + alpha * np.linalg.norm(full, axis=0)
-    bound = per_column[None, :] + model._final_rounding(model.accumulation) * np.abs(exact)
+    bound = per_column[None, :] + model.final_unit * np.abs(exact)
     return ProbeResult(f"Toeplitz FFT product d={FFT_DIM}", *_ratio(computed, exact, bound))
 
 
