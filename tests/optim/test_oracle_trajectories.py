@@ -10,8 +10,13 @@ Two layers of checks:
   compares factors, factor momenta, parameters and parameter momenta after
   every step, with the bound derived there;
 * every step on its own: one oracle step from the implementation's own state
-  before it, against the one-step bound (``compare_*_local``), so that late
-  steps are not held only to the compounded trajectory bound.
+  before it, against the one-step bound (``compare_*_local``), and SINGD also
+  in teacher-forced blocks of ``BLOCK`` steps (``compare_singd_blocks``).
+
+SINGD's bounds are entrywise, from :mod:`verification.bounds` under the run's
+arithmetic model (:mod:`verification.arithmetic`: model and factor dtypes on
+the CPU); KFAC's are the scalar first-order rules of
+:mod:`verification.comparison`.
 """
 
 from __future__ import annotations
@@ -27,14 +32,17 @@ from reference.kfac import KFACHyperparameters
 from reference.updates import SINGDHyperparameters
 from singd import KFAC
 from singd.optim.statistics import layer_grad_matrix, layer_input_matrix
-from tests.tolerances import EPS, chain_bound
+from tests.tolerances import chain_bound
+from verification.arithmetic import Precision, precision_for
 from verification.comparison import (
     compare_kfac,
     compare_kfac_local,
     compare_singd,
+    compare_singd_blocks,
     compare_singd_local,
     violations,
 )
+from verification.grid import BLOCK
 from verification.recording import LayerPass, RecordedRun, record_run, to_numpy
 from verification.replay import layer_statistics, replay_kfac
 from verification.scenarios import (
@@ -130,15 +138,19 @@ def _assert_within_bounds(
     run: RecordedRun,
     oracle: dict,
     hyper: SINGDHyperparameters,
-    dtype: torch.dtype,
+    dtype: torch.dtype | Precision,
     scenario: Scenario,
 ) -> None:
-    """Every state entry of every layer stays within its bound, along the run and per step."""
+    """Every state entry of every layer stays within its bound: trajectory, blocks, per step."""
     settings = (dtype, scenario.approx, scenario.loss_average)
     deviations = compare_singd(run, oracle, hyper, *settings)
     assert {d.key for d in deviations} >= {"K", "C", "W", "m_W"}
-    # Bound per entry: (steps or factor updates) · ρ(dtype) · G · M (verification.comparison).
+    # Entrywise bound propagated from the initial W~ (verification.bounds, the run's model).
     assert violations(deviations) == []
+    blocks = compare_singd_blocks(run, hyper, *settings, block=BLOCK)
+    assert {d.key for d in blocks} == {d.key for d in deviations}
+    # The same rules, restarted from the recorded state every BLOCK steps.
+    assert violations(blocks) == []
     local = compare_singd_local(run, hyper, *settings)
     assert {d.key for d in local} == {d.key for d in deviations}
     # One-step bound: the same rules with zero incoming error, at every step.
@@ -148,7 +160,7 @@ def _assert_within_bounds(
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_float64_trajectory_matches_oracle(scenario: str, variant: str) -> None:
-    """float64 model and optimizer: 20 steps agree with the oracle to ``s · ρ(eps64) · G · M``."""
+    """float64 model and optimizer: 20 steps agree with the oracle within the float64 model."""
     case = SCENARIOS[scenario]
     run, oracle, hyper = run_and_replay(case, VARIANTS[variant])
     _assert_within_bounds(run, oracle, hyper, torch.float64, case)
@@ -187,13 +199,14 @@ def test_low_precision_trajectory_matches_oracle(
 ) -> None:
     """Low precision: the oracle is fed the same recorded low-precision tensors upcast exactly.
 
-    The bound uses the coarsest dtype of model and factors (verification.comparison).
+    The bound uses the model of each side: factors in the preconditioner dtype,
+    parameters in the model dtype (verification.arithmetic.Precision).
     """
     case = SCENARIOS["mlp"]
     overrides = {**VARIANTS[variant], "structures": structures}
     run, oracle, hyper = run_and_replay(case, overrides, dtype, preconditioner_dtype)
-    coarsest = max((dtype, preconditioner_dtype or dtype), key=lambda d: EPS[d])
-    _assert_within_bounds(run, oracle, hyper, coarsest, case)
+    precision = precision_for(dtype, preconditioner_dtype)
+    _assert_within_bounds(run, oracle, hyper, precision, case)
 
 
 @pytest.mark.parametrize("T", [1, 3])
