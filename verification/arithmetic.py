@@ -52,6 +52,18 @@ EPS: dict[torch.dtype, float] = {
     torch.float16: 2.0**-10,
 }
 
+#: Half the spacing of the subnormal numbers per dtype: the absolute error ``η`` of one
+#: rounding whose result underflows (Higham, *Accuracy and Stability*, Thm. 2.2 with gradual
+#: underflow: ``fl(x op y) = (x op y)(1 + δ) + η``, ``|η| ≤ 2^(e_min − p)``, ``δη = 0``).
+#: float16's is 2⁻²⁵ ≈ 3·10⁻⁸: a float16 product of 10⁻⁶ errs by 3 % of itself, far more than
+#: its relative ``u``; the others are there for rigour (their values are far below any data).
+TINY: dict[torch.dtype, float] = {
+    torch.float64: 2.0**-1075,
+    torch.float32: 2.0**-150,
+    torch.bfloat16: 2.0**-134,
+    torch.float16: 2.0**-25,
+}
+
 #: TF32's unit roundoff (10 stored mantissa bits), for CUDA float32 matmuls with TF32 on.
 TF32_UNIT = 2.0**-11
 
@@ -111,6 +123,39 @@ class ArithmeticModel:
     def accumulation_unit(self) -> float:
         """``u_a``: one rounding of a partial sum."""
         return unit_roundoff(self.accumulation)
+
+    @property
+    def elementwise_unit(self) -> float:
+        """``u_e``: one rounding in the elementwise (opmath) dtype."""
+        return unit_roundoff(self.elementwise)
+
+    @property
+    def tiny(self) -> float:
+        """``η_s``: the absolute error of one rounding to storage that underflows."""
+        return TINY[self.storage]
+
+    @property
+    def accumulation_tiny(self) -> float:
+        """``η_a``: the absolute error of one product in the accumulation dtype that underflows."""
+        return TINY[self.accumulation]
+
+    @property
+    def elementwise_tiny(self) -> float:
+        """Underflow of one elementwise result: in the elementwise dtype, then in storage."""
+        return self.tiny + (TINY[self.elementwise] if self.elementwise != self.storage else 0.0)
+
+    def scalar_error(self, value: float) -> float:
+        """``|α − fl(α)|``: a Python float converted to the elementwise dtype (torch's opmath).
+
+        Torch hands a Python scalar of ``mul_(s)``, ``add_(y, alpha=α)`` and ``x / s`` to
+        the kernel in the dtype it computes in (float32 for float32, bfloat16 and float16
+        tensors), so ``α = 1/6`` is already off by ``0.5·u₃₂·α`` before the one rounding of
+        the result.  Exact: ``value`` is known.
+        """
+        if self.elementwise == torch.float64:
+            return 0.0
+        converted = torch.tensor(value, dtype=torch.float64).to(self.elementwise).item()
+        return abs(value - converted)
 
     @property
     def eps(self) -> float:

@@ -43,6 +43,7 @@ import torch
 
 from reference.structures import Structure, get_structure
 from reference.updates import SINGDHyperparameters, SINGDState, StepRecord, lr_cov_at
+from singd.structures import get_structure as get_singd_structure
 from singd.structures.toeplitz import FFT_MIN_DIM, fft_length
 from verification.arithmetic import ArithmeticModel, Precision, model_for
 
@@ -63,6 +64,35 @@ _SUMMED_KERNELS = (
 def kernel_terms(name: str) -> int:
     """Rounded parts per entry of a product with a factor of structure ``name``."""
     return 3 if name.startswith(_SUMMED_KERNELS) else 1
+
+
+def trace_terms(name: str) -> int:
+    """Separately rounded partial sums of ``trace()`` (then added, each sum rounded again).
+
+    ``block<b>diagonal``: full blocks + last block; ``hierarchical``: ``tr A + Σc + tr E``;
+    the recursive forms: ``Σa + Σc``.  Dense, diagonal, tril/triu, Toeplitz: one sum.
+    """
+    if name.startswith("hierarchical"):
+        return 3
+    if name.startswith("block") or name.startswith(_SUMMED_KERNELS[1:]):
+        return 2
+    return 1
+
+
+def square_entries(name: str, dim: int) -> np.ndarray:
+    """Diagonal entries of ``project_gram`` formed as ``(x * x).sum()``: squares rounded first.
+
+    ``Diagonal`` and the recursive forms (``_row_norms_squared``) square every row
+    elementwise, ``Hierarchical`` the middle rows (``c``); those squares are stored
+    numbers (one rounding each) before the sum accumulates them.
+    """
+    mask = np.zeros(dim, dtype=bool)
+    if name == "diagonal" or name.startswith(_SUMMED_KERNELS[1:]):
+        mask[:] = True
+    elif name.startswith("hierarchical"):
+        k1, m, _ = get_singd_structure(name).block_sizes(dim)
+        mask[k1 : k1 + m] = True
+    return mask
 
 
 #: Errors are capped here: a bound this large says nothing, and the cap keeps it finite
@@ -130,6 +160,36 @@ class Arithmetic:
         """Rounding of one elementwise result."""
         return sum(model.store for model in self.models)
 
+    @property
+    def store_tiny(self) -> float:
+        """Absolute underflow error of one elementwise result (``η``, both models)."""
+        return sum(model.elementwise_tiny for model in self.models)
+
+    @property
+    def tiny(self) -> float:
+        """Absolute underflow error of one rounding to storage (``η_s``, both models)."""
+        return sum(model.tiny for model in self.models)
+
+    def _final_tiny(self) -> float:
+        return sum(
+            model.tiny for model in self.models if model._final_rounding(model.accumulation)
+        )
+
+    def _accumulation_tiny(self, n: int) -> float:
+        """``n`` products in the accumulation dtype, each of which may underflow."""
+        return max(n, 1) * sum(model.accumulation_tiny for model in self.models)
+
+    def scalar_error(self, value: float) -> float:
+        """``|α − fl(α)|`` of a Python scalar handed to a kernel (its opmath dtype)."""
+        return sum(model.scalar_error(value) for model in self.models)
+
+    def scalar_unit(self) -> float:
+        """Unit roundoff of converting an inexactly known Python scalar to the opmath dtype."""
+        return sum(
+            0.0 if model.elementwise == torch.float64 else model.elementwise_unit
+            for model in self.models
+        )
+
     def reduction(self, n: int) -> float:
         """Relative error of a sum of ``n`` terms (to ``Σ|terms|``)."""
         return self._sum("reduction", n)
@@ -179,9 +239,11 @@ class Arithmetic:
                 accumulated = np.full_like(accumulated, accumulated.max())
         else:
             accumulated = self._accumulation(x.value.shape[-1]) * (x.magnitude @ y.magnitude)
-        rounding = self._final() * (np.abs(value) + propagated + accumulated)
+            accumulated = accumulated + self._accumulation_tiny(x.value.shape[-1])
+        rounding = self._final() * (np.abs(value) + propagated + accumulated) + self._final_tiny()
         if terms > 1:
             rounding = rounding + (terms - 1) * self.unit * (x.magnitude @ y.magnitude)
+            rounding = rounding + terms * self.tiny
         return Bounded(value, propagated + accumulated + rounding)
 
     def _fft_product_error(self, x: Bounded, y: Bounded) -> np.ndarray:
@@ -195,45 +257,100 @@ class Arithmetic:
         per_column = per_column + alpha * np.abs(t).sum() * columns
         return np.broadcast_to(per_column, (dim, columns.size)).copy()
 
-    def add(self, x: Bounded, y: Bounded, alpha: float = 1.0, alpha_error: float = 0.0) -> Bounded:
-        """``x + α y`` in one kernel (``add_(y, alpha=α)``), ``|δα| ≤ alpha_error``."""
+    def _converted(self, alpha: float, alpha_error: float) -> float:
+        """``alpha_error`` plus the conversion of the computed ``α`` to the opmath dtype."""
+        if alpha_error == 0:
+            return self.scalar_error(alpha)
+        return alpha_error + self.scalar_unit() * (abs(alpha) + alpha_error)
+
+    def add(
+        self,
+        x: Bounded,
+        y: Bounded,
+        alpha: float = 1.0,
+        alpha_error: float = 0.0,
+        *,
+        converted: bool = True,
+    ) -> Bounded:
+        """``x + α y`` in one kernel (``add_(y, alpha=α)``), ``|δα| ≤ alpha_error``.
+
+        ``converted``: ``α`` is a Python float that torch first converts to its
+        opmath dtype (float32 for float32/bfloat16/float16 tensors): that
+        conversion errs too (:meth:`ArithmeticModel.scalar_error`).
+        """
+        if converted:
+            alpha_error = self._converted(alpha, alpha_error)
         value = x.value + alpha * y.value
         propagated = x.error + abs(alpha) * y.error + alpha_error * y.magnitude
-        return Bounded(value, propagated + self.store * (np.abs(value) + propagated))
+        rounding = self.store * (np.abs(value) + propagated) + self.store_tiny
+        return Bounded(value, propagated + rounding)
 
-    def scale(self, x: Bounded, scalar: Bounded) -> Bounded:
-        """``s · x`` in one kernel (``mul_(s)``), with a bounded scalar ``s``."""
+    def scale(self, x: Bounded, scalar: Bounded, *, converted: bool = True) -> Bounded:
+        """``s · x`` in one kernel (``mul_(s)``), with a bounded scalar ``s``.
+
+        ``converted``: as for :meth:`add`; ``False`` for a scalar read from a
+        tensor of the storage dtype (a trace), which the opmath dtype holds exactly.
+        """
         s, error_s = float(scalar.value), float(scalar.error)
+        if converted:
+            error_s = self._converted(s, error_s)
         value = s * x.value
         propagated = abs(s) * x.error + error_s * x.magnitude
-        return Bounded(value, propagated + self.store * (np.abs(value) + propagated))
+        rounding = self.store * (np.abs(value) + propagated) + self.store_tiny
+        return Bounded(value, propagated + rounding)
 
     def add_identity(self, x: Bounded, shift: float) -> Bounded:
         """``x + shift·I`` (``add_diag_``): only the diagonal is rounded."""
         value = x.value + shift * np.eye(x.value.shape[0])
         error = x.error.copy()
         diagonal = np.diag_indices_from(error)
+        shift_error = self.scalar_error(shift)
+        error[diagonal] += shift_error
         error[diagonal] += self.store * (np.abs(value[diagonal]) + error[diagonal])
+        error[diagonal] += self.store_tiny
         return Bounded(value, error)
 
-    def trace(self, x: Bounded) -> Bounded:
-        """``tr(x)``: a sum of ``d`` diagonal entries, accumulated and rounded once."""
+    def trace(self, x: Bounded, terms: int = 1) -> Bounded:
+        """``tr(x)``: a sum of ``d`` diagonal entries, accumulated and rounded once.
+
+        ``terms`` (:func:`trace_terms`): the kernel rounds ``terms`` partial sums
+        to storage and adds them (``terms − 1`` more roundings): as for
+        :meth:`product`, at most ``(terms − 1)·u_s·Σ|entries|`` more, when the
+        storage is narrower than the accumulation (else the ``γ_{d−1}`` of one
+        sum already covers every split of it).
+        """
         diagonal = np.diag(x.value)
         propagated = float(np.diag(x.error).sum())
-        accumulated = self.reduction(diagonal.size) * (float(np.abs(diagonal).sum()) + propagated)
+        magnitude = float(np.abs(diagonal).sum()) + propagated
+        accumulated = self.reduction(diagonal.size) * magnitude
+        accumulated += (terms - 1) * self._final() * magnitude + terms * self.tiny
         return Bounded(np.float64(diagonal.sum()), np.float64(propagated + accumulated))
 
     def cast(self, x: Bounded, unit: float) -> Bounded:
         """Rounding to a narrower dtype with unit roundoff ``unit`` (0: no rounding)."""
         if unit == 0:
             return x
-        return Bounded(x.value, x.error + unit * x.magnitude)
+        return Bounded(x.value, x.error + unit * x.magnitude + self.models[0].tiny)
 
-    def project_gram(self, structure: Structure, y: Bounded, fft: bool) -> Bounded:
-        """``Π̂(Y Yᵀ)`` as the structures compute it (Gram product, then Π̂)."""
+    def project_gram(
+        self, structure: Structure, y: Bounded, fft: bool, squares: np.ndarray | None = None
+    ) -> Bounded:
+        """``Π̂(Y Yᵀ)`` as the structures compute it (Gram product, then Π̂).
+
+        ``squares`` (:func:`square_entries`): diagonal entries the kernel forms as
+        ``(y * y).sum()``, rounding every square to storage before the sum:
+        ``u_s·Σ_j y_ij²`` more there, when storage is narrower than the accumulation.
+        """
         if fft:
             return self._toeplitz_lags(structure, y)
-        return self.project(structure, self.product(y, y.T))
+        gram = self.product(y, y.T)
+        if squares is not None and squares.any():
+            extra = np.zeros_like(gram.error)
+            index = np.flatnonzero(squares)
+            magnitude = (y.magnitude**2).sum(axis=1)
+            extra[index, index] = self._final() * magnitude[index] + y.value.shape[1] * self.tiny
+            gram = Bounded(gram.value, gram.error + extra)
+        return self.project(structure, gram)
 
     def project(self, structure: Structure, x: Bounded) -> Bounded:
         """``Π̂(x)`` of a (symmetric) computed matrix (module docstring)."""
@@ -245,7 +362,7 @@ class Arithmetic:
             counts = 2 * np.maximum(dim - np.abs(np.subtract.outer(range(dim), range(dim))), 1)
             magnitude = structure.project(np.maximum(x.magnitude, x.magnitude.T))
             error = error + self.reduction(int(counts.max())) * magnitude
-            error = error + self.store * (np.abs(value) + error)
+            error = error + self.store * (np.abs(value) + error) + self.store_tiny
         return Bounded(value, error)
 
     def _toeplitz_lags(self, structure: Structure, y: Bounded) -> Bounded:
@@ -268,7 +385,7 @@ class Arithmetic:
         absolute = np.abs(y.value)
         moved = y.error @ absolute.T + absolute @ y.error.T + y.error @ y.error.T
         error = _lag_weights(structure, dim) * lag_error + structure.project(moved)
-        return Bounded(value, error + self.store * (np.abs(value) + error))
+        return Bounded(value, error + self.store * (np.abs(value) + error) + self.store_tiny)
 
     def toeplitz_self_lags(self, structure: Structure, factor: Bounded) -> Bounded:
         """``Π̂(LᵀL)`` of a Toeplitz ``L`` on the FFT path: lags of ``t`` and ``w ⊙ t``.
@@ -297,7 +414,7 @@ class Arithmetic:
             factor.error.T @ absolute + absolute.T @ factor.error + factor.error.T @ factor.error
         )
         error = _lag_weights(structure, dim) * lag_error + structure.project(moved)
-        return Bounded(value, error + self.store * (np.abs(value) + error))
+        return Bounded(value, error + self.store * (np.abs(value) + error) + self.store_tiny)
 
 
 def _lag_weights(structure: Structure, dim: int) -> np.ndarray:
@@ -362,9 +479,16 @@ class StatisticPass:
 def _statistic(
     arith: Arithmetic, value: np.ndarray, magnitude: np.ndarray, cast: float, shared: int
 ) -> Bounded:
-    """A scaled statistic: cast to the factor dtype, mean/sum over ``shared`` positions, scaling."""
-    relative = cast + arith.reduction(shared) + arith.store
-    return Bounded(value, relative * magnitude)
+    """A scaled statistic: cast to the factor dtype, mean/sum over ``shared`` positions, scaling.
+
+    The scaling ``rows / sqrt(n)`` (``rows * sqrt(N)``) divides by a Python float that
+    torch converts to its opmath dtype first (:meth:`Arithmetic.scalar_unit`), and a
+    mean divides its float32 sum by the count before the rounding to storage.
+    """
+    relative = cast + arith.reduction(shared) + arith.store + arith.scalar_unit()
+    if shared > 1:  # a mean: the sum divided by the count in the accumulation dtype
+        relative += sum(model.accumulation_unit for model in arith.models)
+    return Bounded(value, relative * magnitude + 3 * arith.store_tiny)
 
 
 def _is_fft(name: str, dim: int) -> bool:
@@ -383,7 +507,7 @@ def _summed_h(
     total = None
     for statistic in statistics:
         y = arith.product(factor.T, statistic.T, toeplitz_fft=fft, terms=kernel_terms(name))
-        h = arith.project_gram(structure, y, fft)
+        h = arith.project_gram(structure, y, fft, square_entries(name, y.value.shape[0]))
         total = h if total is None else arith.add(total, h)
     assert total is not None
     return total
@@ -393,7 +517,17 @@ def _gram(arith: Arithmetic, structure: Structure, name: str, factor: Bounded) -
     """``Π̂(KᵀK)`` (``project_self_inner``)."""
     if _is_fft(name, factor.value.shape[0]):
         return arith.toeplitz_self_lags(structure, factor)
-    return arith.project(structure, arith.product(factor.T, factor, terms=kernel_terms(name)))
+    gram = arith.product(factor.T, factor, terms=kernel_terms(name))
+    if name.startswith("hierarchical"):
+        # c = colsum(B1²) + c² + colsum(D²): squares rounded, two partial sums rounded, then
+        # two additions: one rounding more (u_s·Σ) than the three parts of ``kernel_terms``
+        squares = square_entries(name, factor.value.shape[0])
+        index = np.flatnonzero(squares)
+        magnitude = (factor.magnitude**2).sum(axis=0)
+        extra = np.zeros_like(gram.error)
+        extra[index, index] = arith._final() * magnitude[index]
+        gram = Bounded(gram.value, gram.error + extra)
+    return arith.project(structure, gram)
 
 
 def singd_step_bounds(
@@ -464,8 +598,9 @@ def _momenta(
             bracket = arith.add_identity(arith.add(h, inner, hyper.damping), -1.0)
             results.append(arith.scale(bracket, exact(coef)))
         return results[0], results[1]
-    trace_h_k, trace_h_c = arith.trace(h_k), arith.trace(h_c)
-    trace_k, trace_c = arith.trace(inner_k), arith.trace(inner_c)
+    terms_k, terms_c = (trace_terms(name) for name in hyper.structures)
+    trace_h_k, trace_h_c = arith.trace(h_k, terms_k), arith.trace(h_c, terms_c)
+    trace_k, trace_c = arith.trace(inner_k, terms_k), arith.trace(inner_c, terms_c)
     results = []
     for h, inner, m_old, trace_other, trace_gram_other, d_other in (
         (h_k, inner_k, m_k, trace_h_c, trace_c, d_o),
@@ -474,7 +609,7 @@ def _momenta(
         damping = Bounded(
             hyper.damping * trace_gram_other.value, hyper.damping * trace_gram_other.error
         )
-        bracket = arith.scale(h, trace_other)
+        bracket = arith.scale(h, trace_other, converted=False)  # a stored value
         bracket = arith.add(bracket, inner, float(damping.value), float(damping.error))
         bracket = arith.add_identity(bracket, -float(d_other))
         scaled = arith.scale(bracket, exact(coef / d_other))
