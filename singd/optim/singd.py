@@ -117,6 +117,11 @@ class SINGD(KroneckerOptimizer):
         >>> opt.step()
     """
 
+    _STATISTIC_NAMES = (
+        "H_K (curvature statistic of the layer inputs)",
+        "H_C (curvature statistic of the output gradients)",
+    )
+
     def __init__(
         self,
         model: nn.Module,
