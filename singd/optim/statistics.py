@@ -278,8 +278,9 @@ def normalised_grad_matrix(
         ``(G, log2_factor)`` with ``G`` (n_G × d_o) in ``dtype`` and
         ``log2_factor = 2k`` a 0-dim int32 tensor on ``G``'s device.
     """
-    k = gram_normaliser_exponent(module, grad_output, approx=approx, loss_average=loss_average)
     wide = torch.promote_types(grad_output.dtype, torch.float32)
-    scaled = grad_output.detach().to(wide) * _power_of_two(k, wide)
+    g = grad_output.detach().to(wide)  # one copy (none for float32 gradients)
+    k = gram_normaliser_exponent(module, g, approx=approx, loss_average=loss_average)
+    scaled = g * _power_of_two(k, wide)
     G = layer_grad_matrix(module, scaled.to(dtype), approx=approx, loss_average=loss_average)
     return G, 2 * k
