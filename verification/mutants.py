@@ -22,7 +22,7 @@ target name, or a class attribute), restored afterwards.  For a mutant and a
   of four must equal the same run without scaler *bitwise* (tolerance 0:
   scaling by a power of two is exact in binary floating point away from
   overflow and underflow, and ``sqrt`` of a power of four is a power of two,
-  so the scaled statistics, the correction ``s_{t−1}/s_t²`` and the unscaled
+  so the scaled statistics, the correction ``2^(−2k)/s_t²`` and the unscaled
   gradients are all exact).
 
 The check: every mutant with visibility ``>= VISIBLE_ULPS`` in a precision must
@@ -458,12 +458,12 @@ def _lag_products_fft_aliased(left: Tensor, right: Tensor) -> Tensor:
 
 # --- grad-scale handling (SPEC §1.5)
 def _correction_inverted(info: hooks.GradScaleInfo, amp: scaling.AmpStepInfo, layer: str) -> float:
-    """``s_t² / s_{t−1}`` instead of ``s_{t−1} / s_t²``."""
+    """``s_t²`` instead of ``1 / s_t²`` (SPEC §1.5, docs/SPEC.md)."""
     return 1.0 / _original_correction(info, amp, layer)
 
 
 def _correction_dropped(info: hooks.GradScaleInfo, amp: scaling.AmpStepInfo, layer: str) -> float:
-    """No correction: ``H_C`` keeps the factor ``s_t² / s_{t−1}``."""
+    """No loss-scale correction: ``H_C`` keeps the factor ``s_t²``."""
     return 1.0
 
 
@@ -702,14 +702,14 @@ def _catalogue() -> dict[str, Mutant]:
         # grad-scale handling
         Mutant(
             "grad-scale-inverted",
-            "statistics corrected by s_t²/s_{t−1} instead of s_{t−1}/s_t²",
+            "statistics corrected by s_t² instead of 1/s_t²",
             ("singd.optim.scaling:statistics_correction",),
             _single("singd.optim.scaling:statistics_correction", _correction_inverted),
             RunConfig(harness="grad-scale"),
         ),
         Mutant(
             "grad-scale-dropped",
-            "no s_{t−1}/s_t² correction of the statistics (IKFAC: H_C rescaled in place)",
+            "no 1/s_t² correction of the statistics (IKFAC: H_C rescaled in place)",
             ("singd.optim.scaling:statistics_correction",),
             _single("singd.optim.scaling:statistics_correction", _correction_dropped),
             RunConfig(variant="ikfac", harness="grad-scale"),

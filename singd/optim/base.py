@@ -9,16 +9,20 @@ themselves live in :mod:`singd.optim.updates`.
 A step is computed in full before anything is written: new factors and every
 parameter's update direction are checked to be finite, then committed.  A
 step with inf/NaN gradients, statistics or results is skipped with a warning
-and leaves every piece of state (parameters, buffers, factors, ``steps``)
-untouched; its pending statistics are dropped.  The finiteness flags of the
-gradients and statistics and every scalar a factor step needs as a Python
-float (SINGD's traces) are read in one host sync; the results' finiteness in
-a second.  Ranks' statistics are combined first (:mod:`.distributed`).
+that names the layers and tensors at fault, and leaves every piece of state
+(parameters, buffers, factors, ``steps``) untouched; its pending statistics
+are dropped.  The finiteness flags of the gradients and statistics, the
+exponents of the hooks' power-of-two normalisation (SPEC §1.5, docs/SPEC.md)
+and every scalar a factor step needs as a Python float (SINGD's traces) are
+read in one host sync; the results' finiteness in a second (a skipped step
+may read once more, to name the culprits).  Ranks' statistics are combined
+first (:mod:`.distributed`).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -29,13 +33,16 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from singd.optim import checkpoint, distributed, scaling
-from singd.optim.hooks import CurvatureCollector, GradScaleInfo, HookSettings, PendingStatistics
+from singd.optim.hooks import CurvatureCollector, HookSettings, PendingStatistics
 from singd.optim.layers import Layer, fallback_params, find_layers, unwrap_model
 from singd.optim.statistics import split_weight_matrix, weight_gradient_matrix
 from singd.optim.updates import momentum_parameter_update
 from singd.optim.validation import check_bool, check_real, resolve_lr_cov
 
 LayerState = dict[str, Any]
+
+#: A skip warning names at most this many non-finite tensors.
+MAX_NAMED = 5
 
 
 class FactorStepInputs(NamedTuple):
@@ -56,6 +63,17 @@ def _finite_flags(tensors: Iterable[Tensor]) -> list[Tensor]:
     return [torch.isfinite(t).all() for t in tensors]
 
 
+def _all_finite(tensors: Iterable[Tensor], device: torch.device) -> Tensor:
+    """One 0-dim flag on ``device``: whether every entry of every tensor is finite (no sync)."""
+    flags = [flag.to(device) for flag in _finite_flags(tensors)]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
+
+
+def _culprits(labels: list[str], flags: Iterable[float]) -> list[str]:
+    """The labels whose finiteness flag (read to the host) is false."""
+    return [label for label, ok in zip(labels, flags, strict=True) if not ok]
+
+
 def _host_values(scalars: list[Tensor]) -> list[float]:
     """The values of 0-dim tensors as Python floats, read with one host sync."""
     if not scalars:
@@ -72,11 +90,15 @@ class KroneckerOptimizer(Optimizer, ABC):
             ``model`` that requires grad.
         defaults: default hyper-parameters of a group.
         warn_unsupported: warn once, naming them, about fallback parameters.
-        init_grad_scale: ``s_div`` of the first statistics (SPEC §1.5).
+        init_grad_scale: accepted (validated) for the public singd package's
+            API; no effect, the statistics are scale-free (SPEC §1.5, docs/SPEC.md).
     """
 
     #: ``GradScaler`` calls ``step`` itself and passes ``grad_scale``/``found_inf``.
     _step_supports_amp_scaling = True
+
+    #: How a skip warning names a pass's (input, gradient) statistics.
+    _STATISTIC_NAMES: tuple[str, str] = ("input statistic", "gradient statistic")
 
     def __init__(
         self,
@@ -89,6 +111,8 @@ class KroneckerOptimizer(Optimizer, ABC):
     ) -> None:
         self._model = unwrap_model(model)
         check_bool("warn_unsupported", warn_unsupported)
+        # the backward scale of the last step taken: informational since the statistics
+        # are scale-free (SPEC §1.5, docs/SPEC.md); kept in checkpoints for their format
         self._grad_scale_prev = check_real(
             "init_grad_scale", init_grad_scale, low=0.0, low_open=True
         )
@@ -105,7 +129,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             settings=self._hook_settings,
             summarise_input=self._summarise_input,
             summarise_grad=self._summarise_grad,
-            grad_scale_info=self._grad_scale_info,
+            backward_scale=self._backward_scale,
         )
         self._fallback: dict[int, str] = {}
         self._warn_unsupported = warn_unsupported
@@ -193,8 +217,11 @@ class KroneckerOptimizer(Optimizer, ABC):
         """Let the hooks read ``scaler``'s scale at backward time (SPEC §1.5).
 
         Needed when gradients are unscaled before ``step`` (``scaler.unscale_``
-        e.g. for clipping); harmless otherwise.  Reading the scale costs one
-        host sync per layer on statistics passes.
+        e.g. for clipping); harmless otherwise (the plain recipe
+        ``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``
+        needs nothing: the statistics are scale-free and the step learns the
+        scale from the scaler).  Reading the scale costs one host sync per
+        layer on statistics passes.
         """
         if not callable(getattr(scaler, "get_scale", None)):
             raise ValueError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
@@ -209,7 +236,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         ``GradScaler`` had passed ``grad_scale=s``.  When a scaler calls that
         ``step``, it states the gradients' scale itself (``s`` must agree, or
         ``unscale_`` was called and ``s`` only fixes the statistics).  Applies
-        to one step; pass ``init_grad_scale`` of the same size for the first.
+        to one step.
 
         Raises:
             ValueError: unless ``grad_scale`` is a positive finite number.
@@ -267,18 +294,59 @@ class KroneckerOptimizer(Optimizer, ABC):
             group["kfac_approx"], group["loss_average"], input_dtype, grad_dtype, layer.has_bias
         )
 
-    def _grad_scale_info(self) -> GradScaleInfo:
+    def _backward_scale(self) -> float | None:
+        """The scale of the running backward, if an attached scaler tells (SPEC §1.5)."""
         if self._grad_scaler is not None:
-            scale = float(self._grad_scaler.get_scale())
-            return GradScaleInfo(scale, scale)
-        return GradScaleInfo(self._grad_scale_prev, None)
+            return float(self._grad_scaler.get_scale())
+        return None
 
     # -------------------------------------------------------------------- step
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, culprits: list[str] | None = None) -> None:
+        """Warn that the step is skipped; ``culprits`` name the non-finite tensors."""
+        detail = ""
+        if culprits:
+            shown = "; ".join(f"{label} non-finite" for label in culprits[:MAX_NAMED])
+            more = len(culprits) - MAX_NAMED
+            detail = f": {shown}" + (f"; and {more} more" if more > 0 else "")
         warnings.warn(
-            f"{type(self).__name__}: step skipped ({reason}); no state was changed",
+            f"{type(self).__name__}: step skipped ({reason}{detail}); no state was changed",
             stacklevel=3,
         )
+
+    def _param_labels(self) -> dict[int, str]:
+        """``id(param)`` → how a skip warning names it (layer and weight/bias, or fallback)."""
+        labels = {key: f"parameter {name!r}" for key, name in self._fallback.items()}
+        for name, layer in self._layers.items():
+            labels[id(layer.weight)] = f"layer {name!r}: weight"
+            if layer.bias is not None:
+                labels[id(layer.bias)] = f"layer {name!r}: bias"
+        return labels
+
+    def _statistic_flags(
+        self, pending: dict[str, PendingStatistics]
+    ) -> tuple[list[str], list[Tensor]]:
+        """Labels and finiteness flags of every layer's two pending statistics."""
+        labels, flags = [], []
+        for name, stats in pending.items():
+            for statistic, tensors in zip(
+                self._STATISTIC_NAMES, stats.summary_tensors(), strict=True
+            ):
+                labels.append(f"layer {name!r}: {statistic}")
+                flags.append(_all_finite(tensors, self._layers[name].weight.device))
+        return labels, flags
+
+    def _skip_for_inf_gradients(self) -> None:
+        """The scaler found inf/NaN gradients: skip, naming them (one extra host sync)."""
+        labels = self._param_labels()
+        grads = [
+            (labels.get(id(p), "a parameter"), p.grad)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        flags = _host_values(_finite_flags(grad for _, grad in grads))
+        culprits = _culprits([f"{label} gradient" for label, _ in grads], flags)
+        self._skip("the GradScaler found inf/NaN gradients", culprits)
 
     def _check_dense_grads(self) -> None:
         """Raise ``ValueError`` (before any state changes) if a gradient is sparse."""
@@ -321,11 +389,21 @@ class KroneckerOptimizer(Optimizer, ABC):
         reads: Iterator[float],
         amp: scaling.AmpStepInfo,
     ) -> dict[str, LayerState]:
+        """The factors after this statistics step (SPEC §1.3/§1.2), one new state per layer.
+
+        ``reads`` yields, per layer of ``pending`` in order, the exponent of
+        the hook's normalisation, then the values of ``prepared[name].reads``.
+        The gradient statistic's correction ``2^(−log2_factor) / s²`` is exact
+        in float64 (SPEC §1.5, docs/SPEC.md).
+        """
         new_states = {}
         for name, stats in pending.items():
             layer = self._layers[name]
             group = self.param_groups[layer.group_index]
-            correction = scaling.statistics_correction(stats.grad_scale, amp, name)
+            log2_factor = int(next(reads))
+            correction = math.ldexp(
+                scaling.statistics_correction(stats.grad_scale, amp, name), -log2_factor
+            )
             lr_cov = resolve_lr_cov(group["lr_cov"], self.steps)
             values = list(itertools.islice(reads, len(prepared[name].reads)))
             new_states[name] = self._updated_layer_state(
@@ -374,29 +452,37 @@ class KroneckerOptimizer(Optimizer, ABC):
         self._declared_grad_scale = None  # applies to this step only
         pending = self._collector.pop_all()
         if amp.found_inf:
-            self._skip("the GradScaler found inf/NaN gradients")
+            self._skip_for_inf_gradients()
             return loss
         grads = self._unscaled_grads(amp.grad_scale)
         self._reduce_across_ranks(pending)
         prepared = {
             name: self._prepare_factor_step(self._layers[name], s) for name, s in pending.items()
         }
+        param_labels = self._param_labels()
+        grad_labels = [f"{param_labels.get(key, 'a parameter')} gradient" for key in grads]
         grad_flags = _finite_flags(grads.values())
-        stats_flags = _finite_flags(t for stats in pending.values() for t in stats.tensors())
+        stats_labels, stats_flags = self._statistic_flags(pending)
         values = iter(
             _host_values(
                 [
                     *grad_flags,
                     *stats_flags,
-                    *(r for inputs in prepared.values() for r in inputs.reads),
+                    *(
+                        r
+                        for name, inputs in prepared.items()
+                        for r in (pending[name].grad_scale.log2_factor, *inputs.reads)
+                    ),
                 ]
             )
         )
-        if not all(itertools.islice(values, len(grad_flags))):
-            self._skip("non-finite gradients")
+        grad_ok = list(itertools.islice(values, len(grad_flags)))
+        if not all(grad_ok):
+            self._skip("non-finite gradients", _culprits(grad_labels, grad_ok))
             return loss
-        if not all(itertools.islice(values, len(stats_flags))):
-            self._skip("non-finite curvature statistics")
+        stats_ok = list(itertools.islice(values, len(stats_flags)))
+        if not all(stats_ok):
+            self._skip("non-finite curvature statistics", _culprits(stats_labels, stats_ok))
             return loss
         try:
             new_states = self._new_layer_states(pending, prepared, values, amp)
@@ -405,14 +491,20 @@ class KroneckerOptimizer(Optimizer, ABC):
             raise
         states = {**self._layer_states, **new_states}
         directions = self._directions(grads, states)
-        new_tensors = [
-            t
-            for s in new_states.values()
-            for f in self._state_to_storage(s).values()
-            for t in f.values()
-        ]
-        if not all(_host_values(_finite_flags([*new_tensors, *directions.values()]))):
-            self._skip("non-finite factors or update after the factor step")
+        result_labels, result_flags = [], []
+        for name, state in new_states.items():
+            for factor, storage in self._state_to_storage(state).items():
+                result_labels.append(f"layer {name!r}: {factor} after the factor step")
+                device = self._layers[name].weight.device
+                result_flags.append(_all_finite(storage.values(), device))
+        result_labels += [f"{param_labels.get(key, 'a parameter')} update" for key in directions]
+        result_flags += _finite_flags(directions.values())
+        result_ok = _host_values(result_flags)
+        if not all(result_ok):
+            self._skip(
+                "non-finite factors or update after the factor step",
+                _culprits(result_labels, result_ok),
+            )
             return loss
         self._layer_states.update(new_states)
         for group in self.param_groups:

@@ -32,9 +32,16 @@ R-rank run therefore equals the single-process full-batch run up to rounding
 (the same terms summed in another order).  Unequal per-rank batches break this
 already for the DDP gradient and are not corrected for.
 
+Each rank's gradient statistics carry a power of two of their own, the hooks'
+normalisation ``2^log2_factor`` (SPEC §1.5, docs/SPEC.md).  Before summing,
+every rank rescales its gradient statistics to the smallest exponent over the
+ranks (an ``all_reduce`` with ``MIN``), exactly, as the hooks do for the
+passes of one rank; that common exponent is what the step then removes.
+
 Every rank must collect statistics for the same layers in the same steps (as
-data-parallel training does); the reduction is one ``all_reduce`` per dtype
-and device of the statistics, in module order.
+data-parallel training does); the reduction is one ``all_reduce`` of the
+exponents per device and one per dtype and device of the statistics, in
+module order.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from singd.optim.hooks import PendingStatistics
+from singd.optim.hooks import GradScaleInfo, PendingStatistics, rescaled_summary
 from singd.optim.statistics import LossAverage
 
 
@@ -61,6 +68,20 @@ def rank_weights(loss_average: LossAverage, world: int) -> tuple[float, float]:
     return 1.0 / world, 1.0 if loss_average is None else 1.0 / world
 
 
+def _common_grad_exponents_(layers: Sequence[tuple[PendingStatistics, LossAverage]]) -> None:
+    """Rescale every gradient statistic to the smallest normalisation exponent over ranks."""
+    by_device: dict[torch.device, list[PendingStatistics]] = {}
+    for stats, _ in layers:
+        by_device.setdefault(stats.grad_scale.log2_factor.device, []).append(stats)
+    for group in by_device.values():
+        exponents = torch.stack([stats.grad_scale.log2_factor for stats in group])
+        common = exponents.clone()
+        dist.all_reduce(common, op=dist.ReduceOp.MIN)
+        for stats, own, target in zip(group, exponents, common, strict=True):
+            stats.grad_summary = rescaled_summary(stats.grad_summary, own, target)
+            stats.grad_scale = GradScaleInfo(stats.grad_scale.scale, target)
+
+
 def all_reduce_statistics_(
     layers: Sequence[tuple[PendingStatistics, LossAverage]], world: int
 ) -> None:
@@ -74,6 +95,7 @@ def all_reduce_statistics_(
             the same order on every rank.
         world: the number of ranks ``R``.
     """
+    _common_grad_exponents_(layers)
     tensors: list[Tensor] = []
     for stats, loss_average in layers:
         input_weight, grad_weight = rank_weights(loss_average, world)

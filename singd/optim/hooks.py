@@ -6,15 +6,17 @@ Per supported layer a forward hook turns the layer input into ``A``
 input itself is not kept.  It then registers a hook on the layer's *output
 tensor*; that hook sees the output gradient even when an in-place activation
 (``nn.ReLU(inplace=True)``) rewrites the output afterwards, which module
-full-backward hooks do not survive.  The gradient becomes ``G``, scaled by
-``1/sqrt(s_div)`` (SPEC §1.5), is handed to ``summarise_grad``, and the pair of
-summaries is added to the layer's pending sums.  A pass whose backward never
-runs therefore adds nothing.
+full-backward hooks do not survive.  The gradient becomes ``G``, scaled by a
+power of two ``2^k`` chosen from the gradient itself so that its Gram product
+cannot overflow (:func:`~singd.optim.statistics.normalised_grad_matrix`; SPEC
+§1.5 as amended in docs/SPEC.md), is handed to ``summarise_grad``, and the pair
+of summaries is added to the layer's pending sums together with the exponent
+``2k`` that the step removes.  A pass whose backward never runs therefore adds
+nothing.  No hook reads the host (an attached ``GradScaler``'s scale aside).
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,24 +54,28 @@ class HookSettings(NamedTuple):
 
 
 class GradScaleInfo(NamedTuple):
-    """Gradient-scale facts at backward time (SPEC §1.5).
+    """The factor a gradient summary carries relative to the unscaled statistic (SPEC §1.5).
+
+    A summary equals ``2^log2_factor · s² ·`` (the statistic of the unscaled
+    gradients), ``s`` the scale of the backward pass.
 
     Attributes:
-        divisor: ``s_div``; ``G`` is divided by ``sqrt(s_div)``.
-        scale: the scale ``s`` the backward gradients carry, if known then
-            (an attached ``GradScaler``); ``None`` if only ``step`` can tell.
+        scale: ``s``, if known at backward time (an attached ``GradScaler``);
+            ``None`` if only ``step`` can tell.
+        log2_factor: 0-dim int32 tensor, the hook's normalisation ``2k`` (read
+            by ``step`` with its other host values, never in the hook).
     """
 
-    divisor: float
     scale: float | None
+    log2_factor: Tensor
 
 
 @dataclass
 class PendingStatistics:
     """Sums over the passes since the last step of one layer's summaries.
 
-    ``grad_summary`` carries the factor ``scale² / divisor`` (SPEC §1.5) that
-    the step removes once the scale is known.
+    ``grad_summary`` carries the factor ``2^log2_factor · s²`` of
+    ``grad_scale`` (SPEC §1.5), which the step removes once ``s`` is known.
     """
 
     input_summary: Summable
@@ -77,13 +83,34 @@ class PendingStatistics:
     passes: int
     grad_scale: GradScaleInfo
 
+    def summary_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The plain tensors of the input summary and of the gradient summary."""
+        return _storage(self.input_summary), _storage(self.grad_summary)
+
     def tensors(self) -> list[Tensor]:
         """The plain tensors holding both summaries (a structure's storage)."""
-        return [
-            tensor
-            for summary in (self.input_summary, self.grad_summary)
-            for tensor in ([summary] if isinstance(summary, Tensor) else summary.storage.values())
-        ]
+        inputs, grads = self.summary_tensors()
+        return [*inputs, *grads]
+
+
+def rescaled_summary(summary: Summable, log2_factor: Tensor, target: Tensor) -> Summable:
+    """``summary`` (carrying ``2^log2_factor``) rescaled in place to carry ``2^target``.
+
+    ``target ≤ log2_factor`` (the smaller factor is the common one, so no sum
+    can overflow); the multiplier is a power of two, exact unless an entry
+    becomes subnormal, i.e. falls below the dtype's range relative to the
+    other pass's entries, where it is negligible in the sum (SPEC §1.5,
+    docs/SPEC.md).  No host sync.
+    """
+    multiplier = torch.ldexp(
+        torch.ones((), dtype=torch.float32, device=log2_factor.device), target - log2_factor
+    )
+    return summary.mul_(multiplier)
+
+
+def _storage(summary: Summable) -> list[Tensor]:
+    """The plain tensors of a summary (a Tensor, or a structure's storage)."""
+    return [summary] if isinstance(summary, Tensor) else list(summary.storage.values())
 
 
 class CurvatureCollector:
@@ -98,7 +125,8 @@ class CurvatureCollector:
         settings: the named layer's :class:`HookSettings`.
         summarise_input: ``(name, A) → summary`` with ``A`` (n_A × d_i~).
         summarise_grad: ``(name, G) → summary`` with ``G`` (n_G × d_o).
-        grad_scale_info: the current :class:`GradScaleInfo`.
+        backward_scale: the scale the current backward's gradients carry if
+            known now (an attached ``GradScaler``), else ``None``.
     """
 
     def __init__(
@@ -108,13 +136,13 @@ class CurvatureCollector:
         settings: Callable[[str], HookSettings],
         summarise_input: Callable[[str, Tensor], Summable],
         summarise_grad: Callable[[str, Tensor], Summable],
-        grad_scale_info: Callable[[], GradScaleInfo],
+        backward_scale: Callable[[], float | None],
     ) -> None:
         self._is_active = is_active
         self._settings = settings
         self._summarise_input = summarise_input
         self._summarise_grad = summarise_grad
-        self._grad_scale_info = grad_scale_info
+        self._backward_scale = backward_scale
         self._pending: dict[str, PendingStatistics] = {}
         self._lock = threading.Lock()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -152,16 +180,17 @@ class CurvatureCollector:
         self, name: str, module: nn.Module, input_summary: Summable, grad_output: Tensor
     ) -> None:
         settings = self._settings(name)
-        info = self._grad_scale_info()
+        scale = self._backward_scale()
         with torch.no_grad(), torch.autocast(grad_output.device.type, enabled=False):
-            g = grad_output.detach().to(settings.grad_dtype)
-            G = statistics.layer_grad_matrix(
-                module, g, approx=settings.approx, loss_average=settings.loss_average
+            G, log2_factor = statistics.normalised_grad_matrix(
+                module,
+                grad_output,
+                approx=settings.approx,
+                loss_average=settings.loss_average,
+                dtype=settings.grad_dtype,
             )
-            if info.divisor != 1.0:
-                G.div_(math.sqrt(info.divisor))  # G is a fresh tensor: no copy needed
             grad_summary = self._summarise_grad(name, G)
-        self._accumulate(name, input_summary, grad_summary, info)
+        self._accumulate(name, input_summary, grad_summary, GradScaleInfo(scale, log2_factor))
 
     def _accumulate(
         self, name: str, input_summary: Summable, grad_summary: Summable, info: GradScaleInfo
@@ -171,11 +200,11 @@ class CurvatureCollector:
             if pending is None:
                 self._pending[name] = PendingStatistics(input_summary, grad_summary, 1, info)
                 return
-            if pending.grad_scale != info:
+            if pending.grad_scale.scale != info.scale:
                 raise ValueError(
                     f"gradient scale changed between accumulated backward passes of layer "
-                    f"{name!r} ({pending.grad_scale} then {info}); call optimizer.step() "
-                    "before GradScaler.update()"
+                    f"{name!r} ({pending.grad_scale.scale} then {info.scale}); call "
+                    "optimizer.step() before GradScaler.update()"
                 )
             if pending.passes == 1:
                 # The first input summary is still held by its forward's grad hook,
@@ -183,7 +212,12 @@ class CurvatureCollector:
                 # (retain_graph=True); summing into it in place would count it twice.
                 pending.input_summary = pending.input_summary.clone()
             pending.input_summary.add_(input_summary)
-            pending.grad_summary.add_(grad_summary)
+            common = torch.minimum(pending.grad_scale.log2_factor, info.log2_factor)
+            pending.grad_summary = rescaled_summary(
+                pending.grad_summary, pending.grad_scale.log2_factor, common
+            )
+            pending.grad_summary.add_(rescaled_summary(grad_summary, info.log2_factor, common))
+            pending.grad_scale = GradScaleInfo(info.scale, common)
             pending.passes += 1
 
     # ---------------------------------------------------------------- pending sums

@@ -55,6 +55,11 @@ class KFAC(KroneckerOptimizer):
         upcast_half: do half-precision factors' linear algebra in float32.
     """
 
+    _STATISTIC_NAMES = (
+        "U (curvature statistic of the layer inputs)",
+        "Gc (curvature statistic of the output gradients)",
+    )
+
     def __init__(
         self,
         model: nn.Module,

@@ -7,25 +7,32 @@ and sets two attributes on the optimizer for its duration:
 * ``grad_scale`` — the scale ``s_t`` the gradients still carry, or ``None``
   when the user already called ``scaler.unscale_(optimizer)`` (e.g. to clip).
 
-Statistics are collected during backward, before ``step`` knows ``s_t``:
-``G`` is divided there by ``sqrt(s_div)`` and the step removes the remaining
-factor ``s_div / s_t²``.  Who supplies ``s_div`` and ``s_t``:
+Statistics are collected during backward, before ``step`` knows ``s_t``.
+They are made scale-free there instead (SPEC §1.5 as amended in docs/SPEC.md):
+the hook multiplies the output gradient by a power of two ``2^k`` chosen from
+the gradient itself, so that ``H_C`` (KFAC: ``Gc``) carries ``2^(2k) · s_t²``
+and cannot overflow whatever ``s_t`` is; the step removes ``2^(−2k)`` (read
+with its other host values) and ``1/s_t²`` (:func:`statistics_correction`) in
+float64, where they enter the update.  Nothing depends on the scale of an
+earlier step, so a skipped step cannot leave the statistics of the next one
+wrongly scaled (the deadlock of the old ``s_{t−1}`` rule).  Who supplies
+``s_t``:
 
-==========================  ==========================  =========================
-setting                     ``s_div`` (backward)        ``s_t`` (statistics)
-==========================  ==========================  =========================
-no scaler                   ``init_grad_scale``         1
-``scaler.step`` only        ``s_{t−1}`` (last step)     ``grad_scale`` at step
-attached scaler             scaler's scale at backward  the same (exactly known)
-``set_current_grad_scale``  ``s_{t−1}``                 the declared ``s``
-``unscale_``, neither       ``s_{t−1}``                 unknown → ``ValueError``
-==========================  ==========================  =========================
+==========================  ==============================================
+setting                     ``s_t`` (statistics)
+==========================  ==============================================
+no scaler                   1
+``scaler.step`` only        ``grad_scale`` at step
+attached scaler             the scaler's scale at backward (exactly known)
+``set_current_grad_scale``  the declared ``s``
+``unscale_``, neither       unknown → ``ValueError``
+==========================  ==============================================
 
-``s_{t−1}`` is the backward scale of the last step taken (``init_grad_scale``
-before the first).  ``set_current_grad_scale(s)`` (the public singd package's
-call) declares ``s`` for the next step: without a scaler the gradients are
-divided by it; a scaler calling ``step`` states the gradients' scale itself,
-which must then agree with ``s`` (or be ``None`` after ``unscale_``).
+``set_current_grad_scale(s)`` (the public singd package's call) declares ``s``
+for the next step: without a scaler the gradients are divided by it; a scaler
+calling ``step`` states the gradients' scale itself, which must then agree
+with ``s`` (or be ``None`` after ``unscale_``).  ``init_grad_scale`` (the
+public package's ``s_div`` of the first step) is accepted and has no effect.
 """
 
 from __future__ import annotations
@@ -88,7 +95,10 @@ def clear_amp_attributes(optimizer: Optimizer) -> None:
 
 
 def statistics_correction(info: GradScaleInfo, amp: AmpStepInfo, layer: str) -> float:
-    """``s_div / s²`` that a layer's ``H_C`` (or ``Gc``) still carries (SPEC §1.5).
+    """``1 / s²``, the factor that removes the loss scale from ``H_C`` (or ``Gc``) (SPEC §1.5).
+
+    The hook's normalisation ``2^info.log2_factor`` is removed separately by
+    the caller (it is a tensor, read in the step's batched host sync).
 
     Raises:
         ValueError: if the gradients were unscaled by ``scaler.unscale_`` and
@@ -107,4 +117,4 @@ def statistics_correction(info: GradScaleInfo, amp: AmpStepInfo, layer: str) -> 
         )
     else:
         scale = 1.0
-    return info.divisor / scale**2
+    return 1.0 / scale**2

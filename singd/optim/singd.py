@@ -58,9 +58,14 @@ class SINGD(KroneckerOptimizer):
     Mixed precision (SPEC §1.5).  ``GradScaler.step(opt)`` calls ``step``
     itself (``_step_supports_amp_scaling``) with ``found_inf`` and
     ``grad_scale``: inf steps are skipped (with a warning; no state changes),
-    scaled gradients are unscaled here, and the statistics — divided by
-    ``sqrt(s_div)`` in the hook — are corrected by ``s_div / s_t²``.  If the
-    gradients were already unscaled (``scaler.unscale_(opt)``, e.g. for
+    scaled gradients are unscaled here, and the statistics are corrected by
+    ``2^(−2k) / s_t²`` in float64.  ``2^k`` is the power of two by which the
+    hook normalised ``G`` (the largest squared column norm of ``2^k G`` is in
+    ``[1/4, 1)``), so ``H_C`` is formed scale-free and cannot overflow a
+    float16 factor whatever the loss scale (docs/SPEC.md, §1.5 deviation);
+    a step is skipped only for genuinely non-finite values, never because of
+    the scale, so the scaler cannot deadlock.  If the gradients were already
+    unscaled (``scaler.unscale_(opt)``, e.g. for
     clipping), torch passes ``grad_scale=None`` and the scale of the backward
     is lost; :meth:`attach_grad_scaler` lets the hooks read it at backward
     time instead.  Without it, such a statistics step raises ``ValueError``
@@ -73,7 +78,9 @@ class SINGD(KroneckerOptimizer):
     read-only views of the same state (:mod:`singd.optim.compat`).
 
     Robustness: a step with non-finite gradients, statistics or results is
-    skipped with a warning, drops its statistics and changes no state.
+    skipped with a warning that names the layers and tensors (e.g. ``layer
+    '0': H_C (curvature statistic of the output gradients) non-finite``),
+    drops its statistics and changes no state.
 
     Data parallel: with ``torch.distributed`` initialised and a world size
     ``R > 1`` (e.g. a ``DistributedDataParallel`` model), the statistics of
@@ -107,7 +114,8 @@ class SINGD(KroneckerOptimizer):
         warn_unsupported: warn about fallback parameters.
         kfac_like: IKFAC mode.
         preconditioner_dtype: dtypes of (``K``, ``C``) or ``None``.
-        init_grad_scale: ``s_div`` of the first statistics step.
+        init_grad_scale: accepted (a positive finite number) for the public
+            singd package's API; no effect (the statistics are scale-free).
         normalize_lr_cov: normalised covariance step (SPEC §1.3).
 
     Example:
@@ -116,6 +124,11 @@ class SINGD(KroneckerOptimizer):
         >>> model(torch.randn(8, 4)).square().mean().backward()
         >>> opt.step()
     """
+
+    _STATISTIC_NAMES = (
+        "H_K (curvature statistic of the layer inputs)",
+        "H_C (curvature statistic of the output gradients)",
+    )
 
     def __init__(
         self,

@@ -202,3 +202,85 @@ def split_weight_matrix(
     if not has_bias:
         return matrix.reshape(weight_shape), None
     return matrix[:, :-1].reshape(weight_shape), matrix[:, -1].clone()
+
+
+# --------------------------------------------------- scale-free gradient statistics
+def _binary_exponent(value: Tensor) -> Tensor:
+    """``e`` (0-dim int32) with ``value < 2^e`` for a finite ``value > 0`` (``0`` for 0/inf/NaN)."""
+    return torch.frexp(value).exponent
+
+
+def _power_of_two(exponent: Tensor, dtype: torch.dtype) -> Tensor:
+    """``2^exponent`` as a 0-dim tensor of ``dtype`` (exact: an integer power of two)."""
+    return torch.ldexp(torch.ones((), dtype=dtype, device=exponent.device), exponent)
+
+
+def gram_normaliser_exponent(
+    module: nn.Module, grad_output: Tensor, *, approx: Approx, loss_average: LossAverage
+) -> Tensor:
+    """``k`` (0-dim int32 tensor) such that ``G`` of ``2^k · grad_output`` is well scaled.
+
+    SPEC §1.5 as this project implements it (docs/SPEC.md, deviation): with
+    ``G`` the matrix of :func:`layer_grad_matrix`, the largest diagonal entry of
+    ``(2^k G)ᵀ(2^k G)`` — the largest squared column norm — lies in ``[1/4, 1)``,
+    so by Cauchy–Schwarz every entry of the Gram product is below 1 whatever
+    scale (loss scale, learning-rate regime) the gradients carry.  Found in two
+    stages in ``float32`` (or the gradient's dtype if wider), without a host
+    sync: first ``max|g|`` is brought below 1, then the squared column norms of
+    that ``G`` are measured (no overflow: each is at most ``n·N·S²``).  ``k``
+    is clamped so that ``2^k`` is a normal number of that dtype; only
+    gradients within a factor ``2^126`` of the dtype's range are then left
+    partly unnormalised.
+
+    Args:
+        module: the supported layer whose output gradient this is.
+        grad_output: the output gradient as backward delivered it (any float dtype).
+
+    Returns:
+        ``k``; ``0`` for an empty gradient.  Garbage (but finite) if
+        ``grad_output`` has inf/NaN entries: those stay non-finite in ``G``.
+    """
+    wide = torch.promote_types(grad_output.dtype, torch.float32)
+    limit = math.frexp(torch.finfo(wide).max)[1] - 2  # 2^±limit are normal numbers of ``wide``
+    zero = torch.zeros((), dtype=torch.int32, device=grad_output.device)
+    if grad_output.numel() == 0:
+        return zero
+    g = grad_output.detach().to(wide)
+    first = _binary_exponent(g.abs().amax()).clamp(-limit, limit)
+    G = layer_grad_matrix(
+        module, g * _power_of_two(-first, wide), approx=approx, loss_average=loss_average
+    )
+    if G.numel() == 0:
+        return zero
+    column_norms = _binary_exponent(G.square().sum(dim=0).amax())  # < 2^column_norms
+    second = torch.div(column_norms + 1, 2, rounding_mode="floor")  # ceil(column_norms / 2)
+    return (-first - second).clamp(-limit, limit).to(torch.int32)
+
+
+def normalised_grad_matrix(
+    module: nn.Module,
+    grad_output: Tensor,
+    *,
+    approx: Approx,
+    loss_average: LossAverage,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """``2^k G`` in ``dtype`` and ``2k``, the log2 of the factor its Gram product carries.
+
+    ``k`` from :func:`gram_normaliser_exponent` (SPEC §1.5, docs/SPEC.md
+    deviation).  The gradient is scaled in its wide dtype *before* the cast to
+    ``dtype`` and :func:`layer_grad_matrix` (so neither can overflow); since
+    ``2^k`` is a power of two, ``2^k G`` has exactly the bits of ``G`` formed
+    the usual way, times ``2^k``, unless ``G`` overflowed or had subnormal
+    entries in ``dtype`` (where the normalised one is the more accurate).
+
+    Returns:
+        ``(G, log2_factor)`` with ``G`` (n_G × d_o) in ``dtype`` and
+        ``log2_factor = 2k`` a 0-dim int32 tensor on ``G``'s device.
+    """
+    wide = torch.promote_types(grad_output.dtype, torch.float32)
+    g = grad_output.detach().to(wide)  # one copy (none for float32 gradients)
+    k = gram_normaliser_exponent(module, g, approx=approx, loss_average=loss_average)
+    scaled = g * _power_of_two(k, wide)
+    G = layer_grad_matrix(module, scaled.to(dtype), approx=approx, loss_average=loss_average)
+    return G, 2 * k

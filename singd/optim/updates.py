@@ -77,9 +77,10 @@ def singd_factor_momenta(
     IKFAC (``kfac_like``, α1 = 0): ``m_K = coef·(H_K + λ Π̂(KᵀK) − I)`` and
     likewise for ``C``.  ``coef = ½``, or ``½(1 − α1)`` with
     ``normalize_lr_cov``.  ``grad_scale_correction`` is the factor
-    ``s_{t−1}/s_t²`` of SPEC §1.5 that ``H_C`` still carries; in the default
-    mode it enters only through the (float64) trace weights, so ``H_C`` is
-    never rescaled in a narrow dtype.
+    ``2^(−2k)/s_t²`` that removes from ``H_C`` the hooks' normalisation and the
+    loss scale (SPEC §1.5, docs/SPEC.md); in the default mode it enters only
+    through the (float64) trace weights, so ``H_C`` is never rescaled in a
+    narrow dtype.
 
     Args:
         state: the factors and momenta from before this update.

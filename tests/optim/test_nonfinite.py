@@ -92,3 +92,73 @@ def test_each_skip_warns():
         _poison_gradient(model, opt)
         with pytest.warns(UserWarning, match="non-finite gradients"):
             opt.step()
+
+
+def _poison_output_gradient(model: nn.Module, opt: Any) -> None:
+    """Finite parameter gradients, a non-finite output gradient of layer '2' (so ``H_C``).
+
+    The optimizer's tensor hook on the layer output runs first (registered at
+    its construction) and sees the inf/NaN gradient; a later hook zeroes it
+    for the rest of the backward.
+    """
+
+    def zero_later(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        output.register_hook(torch.zeros_like)
+
+    handle = model[2].register_forward_hook(zero_later)
+    try:
+        model(_inputs(2)).sum().mul(float("inf")).backward()
+    finally:
+        handle.remove()
+    for p in model.parameters():  # the LayerNorm's gradients are NaN: make them finite
+        p.grad.nan_to_num_(0.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "poison", "expected"),
+    [
+        ("singd", _poison_gradient, "non-finite gradients: layer '2': bias gradient non-finite"),
+        ("kfac", _poison_gradient, "non-finite gradients: layer '2': bias gradient non-finite"),
+        ("singd", _poison_fallback_gradient, "parameter '3.weight' gradient non-finite"),
+        (
+            "singd",
+            _poison_statistics,
+            "non-finite curvature statistics: "
+            "layer '2': H_K (curvature statistic of the layer inputs) non-finite",
+        ),
+        ("kfac", _poison_statistics, "layer '2': U (curvature statistic of the layer inputs)"),
+        (
+            "singd-structured",
+            _poison_output_gradient,
+            "non-finite curvature statistics: "
+            "layer '2': H_C (curvature statistic of the output gradients) non-finite",
+        ),
+        ("kfac", _poison_output_gradient, "layer '2': Gc (curvature statistic of the output"),
+    ],
+)
+def test_skip_warning_names_the_layer_and_tensor(name, poison, expected):
+    model, opt = _warm_up(name)
+    before = state_snapshot(opt, model)
+    opt.zero_grad()
+    poison(model, opt)
+    with pytest.warns(UserWarning, match="skipped") as caught:
+        opt.step()
+    assert [expected in str(w.message) for w in caught] == [True], [str(w.message) for w in caught]
+    assert same_state(before, state_snapshot(opt, model))
+
+
+def test_overflowing_update_is_named():
+    """A gradient of 2^20 × order one is finite in float32 but overflows float16 factors'
+    preconditioning (on a step without statistics, T = 2): the update is named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = SINGD(model, T=2, preconditioner_dtype=(torch.float16, torch.float16))
+    model(_inputs(0)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    model(_inputs(1)).square().mean().mul(2.0**20).backward()
+    with pytest.warns(UserWarning, match="skipped") as caught:
+        opt.step()
+    (message,) = [str(w.message) for w in caught]
+    assert "non-finite factors or update after the factor step: " in message
+    assert "layer '0': weight update non-finite" in message and opt.steps == 1
