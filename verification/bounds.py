@@ -171,9 +171,7 @@ class Arithmetic:
         return sum(model.tiny for model in self.models)
 
     def _final_tiny(self) -> float:
-        return sum(
-            model.tiny for model in self.models if model._final_rounding(model.accumulation)
-        )
+        return sum(model.tiny for model in self.models if model.final_unit)
 
     def _accumulation_tiny(self, n: int) -> float:
         """``n`` products in the accumulation dtype, each of which may underflow."""

@@ -61,6 +61,7 @@ from reference.updates import (
     SINGDHyperparameters,
     SINGDState,
     StepRecord,
+    lr_cov_at,
     singd_init,
     singd_step,
 )
@@ -168,7 +169,8 @@ def allowed_ulps(
 
     if entry in ("K", "C"):
         product = largest(before, entry) @ largest(after, "m_" + entry)
-        term = max(scale, hyper.lr_cov * float(product.max()))
+        beta1 = lr_cov_at(hyper.lr_cov, before.steps)  # a schedule's value at this step
+        term = max(scale, beta1 * float(product.max()))
     elif entry == "W":
         term = max(scale, hyper.lr * float(largest(after, "m_W").max()))
     elif entry == "m_W":

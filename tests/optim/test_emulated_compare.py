@@ -16,7 +16,7 @@ import torch
 
 from verification.emulated import STORAGE_OF, compare_emulated_local
 from verification.recording import RecordedRun
-from verification.scenarios import SCENARIOS, run_and_replay
+from verification.scenarios import SCENARIOS, VARIANTS, run_and_replay
 
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
@@ -51,6 +51,14 @@ def test_wrong_run_breaks_the_rule(recorded: tuple[RecordedRun, object, torch.dt
         dataclasses.replace(run, steps=steps), hyper, storage, "expand", "batch"
     )
     assert any(results[name, "W"].worst_ratio > 1 for name in run.layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_lr_cov_schedule(dtype: torch.dtype) -> None:
+    """A β1 schedule (a callable) is evaluated at each step in the allowance."""
+    run, _, hyper = run_and_replay(SCENARIOS["mlp"], VARIANTS["schedule"], dtype)
+    results = compare_emulated_local(run, hyper, STORAGE_OF[dtype], "expand", "batch")
+    assert all(agreement.worst_ratio <= 1 for agreement in results.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
