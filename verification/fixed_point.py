@@ -33,34 +33,30 @@ step whatever ``μ`` (after a growth phase of ``≈ log(k*)/log(1 + β1/2)`` ste
    ``(min, min)`` part of the ``KKᵀ`` error is ``O(u)``, the coupling part
    ``O(u√κ·κ^{-1/2}) = O(u)``), but it drives the step: ``m = ½E``.
 3. *Swamping.*  ``K ← fl(K − β1 K m)`` leaves an entry unchanged when
-   ``|β1 (K m)_ij| < ½ ulp(K_ij) ≈ u|K_ij|``: the iteration stalls once
-   ``β1 ‖m‖ ≲ u``, i.e. at ``‖E‖ ≈ 2u/β1``; while ``‖E‖ ≈ 2u√κ > 2u/β1`` (i.e.
-   ``β1√κ > 1``) it cannot stall: every step rewrites ``K``, re-rounds it and
-   re-injects an ``E`` of size ``2u√κ``.  The stored ``K`` then performs a
-   random walk around the fixed point, with the restoring factor ``1 − β1``
-   per step acting on the *relative* error ``Z`` of ``K`` in ``M``'s eigenbasis
-   (``K = M^{-1/2}(I + Z)``): each step adds the rounding of the step's
-   result, ``u·|K|`` entrywise, whose ``(i, j)`` component in the eigenbasis is
-   ``≈ u√(μ_i/μ_j)·c`` relative (``c ≈ ‖K‖_F-weighted ≤ 1``): up to ``u√κ``
-   for the entries coupling the largest and smallest eigenvalues.  An AR(1)
-   process ``Z ← (1 − β1)Z + ζ`` has the stationary size ``|ζ|/√(2β1)``, and
-   the symmetric part of ``Z`` is what ``KKᵀ`` sees: ``KKᵀ = M^{-1/2}(I + Z +
-   Zᵀ + ZZᵀ)M^{-1/2}``, relative to ``‖M⁻¹‖`` dominated by ``Z`` in the
-   small-``μ`` rows, i.e. ``O(u/√β1)`` at ``κ`` moderate, but the
-   antisymmetric drift along the orbit ``K = M^{-1/2}Q`` is *not* restored
-   (the iteration only sees ``KᵀMK``), so ``Q`` wanders and the rounding of
-   the rotated ``K`` keeps feeding the ``u√κ`` couplings back.
-
-The floor this module states (:func:`derived_floor`) is therefore
-
-    floor = max(2u, u√κ / √(2β1))   (and ≥ 2u√d·… where K is dense),
-
-``2u`` from the representation alone, ``u√κ/√(2β1)`` from the unsuppressed
-random walk of the re-rounded ``K`` when ``β1√κ > 1``.  The measurements
-(:func:`measure`) compare the torch run, the emulated oracle and float64
-against it; fp16 adds a hard *range* limit: ``Π̂(KᵀK) = M⁻¹`` has entries up to
-``1/μ_min``, which overflows float16 (65504) for ``μ_min < 1.5e-5``: the step
-is non-finite and skipped from then on (:func:`overflow_limit`).
+   ``|β1 (K m)_ij| < ½ ulp(K_ij)``: the iteration can stall at ``‖E‖ ≈ 2u/β1``;
+   while the ``u√κ`` part of ``E`` keeps ``β1‖m‖ > u`` it cannot stall: every
+   step rewrites and re-rounds ``K``.
+4. *Stationary level* (:func:`floor_terms`).  With ``F = M^{1/2}KKᵀM^{1/2} − I``
+   the step is ``F ← (1 − β1)F − β1(1 − β1/4)F² + η`` (exact algebra of the
+   first-order step; ``η`` the re-rounding of ``K``).  Linear part: an AR(1)
+   process, stationary ``F_ij ≈ η_ij/√(2β1)``, ``η_ij ≈ s√(μ_i + μ_j)``,
+   ``s = u‖K‖_F/(√3 d)``; mapped back to ``KKᵀ`` relative to ``‖M⁻¹‖`` its
+   Frobenius norm is ``s μ_min √(d tr(M⁻¹)/β1)`` (*noise*).  Quadratic part:
+   ``E[F] = −E[F²]``, so the couplings ``F_{min,k}`` excited in ``M``'s large
+   eigendirections bias the smallest one by ``Σ_k F_{min,k}² ≈ s² tr(M)/(2β1)``
+   (*drift*), growing like ``u² tr(M) tr(M⁻¹)/(d²β1)``, i.e. with ``κ``; it
+   dominates at ``κ ≈ 1e6`` in bf16 (0.48 predicted, 0.37–0.47 measured).
+   Plus ``2u`` from the rounding of ``m``'s bracket (*bracket*).  This is an
+   rms estimate, not a bound (it over-estimates where ``K`` is exactly
+   representable, e.g. ``κ = 1``); :func:`residual_bound` multiplies it by
+   ``3√3``.  It is physical for ``K`` stored in the dtype: only storing ``K``
+   wider (``preconditioner_dtype=float32``) or compensating its update removes
+   the ``s``-terms; a smaller ``β1`` makes them larger.
+5. *Range (fp16).*  ``Π̂(KᵀK) → M⁻¹`` has entries up to ``1/μ_min``, which
+   overflows float16 (65504) for ``μ_min < 1.5e-5``: every later step is
+   non-finite and skipped, ``K`` freezes where ``KᵀK`` first overflows
+   (:func:`overflow_limit`).  Fixable by operation order: ``λ Π̂(KᵀK) =
+   Π̂((√λK)ᵀ(√λK))`` has entries ``≤ λ/μ_min ≤ 1``.
 """
 
 from __future__ import annotations
