@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the mutation check (about 30 s; it is skipped with --quick too)",
     )
+    parser.add_argument(
+        "--stability",
+        choices=("off", "default", "medium", "full"),
+        default=None,
+        help="stability map on the digits MLP (verification/stability.py): default (~30 s), "
+        "medium, full (about an hour); off by default with --quick, else default",
+    )
     return parser
 
 
@@ -115,6 +122,20 @@ def _print_comparison(results: list[CaseResult]) -> None:
             )
 
 
+def _stability(grid: str, out: Path) -> dict[str, object] | None:
+    """The stability map of ``grid`` with its PNG written to ``out`` (``None`` for ``off``)."""
+    if grid == "off":
+        return None
+    from verification.stability import stability_map, write_plot
+
+    print(f"\nstability map, grid {grid!r} ...", flush=True)
+    stability = stability_map(grid)
+    stability["plot"] = write_plot(stability, out)
+    for name, counts in stability["counts"].items():
+        print(f"  {name:<24} " + ", ".join(f"{key} {value}" for key, value in counts.items()))
+    return stability
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run self-check and comparison grid, write the report; return 0 iff all pass.
 
@@ -147,10 +168,19 @@ def main(argv: list[str] | None = None) -> int:
         for precision, found in mutations["resolution"].items():
             print(f"  resolution {precision:<26} δ = {found['delta']:.2g}")
     args.out.mkdir(parents=True, exist_ok=True)
+    stability = _stability(args.stability or ("off" if args.quick else "default"), args.out)
     note = matplotlib_missing()
     plots = () if note else write_plots(results, args.out)
     report = Report(
-        checks, results, grid, time.perf_counter() - start, plots, note, calibrations, mutations
+        checks,
+        results,
+        grid,
+        time.perf_counter() - start,
+        plots,
+        note,
+        calibrations,
+        mutations,
+        stability=stability,
     )
     markdown, _ = write_report(report, args.out)
     if args.json is not None:

@@ -65,6 +65,8 @@ class Report:
         calibrations: The arithmetic models in force and the probe's measurements.
         mutations: :func:`verification.mutants.mutation_table`, or ``None`` if not run.
         env: :func:`environment` at the time of the run.
+        stability: :func:`verification.stability.stability_map` (with its ``plot``), or
+            ``None`` if not run; descriptive, never part of the verdict.
     """
 
     checks: list[Check]
@@ -76,6 +78,7 @@ class Report:
     calibrations: tuple[Calibration, ...] = ()
     mutations: dict[str, object] | None = None
     env: dict[str, str] = field(default_factory=lambda: environment())
+    stability: dict[str, object] | None = None
 
     @property
     def passed(self) -> bool:
@@ -197,6 +200,7 @@ def as_json(report: Report) -> dict[str, object]:
         "mutations": report.mutations,
         "plots": list(report.plots),
         "plot_note": report.plot_note,
+        "stability": report.stability,
     }
 
 
@@ -383,6 +387,15 @@ def _mutation_section(mutations: dict[str, object] | None) -> list[str]:
     return ["## Mutation check", "", format_markdown(mutations), ""]
 
 
+def _stability_section(stability: dict[str, object] | None) -> list[str]:
+    """The stability map (``verification.stability``), or a note that it was not run."""
+    if stability is None:
+        return ["## Stability map", "", "_Not run (`--stability off`)._", ""]
+    from verification.stability import markdown
+
+    return markdown(stability)
+
+
 def _selfcheck_section(checks: list[Check]) -> list[str]:
     """The oracle self-check as a table."""
     passed = sum(check.passed for check in checks)
@@ -493,6 +506,7 @@ def as_markdown(report: Report) -> str:
         lines += _precision_section(label, group)
     lines += _model_section(report.calibrations)
     lines += _mutation_section(report.mutations)
+    lines += _stability_section(report.stability)
     lines += _selfcheck_section(report.checks)
     lines += ["## Environment", ""]
     lines += _table(["", ""], [[key, value] for key, value in env.items()])
