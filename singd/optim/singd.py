@@ -56,6 +56,8 @@ class SINGD(KroneckerOptimizer):
                     # kfac_like (IKFAC, α1 = 0): m = ½(H + λ Π̂(·ᵀ·) − I)
                     # normalize_lr_cov: ½(1 − α1) and β1 / max(1, ‖m‖_∞)
                 K ← K − β1 K m_K;  C ← C − β1 C m_C
+                    # bf16/fp16 factors: guarded (factor_guard), e.g. Kahan:
+                    # y = c − β1 K m; K' = K + y; c ← y − (K' − K)
             ĝ = C Cᵀ ∇W~ K Kᵀ                        # the just-updated factors
             ĝ += γ W~;  m_μ ← α2 m_μ + ĝ;  W~ ← W~ − β2 m_μ
         other parameters (fallback, warned about once):
