@@ -180,7 +180,12 @@ def make_singd(
     hyper: SINGDHyperparameters,
     preconditioner_dtype: torch.dtype | None = None,
 ) -> SINGD:
-    """SINGD on ``model`` with the oracle's ``hyper`` and ``scenario``'s statistics settings."""
+    """SINGD on ``model`` with the oracle's ``hyper`` and ``scenario``'s statistics settings.
+
+    ``factor_guard=None``: a stopgap until :mod:`verification.bounds` models the
+    compensated (Kahan) factor step that SINGD uses by default for bf16/fp16
+    factors; the bounds model the plain ``K ← fl(K + (−β1)·fl(K m))``.
+    """
     return SINGD(
         model,
         lr=hyper.lr,
@@ -196,6 +201,7 @@ def make_singd(
         loss_average=scenario.loss_average,
         kfac_approx=scenario.approx,
         preconditioner_dtype=(preconditioner_dtype, preconditioner_dtype),
+        factor_guard=None,
     )
 
 

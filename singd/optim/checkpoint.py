@@ -21,8 +21,9 @@ from torch import Tensor
 KEY = "kronecker"
 #: Stands in for a callable ``lr_cov`` (not loadable with ``weights_only``).
 CALLABLE_MARKER = "<callable lr_cov: kept from the loading optimizer>"
-#: Group entries that fix the factors' layout; a checkpoint must agree on them.
-LAYOUT_KEYS = ("structures", "preconditioner_dtype", "upcast_half")
+#: Group entries that fix the factors' layout (and SINGD's guard state); a checkpoint must
+#: agree on them.
+LAYOUT_KEYS = ("structures", "preconditioner_dtype", "upcast_half", "factor_guard")
 
 
 class Entry(NamedTuple):

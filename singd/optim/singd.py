@@ -2,28 +2,40 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from singd.optim import updates
 from singd.optim.base import FactorStepInputs, KroneckerOptimizer, LayerState
 from singd.optim.compat import FactorView, ModuleNameView
 from singd.optim.hooks import PendingStatistics
 from singd.optim.layers import Layer
 from singd.optim.updates import (
+    HALF_DTYPES,
     FactorState,
+    FactorStep,
     Traces,
+    compensated_factor_step,
+    master_factor_step,
     singd_precondition,
     singd_self_inners,
     singd_trace_terms,
     singd_update_factors,
+    stochastic_factor_step,
 )
 from singd.optim.validation import check_singd_group
 from singd.structures import get_structure
+from singd.structures.base import StructuredMatrix
 
 FACTORS = ("K", "C", "m_K", "m_C")
+#: The Kahan compensation term of each factor (``factor_guard="compensated"``).
+COMPENSATIONS = {"K": "c_K", "C": "c_C"}
+#: ``factor_guard``'s default: the guard acts only on bfloat16/float16 factors.
+DEFAULT_FACTOR_GUARD = "compensated"
 
 
 class SINGD(KroneckerOptimizer):
@@ -44,6 +56,8 @@ class SINGD(KroneckerOptimizer):
                     # kfac_like (IKFAC, α1 = 0): m = ½(H + λ Π̂(·ᵀ·) − I)
                     # normalize_lr_cov: ½(1 − α1) and β1 / max(1, ‖m‖_∞)
                 K ← K − β1 K m_K;  C ← C − β1 C m_C
+                    # bf16/fp16 factors: guarded (factor_guard), e.g. Kahan:
+                    # y = c − β1 K m; K' = K + y; c ← y − (K' − K)
             ĝ = C Cᵀ ∇W~ K Kᵀ                        # the just-updated factors
             ĝ += γ W~;  m_μ ← α2 m_μ + ĝ;  W~ ← W~ − β2 m_μ
         other parameters (fallback, warned about once):
@@ -117,6 +131,12 @@ class SINGD(KroneckerOptimizer):
         init_grad_scale: accepted (a positive finite number) for the public
             singd package's API; no effect (the statistics are scale-free).
         normalize_lr_cov: normalised covariance step (SPEC §1.3).
+        factor_guard: swamping guard of bfloat16/float16 factors (inactive for
+            float32/float64 ones): ``"compensated"`` (default; Kahan term
+            ``c_K``, ``c_C`` per factor), ``"stochastic"`` (stochastic
+            rounding of the float32 update), ``"master"`` (float32 ``K``,
+            ``C``; products with a half copy) or ``None`` (plain update).  See
+            ``docs/optimizer.md``, "Swamping guard".
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -149,6 +169,7 @@ class SINGD(KroneckerOptimizer):
         preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
         init_grad_scale: float = 1.0,
         normalize_lr_cov: bool = False,
+        factor_guard: str | None = DEFAULT_FACTOR_GUARD,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -164,6 +185,7 @@ class SINGD(KroneckerOptimizer):
             "kfac_like": kfac_like,
             "preconditioner_dtype": preconditioner_dtype,
             "normalize_lr_cov": normalize_lr_cov,
+            "factor_guard": factor_guard,
         }
         super().__init__(
             model,
@@ -214,23 +236,82 @@ class SINGD(KroneckerOptimizer):
     def _new_layer_state(self, layer: Layer, group: dict[str, Any]) -> LayerState:
         structure_K, structure_C = (get_structure(name) for name in group["structures"])
         dtype_K, dtype_C = self._factor_dtypes(layer)
+        guard = group["factor_guard"]
         device = layer.weight.device
         d_i, d_o = layer.input_dim, layer.output_dim
-        return {
-            "K": structure_K.eye(d_i, dtype=dtype_K, device=device),
-            "C": structure_C.eye(d_o, dtype=dtype_C, device=device),
+        state = {
+            "K": structure_K.eye(d_i, dtype=_stored_dtype(guard, dtype_K), device=device),
+            "C": structure_C.eye(d_o, dtype=_stored_dtype(guard, dtype_C), device=device),
             "m_K": structure_K.zeros(d_i, dtype=dtype_K, device=device),
             "m_C": structure_C.zeros(d_o, dtype=dtype_C, device=device),
         }
+        if guard == "compensated":
+            if dtype_K in HALF_DTYPES:
+                state["c_K"] = structure_K.zeros(d_i, dtype=dtype_K, device=device)
+            if dtype_C in HALF_DTYPES:
+                state["c_C"] = structure_C.zeros(d_o, dtype=dtype_C, device=device)
+        return state
+
+    def _compute_state(self, layer: Layer, state: LayerState) -> FactorState:
+        """The factors as the products use them: in their ``preconditioner_dtype``.
+
+        Only ``factor_guard="master"`` stores ``K``/``C`` in another dtype
+        (float32); elsewhere this is the state itself (no copy).
+        """
+        dtype_K, dtype_C = self._factor_dtypes(layer)
+        K, C = state["K"], state["C"]  # compute_copy looked up at call time (scripts patch it)
+        return FactorState(
+            compute_copy(K, dtype_K),
+            compute_copy(C, dtype_C),
+            state["m_K"],
+            state["m_C"],
+        )
+
+    def _factor_steps(
+        self, layer: Layer, group: dict[str, Any], state: LayerState, new: dict[str, Any]
+    ) -> tuple[FactorStep, FactorStep] | None:
+        """The guarded ``K ← K − β1·K·m`` of each factor, or ``None`` (no guard active).
+
+        ``new`` receives the guard's new state entries (the compensations).
+        """
+        guard = group["factor_guard"]
+        dtypes = dict(zip(("K", "C"), self._factor_dtypes(layer), strict=True))
+        if guard is None or not any(dtype in HALF_DTYPES for dtype in dtypes.values()):
+            return None
+
+        def step(factor_name: str) -> FactorStep:
+            dtype = dtypes[factor_name]
+            if dtype not in HALF_DTYPES:  # looked up at call time (verification patches it)
+                return lambda factor, momentum, lr_cov: updates.singd_factor_step(
+                    factor, momentum, lr_cov
+                )
+            if guard == "compensated":
+                key = COMPENSATIONS[factor_name]
+
+                def compensated(factor: Any, momentum: Any, lr_cov: float) -> Any:
+                    result, new[key] = compensated_factor_step(factor, momentum, lr_cov, state[key])
+                    return result
+
+                return compensated
+            if guard == "stochastic":
+                generator = _rounding_generator(layer.name, factor_name, self.steps, state)
+                return lambda factor, momentum, lr_cov: stochastic_factor_step(
+                    factor, momentum, lr_cov, generator
+                )
+            return lambda factor, momentum, lr_cov: master_factor_step(
+                factor, momentum, lr_cov, compute_copy(factor, dtype)
+            )
+
+        return step("K"), step("C")
 
     def _summarise_input(self, name: str, A: Tensor) -> Any:
-        return self._layer_states[name]["K"].project_inner(A.T)
+        return compute_copy(self._layer_states[name]["K"], A.dtype).project_inner(A.T)
 
     def _summarise_grad(self, name: str, G: Tensor) -> Any:
-        return self._layer_states[name]["C"].project_inner(G.T)
+        return compute_copy(self._layer_states[name]["C"], G.dtype).project_inner(G.T)
 
     def _prepare_factor_step(self, layer: Layer, pending: PendingStatistics) -> FactorStepInputs:
-        inners = singd_self_inners(_factor_state(self._layer_states[layer.name]))
+        inners = singd_self_inners(self._compute_state(layer, self._layer_states[layer.name]))
         reads = singd_trace_terms(pending.input_summary, pending.grad_summary, inners)
         return FactorStepInputs(inners, reads)
 
@@ -245,6 +326,7 @@ class SINGD(KroneckerOptimizer):
         lr_cov: float,
     ) -> LayerState:
         state = self._layer_states[layer.name]
+        guard_entries: dict[str, StructuredMatrix] = {}
         new = singd_update_factors(
             _factor_state(state),
             pending.input_summary,
@@ -257,29 +339,33 @@ class SINGD(KroneckerOptimizer):
             kfac_like=group["kfac_like"],
             normalize_lr_cov=group["normalize_lr_cov"],
             grad_scale_correction=correction,
+            factor_steps=self._factor_steps(layer, group, state, guard_entries),
         )
         keep_momenta = group["alpha1"] != 0.0
         return {
+            **state,
             "K": new.K,
             "C": new.C,
             "m_K": new.m_K if keep_momenta else state["m_K"],
             "m_C": new.m_C if keep_momenta else state["m_C"],
+            **guard_entries,
         }
 
     def _precondition(self, layer: Layer, state: LayerState, grad: Tensor) -> Tensor:
-        return singd_precondition(state["K"], state["C"], grad)
+        K, C, _, _ = self._compute_state(layer, state)
+        return singd_precondition(K, C, grad)
 
     def _layout(self, state: LayerState) -> dict[str, str]:
-        return {factor: state[factor].name for factor in FACTORS}
+        return {factor: matrix.name for factor, matrix in state.items()}
 
     def _state_to_storage(self, state: LayerState) -> dict[str, dict[str, Tensor]]:
-        return {factor: dict(state[factor].storage) for factor in FACTORS}
+        return {factor: dict(matrix.storage) for factor, matrix in state.items()}
 
     def _state_from_storage(
         self, layer: Layer, current: LayerState, storage: dict[str, dict[str, Tensor]]
     ) -> LayerState:
         restored = {}
-        for factor in FACTORS:
+        for factor in current:
             like = current[factor]
             placed = {
                 key: tensor.to(dtype=like.dtype, device=like.device, copy=True)
@@ -289,6 +375,9 @@ class SINGD(KroneckerOptimizer):
                 restored[factor] = type(like).from_storage(like.dim, placed)
             except ValueError as error:
                 raise ValueError(f"load_state_dict: {layer.name}.{factor}: {error}") from None
+        for factor, key in COMPENSATIONS.items():
+            if key in restored:
+                _check_compensation(f"{layer.name}.{key}", restored[key], restored[factor])
         return restored
 
 
@@ -299,3 +388,51 @@ def _every_layer(name: str) -> bool:
 
 def _factor_state(state: LayerState) -> FactorState:
     return FactorState(state["K"], state["C"], state["m_K"], state["m_C"])
+
+
+def _stored_dtype(guard: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``K``/``C`` are kept in: float32 for a half dtype under ``"master"``."""
+    return torch.float32 if guard == "master" and dtype in HALF_DTYPES else dtype
+
+
+def compute_copy(factor: StructuredMatrix, dtype: torch.dtype) -> StructuredMatrix:
+    """``factor`` in ``dtype`` for the products (a rounded copy of a float32 master)."""
+    return factor if factor.dtype == dtype else factor.to(dtype=dtype)
+
+
+def _rounding_generator(layer: str, factor: str, steps: int, state: LayerState) -> torch.Generator:
+    """The generator of one stochastic rounding, seeded by layer, factor and step.
+
+    The seed is a hash of ``(layer, factor, steps)``: reproducible, independent
+    across layers, factors and steps, and restored by a checkpoint (which holds
+    ``steps``) without saving a generator state; a skipped step draws again.
+    """
+    key = f"{layer}/{factor}/{steps}".encode()
+    seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+    generator = torch.Generator(device=state[factor].device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _check_compensation(
+    name: str, compensation: StructuredMatrix, factor: StructuredMatrix
+) -> None:
+    """Raise ``ValueError`` unless every ``|c|`` is at most two spacings of ``K`` there.
+
+    ``c' = y − fl(K' − K)`` with ``K' = fl(K + y)``: with Fast2Sum exact
+    (``|y| ≤ |K|`` or ``K = 0``) it is the rounding error of ``K'``, at most
+    half a spacing ``sp(K')`` (the larger gap to a neighbour of ``K'``);
+    otherwise ``|y| < 2|K|`` with opposite signs is exact (Sterbenz), and
+    else ``|c'| ≤ ½ sp(K') + ½ ulp(K' − K) ≤ 1.5 sp(K')``.  A larger entry is not
+    a compensation term of this ``K`` (e.g. a checkpoint with ``c`` and ``K``
+    mixed up).
+    """
+    for key, c in compensation.storage.items():
+        k = factor.storage[key]
+        up = (torch.nextafter(k, torch.full_like(k, torch.inf)) - k).abs()
+        down = (k - torch.nextafter(k, torch.full_like(k, -torch.inf))).abs()
+        if not bool((c.abs() <= 2 * torch.maximum(up, down)).all()):
+            raise ValueError(
+                f"load_state_dict: {name}[{key!r}] exceeds two ulps of the factor: not its "
+                "compensation term"
+            )

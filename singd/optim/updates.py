@@ -8,6 +8,7 @@ functional optimizers do).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -127,6 +128,10 @@ def singd_factor_step(
     return factor.clone().add_(factor @ momentum, alpha=-lr_cov)
 
 
+#: ``(factor, momentum, β1) → new factor``: one factor's ``K ← K − β1·K·m`` (SPEC §1.4a).
+FactorStep = Callable[[StructuredMatrix, StructuredMatrix, float], StructuredMatrix]
+
+
 def singd_update_factors(
     state: FactorState,
     H_K: StructuredMatrix,
@@ -140,13 +145,18 @@ def singd_update_factors(
     kfac_like: bool,
     normalize_lr_cov: bool,
     grad_scale_correction: float = 1.0,
+    factor_steps: tuple[FactorStep, FactorStep] | None = None,
 ) -> FactorState:
     """One covariance step of SPEC §1.3: momenta, then ``K``, ``C``.
 
     ``inners`` and ``traces`` are as for :func:`singd_factor_momenta`.  Returns
     the new state; the momenta are the new ones (callers keep zeros instead
-    when ``α1 = 0``, where they are never read again).
+    when ``α1 = 0``, where they are never read again).  ``factor_steps`` (for
+    ``K``, for ``C``) replace :func:`singd_factor_step`, e.g. by a swamping
+    guard (:func:`compensated_factor_step`, :func:`stochastic_factor_step`,
+    :func:`master_factor_step`).
     """
+    step_K, step_C = factor_steps or (singd_factor_step, singd_factor_step)
     new_m_K, new_m_C = singd_factor_momenta(
         state,
         H_K,
@@ -159,13 +169,98 @@ def singd_update_factors(
         normalize_lr_cov=normalize_lr_cov,
         grad_scale_correction=grad_scale_correction,
     )
-    new_K = singd_factor_step(
-        state.K, new_m_K, normalized_lr_cov(lr_cov, new_m_K, normalize_lr_cov)
-    )
-    new_C = singd_factor_step(
-        state.C, new_m_C, normalized_lr_cov(lr_cov, new_m_C, normalize_lr_cov)
-    )
+    new_K = step_K(state.K, new_m_K, normalized_lr_cov(lr_cov, new_m_K, normalize_lr_cov))
+    new_C = step_C(state.C, new_m_C, normalized_lr_cov(lr_cov, new_m_C, normalize_lr_cov))
     return FactorState(new_K, new_C, new_m_K, new_m_C)
+
+
+# ----------------------------------------------- swamping guards (half precision)
+#: Dtypes whose factors the swamping guards act on.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def compensated_factor_step(
+    factor: StructuredMatrix,
+    momentum: StructuredMatrix,
+    lr_cov: float,
+    compensation: StructuredMatrix,
+) -> tuple[StructuredMatrix, StructuredMatrix]:
+    """``K ← K − β1·K·m`` (SPEC §1.3, §1.4a) with Kahan compensation.
+
+    ``c`` (same structure and dtype as ``K``) carries what earlier rounding
+    of ``K`` dropped, so increments below half an ulp of ``K`` add up instead
+    of vanishing (update swamping)::
+
+        y  = c − β1·(K m)        # one rounding to K's dtype
+        K' = K + y               # one rounding
+        c' = y − (K' − K)        # exact when |y| ≤ |K| or K = 0 (Fast2Sum)
+
+    Every operation is a structured ``add_`` of storage entries, so entries
+    outside the structure are never stored and stay zero.
+
+    Returns:
+        ``(K', c')``.
+    """
+    increment = compensation.clone().add_(factor @ momentum, alpha=-lr_cov)
+    new = factor.clone().add_(increment)
+    applied = new.clone().add_(factor, alpha=-1.0)
+    return new, increment.add_(applied, alpha=-1.0)
+
+
+def stochastic_round(exact: Tensor, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
+    """``exact`` (float32) rounded to ``dtype`` up or down at random, unbiased.
+
+    With ``n`` the nearest and ``o`` the other neighbour of ``exact`` in
+    ``dtype``, the result is ``o`` with probability ``|exact − n| / |o − n|``
+    (computed in float32), else ``n``; its expectation is ``exact`` up to the
+    float32 rounding of that probability.  The uniform draws come from
+    ``generator`` (one per entry), so a seeded generator reproduces the run.
+    """
+    nearest = exact.to(dtype)
+    direction = torch.where(nearest.to(exact.dtype) < exact, torch.inf, -torch.inf).to(dtype)
+    other = torch.nextafter(nearest, direction)
+    gap = (other.to(exact.dtype) - nearest.to(exact.dtype)).abs()
+    probability = (exact - nearest.to(exact.dtype)).abs() / gap
+    draws = torch.rand(exact.shape, generator=generator, device=exact.device, dtype=exact.dtype)
+    return torch.where(draws < probability, other, nearest)
+
+
+def stochastic_factor_step(
+    factor: StructuredMatrix,
+    momentum: StructuredMatrix,
+    lr_cov: float,
+    generator: torch.Generator,
+) -> StructuredMatrix:
+    """``K ← K − β1·K·m`` (SPEC §1.3, §1.4a) in float32, stochastically rounded.
+
+    ``K`` and ``m`` are cast to float32 (exactly), ``K − β1·(K m)`` is formed
+    there (product with float32 accumulation, one rounding each for the
+    product and the sum) and every stored entry is rounded to ``K``'s dtype by
+    :func:`stochastic_round`, so the expected update is the float32 one.
+    """
+    wide = factor.to(dtype=torch.float32)
+    exact = wide.clone().add_(wide @ momentum.to(dtype=torch.float32), alpha=-lr_cov)
+    storage = {
+        key: stochastic_round(tensor, factor.dtype, generator)
+        for key, tensor in exact.storage.items()
+    }
+    return type(factor)(factor.dim, storage)
+
+
+def master_factor_step(
+    master: StructuredMatrix,
+    momentum: StructuredMatrix,
+    lr_cov: float,
+    compute: StructuredMatrix,
+) -> StructuredMatrix:
+    """``K ← K − β1·K·m`` (SPEC §1.3, §1.4a) on a float32 master ``K``.
+
+    ``compute`` is the copy of ``master`` used for the products (the master
+    rounded to the half dtype, or the master itself); ``compute @ m`` is formed
+    in the promoted dtype of the two, then added to the master with one
+    float32 rounding, ``K ← fl32(K + (−β1)·fl(compute m))``.
+    """
+    return master.clone().add_(compute @ momentum, alpha=-lr_cov)
 
 
 def singd_precondition(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:

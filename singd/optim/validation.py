@@ -18,6 +18,8 @@ from singd.structures import get_structure
 LOSS_AVERAGES = ("batch", "batch+sequence", None)
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+#: SINGD's swamping guards for half-precision factors (``None``: off).
+FACTOR_GUARDS = ("compensated", "stochastic", "master", None)
 
 
 def _is_real(value: Any) -> bool:
@@ -113,6 +115,13 @@ def check_dtype_pair(value: Any) -> tuple[torch.dtype | None, torch.dtype | None
     )
 
 
+def check_factor_guard(value: Any) -> str | None:
+    """``factor_guard`` of SINGD: one of :data:`FACTOR_GUARDS`."""
+    if not (value is None or isinstance(value, str)) or value not in FACTOR_GUARDS:
+        raise ValueError(f"factor_guard must be one of {FACTOR_GUARDS}, got {value!r}")
+    return value
+
+
 def check_structures(value: Any) -> tuple[str, str]:
     """``structures``: a pair of registry names (for K, for C), SPEC §2."""
     if not isinstance(value, (tuple, list)) or len(value) != 2:
@@ -150,6 +159,7 @@ def check_singd_group(group: dict[str, Any]) -> None:
     group["normalize_lr_cov"] = check_bool("normalize_lr_cov", group["normalize_lr_cov"])
     group["structures"] = check_structures(group["structures"])
     group["preconditioner_dtype"] = check_dtype_pair(group["preconditioner_dtype"])
+    group["factor_guard"] = check_factor_guard(group["factor_guard"])
 
 
 def check_kfac_group(group: dict[str, Any]) -> None:

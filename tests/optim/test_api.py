@@ -31,6 +31,7 @@ SINGD_SIGNATURE = [
     ("preconditioner_dtype", (None, None)),
     ("init_grad_scale", 1.0),
     ("normalize_lr_cov", False),
+    ("factor_guard", "compensated"),  # ours, after the public package's arguments
 ]
 KFAC_SIGNATURE = [
     ("model", inspect.Parameter.empty),
