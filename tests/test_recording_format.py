@@ -37,7 +37,8 @@ def _record(
     """A short run of our SINGD on ``scenario`` and the ``hyper``/``meta`` to save it with."""
     case = SCENARIOS[scenario]
     overrides = {"structures": ("dense", "dense"), **(variant or {})}
-    run, _, hyper = run_and_replay(case, overrides, DTYPES[dtype], steps=STEPS)
+    # format v1 holds no compensation terms: the plain factor step (factor_guard=None)
+    run, _, hyper = run_and_replay(case, overrides, DTYPES[dtype], steps=STEPS, factor_guard=None)
     hyper_json = hyper_from_dataclass(hyper, case.loss_average, case.approx)
     meta = {"model_dtype": dtype, "factor_dtypes": [dtype, dtype], "scenario": scenario}
     return run, hyper, hyper_json, meta

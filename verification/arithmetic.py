@@ -292,10 +292,14 @@ class Precision:
         factors: Model of the factor dtype (statistics, ``H``, momenta, factor step,
             preconditioning products).
         params: Model of the model dtype (``∇W~``, ``W~``, ``m_W~``).
+        compensated: Whether bf16/fp16 factors take the compensated (Kahan) factor
+            step of ``SINGD(factor_guard="compensated")`` (the default), which keeps
+            a compensation term ``c`` beside ``K``; ``False``: the plain step.
     """
 
     factors: ArithmeticModel
     params: ArithmeticModel
+    compensated: bool = False
 
     @property
     def cast(self) -> float:
@@ -309,7 +313,9 @@ class Precision:
 
     def probabilistic(self, lam: float = DEFAULT_LAMBDA) -> Precision:
         """Both models with the probabilistic accumulation bound."""
-        return Precision(self.factors.probabilistic(lam), self.params.probabilistic(lam))
+        return Precision(
+            self.factors.probabilistic(lam), self.params.probabilistic(lam), self.compensated
+        )
 
     @property
     def label(self) -> str:
@@ -319,18 +325,35 @@ class Precision:
         return f"factors: {self.factors.label} | parameters: {self.params.label}"
 
 
+#: ``SINGD``'s ``factor_guard`` values whose factor step the bounds model.
+MODELLED_GUARDS = (None, "compensated")
+
+
 def precision_for(
     dtype: torch.dtype | Precision,
     factor_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    factor_guard: str | None = None,
 ) -> Precision:
     """The :class:`Precision` of a run with model ``dtype`` and factors in ``factor_dtype``.
 
     A :class:`Precision` passes through unchanged, so comparison functions
-    accept either a dtype (CPU model, factors in the same dtype) or a precision.
+    accept either a dtype (CPU model, factors in the same dtype, no guard) or a
+    precision.  ``factor_guard`` is ``SINGD``'s argument; it acts on bf16/fp16
+    factors only.
+
+    Raises:
+        ValueError: For a guard whose factor step is not modelled (``"stochastic"``,
+            ``"master"``: their comparison would need their own rounding rules).
     """
     if isinstance(dtype, Precision):
         return dtype
+    if factor_guard not in MODELLED_GUARDS:
+        raise ValueError(
+            f"factor_guard={factor_guard!r} is not modelled by the bounds; "
+            f"use one of {MODELLED_GUARDS}"
+        )
     params = model_for(dtype, device)
     factors = params if factor_dtype is None else model_for(factor_dtype, device)
-    return Precision(factors, params)
+    compensated = factor_guard == "compensated" and factors.storage in _HALF
+    return Precision(factors, params, compensated)

@@ -447,11 +447,13 @@ class StepBounds:
     m_C: Bounded
     W: Bounded
     m_W: Bounded
+    c_K: Bounded | None = None
+    c_C: Bounded | None = None
 
 
 def bounded_state(state: SINGDState, errors: StepBounds | None) -> StepBounds:
     """``state``'s values with the incoming ``errors`` (``None``: exactly known)."""
-    keys = ("K", "C", "m_K", "m_C", "W", "m_W")
+    keys = ("K", "C", "m_K", "m_C", "W", "m_W")  # the compensations enter as recorded values
     if errors is None:
         return StepBounds(**{key: exact(getattr(state, key)) for key in keys})
     return StepBounds(
@@ -536,6 +538,7 @@ def singd_step_bounds(
     record: StepRecord,
     passes: Sequence[StatisticPass],
     shared: int,
+    compensations: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> StepBounds:
     """Entrywise bounds of the state after one SINGD step from ``before`` (SPEC §1.3–§1.4a).
 
@@ -544,10 +547,14 @@ def singd_step_bounds(
     :func:`~singd.optim.updates.momentum_parameter_update`, operation by
     operation.  ``record`` gives ``∇W~`` (exact: recorded); ``passes`` the
     statistics with their magnitudes; ``shared`` the positions averaged into
-    one row of ``A`` (1 for expand).
+    one row of ``A`` (1 for expand); ``compensations`` the implementation's
+    ``(c_K, c_C)`` before the step when ``precision.compensated``
+    (:func:`compensated_factor_step`).
     """
     with np.errstate(over="ignore", invalid="ignore"):  # a vacuous bound may overflow: capped
-        return _singd_step_bounds(precision, hyper, before, incoming, record, passes, shared)
+        return _singd_step_bounds(
+            precision, hyper, before, incoming, record, passes, shared, compensations
+        )
 
 
 def _singd_step_bounds(
@@ -558,6 +565,7 @@ def _singd_step_bounds(
     record: StepRecord,
     passes: Sequence[StatisticPass],
     shared: int,
+    compensations: tuple[np.ndarray, np.ndarray] | None,
 ) -> StepBounds:
     factors = Arithmetic(precision.factors)
     params = Arithmetic(precision.params)
@@ -573,11 +581,28 @@ def _singd_step_bounds(
         inner_k, inner_c = _gram(factors, s_k, name_k, k), _gram(factors, s_c, name_c, c)
         m_k, m_c = _momenta(factors, hyper, (h_k, inner_k, m_k), (h_c, inner_c, m_c))
         beta1 = lr_cov_at(hyper.lr_cov, before.steps)
-        k = _factor_step(factors, hyper, name_k, k, m_k, beta1)
-        c = _factor_step(factors, hyper, name_c, c, m_c, beta1)
+        if precision.compensated:
+            assert compensations is not None, "the compensated step needs the recorded c_K, c_C"
+            k_before, c_before = k, c
+            k = compensated_factor_step(factors, hyper, name_k, k, m_k, beta1, compensations[0])
+            c = compensated_factor_step(factors, hyper, name_c, c, m_c, beta1, compensations[1])
+            guard = (
+                compensation_bound(factors, k_before, k),
+                compensation_bound(factors, c_before, c),
+            )
+        else:
+            k = _factor_step(factors, hyper, name_k, k, m_k, beta1)
+            c = _factor_step(factors, hyper, name_c, c, m_c, beta1)
+            guard = (None, None)
+    elif precision.compensated:  # no factor step: the compensations do not change
+        assert compensations is not None, "the compensated step needs the recorded c_K, c_C"
+        guard = tuple(Bounded(np.zeros_like(x), np.abs(x)) for x in compensations)
+    else:
+        guard = (None, None)
     preconditioned = _precondition(factors, precision.cast, hyper, k, c, record.grad)
     w, m_w = _parameter_update(params, hyper, state.W, state.m_W, preconditioned)
-    return StepBounds(*(bounded.capped() for bounded in (k, c, m_k, m_c, w, m_w)))
+    bounded = [x.capped() for x in (k, c, m_k, m_c, w, m_w)]
+    return StepBounds(*bounded, *(None if x is None else x.capped() for x in guard))
 
 
 def _momenta(
@@ -615,6 +640,19 @@ def _momenta(
     return results[0], results[1]
 
 
+def _normalized_step(
+    hyper: SINGDHyperparameters, momentum: Bounded, beta1: float
+) -> tuple[float, float]:
+    """``β`` (``β1``, or ``β1 / max(1, ‖m‖_∞)`` with ``normalize_lr_cov``) and a bound on ``|δβ|``.
+
+    ``1/max(1, x)`` is 1-Lipschitz for ``x ≥ 0``, so ``|δβ| ≤ β1·max|δm|``.
+    """
+    if not hyper.normalize_lr_cov:
+        return beta1, 0.0
+    step = beta1 / max(1.0, float(np.abs(momentum.value).max()))
+    return step, beta1 * float(momentum.error.max())
+
+
 def _factor_step(
     arith: Arithmetic,
     hyper: SINGDHyperparameters,
@@ -623,19 +661,54 @@ def _factor_step(
     momentum: Bounded,
     beta1: float,
 ) -> Bounded:
-    """``K ← K − β K m`` (``clone().add_(K @ m, alpha=−β)``), ``β`` normalised if asked.
-
-    ``1/max(1, x)`` is 1-Lipschitz for ``x ≥ 0``, so ``|δβ| ≤ β1·max|δm|``.
-    """
-    step, step_error = beta1, 0.0
-    if hyper.normalize_lr_cov:
-        step = beta1 / max(1.0, float(np.abs(momentum.value).max()))
-        step_error = beta1 * float(momentum.error.max())
+    """``K ← K − β K m`` (``clone().add_(K @ m, alpha=−β)``), ``β`` normalised if asked."""
+    step, step_error = _normalized_step(hyper, momentum, beta1)
     fft = _is_fft(name, factor.value.shape[0])
     product = arith.product(
         factor, momentum, toeplitz_fft=fft, structured=True, terms=kernel_terms(name)
     )
     return arith.add(factor, product, -step, step_error)
+
+
+def compensated_factor_step(
+    arith: Arithmetic,
+    hyper: SINGDHyperparameters,
+    name: str,
+    factor: Bounded,
+    momentum: Bounded,
+    beta1: float,
+    compensation: np.ndarray,
+) -> Bounded:
+    """``K' = fl(K + fl(c − β·fl(K m)))`` (:func:`singd.optim.updates.compensated_factor_step`).
+
+    The oracle's exact step from the same ``K`` is ``K − βKm``; the computed
+    ``K'`` also carries the implementation's incoming compensation ``c`` (what
+    earlier roundings of ``K`` dropped, a recorded value), so its distance from
+    the oracle is the bound of the two roundings and the product plus ``|c|``.
+    ``c`` itself is held to :func:`compensation_bound` at the step that made it.
+    """
+    step, step_error = _normalized_step(hyper, momentum, beta1)
+    fft = _is_fft(name, factor.value.shape[0])
+    product = arith.product(
+        factor, momentum, toeplitz_fft=fft, structured=True, terms=kernel_terms(name)
+    )
+    increment = arith.add(exact(compensation), product, -step, step_error)
+    new = arith.add(factor, increment)
+    return Bounded(new.value - compensation, new.error + np.abs(compensation))
+
+
+def compensation_bound(arith: Arithmetic, before: Bounded, after: Bounded) -> Bounded:
+    """The compensation ``c' = fl(y − fl(K' − K))`` after a step, against the oracle's 0.
+
+    ``c'`` is what the rounding of ``K' = fl(K + y)`` dropped, up to the roundings
+    of ``d = fl(K' − K)`` and of ``y − d`` (exact in Fast2Sum's case ``|y| ≤ |K|``):
+    ``|c'| ≤ u(|K'| + |K' − K|)(1 + 2u) + 2η`` entrywise, with the computed
+    ``|K'|`` and ``|K' − K|`` bounded by the oracle's values plus their errors.
+    """
+    changed = np.abs(after.value - before.value) + after.error + before.error
+    unit, tiny = arith.unit, arith.tiny
+    error = unit * (after.magnitude + changed) * (1 + 2 * unit) + 2 * tiny
+    return Bounded(np.zeros_like(after.value), error)
 
 
 def _precondition(

@@ -236,6 +236,20 @@ def statistic_passes(
 #: The SINGD state entries compared, in report order.
 SINGD_KEYS = ("K", "C", "m_K", "m_C", "W", "m_W")
 
+#: The compensation terms of ``SINGD(factor_guard="compensated")`` (bf16/fp16 factors):
+#: compared with the oracle's 0 (exact arithmetic drops nothing) against their own bound.
+COMPENSATION_KEYS = ("c_K", "c_C")
+
+
+def _compensations(
+    run: RecordedRun, name: str, step: int, state: SINGDState
+) -> tuple[np.ndarray, np.ndarray]:
+    """The implementation's ``(c_K, c_C)`` before ``step`` (zeros before the first)."""
+    if step == 0:
+        return np.zeros_like(state.K), np.zeros_like(state.C)
+    recorded = run.steps[step - 1][name].state
+    return recorded["c_K"], recorded["c_C"]
+
 
 def _singd_blocks(
     run: RecordedRun,
@@ -258,6 +272,8 @@ def _singd_blocks(
     ``block=1`` is the one-step check.
     """
     keys = [key for key in SINGD_KEYS if hyper.alpha1 != 0 or key not in ("m_K", "m_C")]
+    if precision.compensated:
+        keys += list(COMPENSATION_KEYS)
     deviations = []
     for name in run.layers:
         records = step_records(run, name, approx, loss_average)
@@ -270,13 +286,21 @@ def _singd_blocks(
             if block is not None and t > 0 and t % block == 0:
                 state = _recorded_state(SINGDState, run.steps[t - 1][name].state, t)
                 errors = None
-            bounds = singd_step_bounds(precision, hyper, state, errors, record, passes[t], shared)
+            compensations = _compensations(run, name, t, state) if precision.compensated else None
+            bounds = singd_step_bounds(
+                precision, hyper, state, errors, record, passes[t], shared, compensations
+            )
             replayed = oracle is not None and block is None
             state = oracle[name][t] if replayed else singd_step(state, record, hyper, FLOAT64)
             recorded = run.steps[t][name].state
             for key in keys:
+                exact_value = (
+                    np.zeros_like(recorded[key])
+                    if key in COMPENSATION_KEYS
+                    else getattr(state, key)
+                )
                 candidate = _entry_deviation(
-                    name, key, t, recorded[key], getattr(state, key), getattr(bounds, key).error
+                    name, key, t, recorded[key], exact_value, getattr(bounds, key).error
                 )
                 if per_step is not None:
                     per_step.append(candidate)

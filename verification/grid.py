@@ -29,14 +29,22 @@ from verification.comparison import (
     compare_singd_local,
 )
 from verification.emulated import EmulatedAgreement, compare_emulated_local
-from verification.scenarios import DTYPES, SCENARIOS, VARIANTS, Case, run_and_replay
+from verification.scenarios import (
+    DTYPES,
+    FACTOR_GUARD,
+    SCENARIOS,
+    VARIANTS,
+    Case,
+    run_and_replay,
+)
 from verification.tolerances import EPS
 
 #: Steps per teacher-forced block of the non-compounding trajectory check.
 BLOCK = 5
 
-#: State entries in display order (``m_K``/``m_C`` only exist with ``α1 > 0``).
-KEYS = ("K", "C", "m_K", "m_C", "W", "m_W")
+#: State entries in display order (``m_K``/``m_C`` only with ``α1 > 0``, ``c_K``/``c_C`` only with
+#: the compensated factor step of bf16/fp16 factors).
+KEYS = ("K", "C", "m_K", "m_C", "W", "m_W", "c_K", "c_C")
 
 
 @dataclass(frozen=True)
@@ -197,7 +205,7 @@ def _worst_entries(history: list[Deviation], eps: float) -> tuple[EntryResult, .
 def case_precision(case: Case, device: str = "cpu") -> Precision:
     """The arithmetic model of a case: its model dtype, its factor dtype, on ``device``."""
     factor_dtype = None if case.factor_dtype is None else DTYPES[case.factor_dtype]
-    return precision_for(DTYPES[case.dtype], factor_dtype, device)
+    return precision_for(DTYPES[case.dtype], factor_dtype, device, FACTOR_GUARD)
 
 
 def run_case(case: Case) -> CaseResult:

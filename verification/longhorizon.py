@@ -40,7 +40,14 @@ from verification.arithmetic import precision_for
 from verification.comparison import compare_singd_blocks
 from verification.recording import LossFunction, RecordedRun, record_run, to_numpy
 from verification.replay import replay_singd
-from verification.scenarios import BASE_HYPER, DTYPES, VARIANTS, Scenario, make_singd
+from verification.scenarios import (
+    BASE_HYPER,
+    DTYPES,
+    FACTOR_GUARD,
+    VARIANTS,
+    Scenario,
+    make_singd,
+)
 
 #: Steps per teacher-forced block (as in ``singd-verify``'s grid).
 BLOCK = 5
@@ -211,7 +218,9 @@ def run_case(case: Case, seed: int = 0) -> Result:
     run, hyper, skipped = record_case(case, seed)
     model_dtype, factor_dtype = PRECISIONS[case.precision]
     precision = precision_for(
-        DTYPES[model_dtype], None if factor_dtype is None else DTYPES[factor_dtype]
+        DTYPES[model_dtype],
+        None if factor_dtype is None else DTYPES[factor_dtype],
+        factor_guard=FACTOR_GUARD,
     )
     blocks = compare_singd_blocks(run, hyper, precision, "expand", None, block=BLOCK)
     worst = max(blocks, key=lambda d: 0.0 if d.error == 0 else d.error / d.bound)

@@ -862,7 +862,10 @@ def record_scenario(
     case = SCENARIOS[scenario]
     overrides = {**VARIANTS[variant], "structures": tuple(structures)}
     factors = None if factor_dtype is None else DTYPES[factor_dtype]
-    run, _, hyper = run_and_replay(case, overrides, DTYPES[dtype], factors, steps)
+    # format v1 stores no compensation terms: record the plain factor step
+    run, _, hyper = run_and_replay(
+        case, overrides, DTYPES[dtype], factors, steps, factor_guard=None
+    )
     meta = {
         "model_dtype": dtype,
         "factor_dtypes": [factor_dtype or dtype] * 2,

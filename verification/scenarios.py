@@ -47,6 +47,9 @@ def beta1_schedule(steps: int) -> float:
     return 0.03 / (1 + 0.1 * steps)
 
 
+#: The ``factor_guard`` of every recorded SINGD run: the optimizer's default.
+FACTOR_GUARD = "compensated"
+
 #: SPEC §1.3/§1.4 modes as overrides of :data:`BASE_HYPER`.
 VARIANTS: dict[str, dict[str, object]] = {
     "singd": {},
@@ -179,12 +182,13 @@ def make_singd(
     scenario: Scenario,
     hyper: SINGDHyperparameters,
     preconditioner_dtype: torch.dtype | None = None,
+    factor_guard: str | None = FACTOR_GUARD,
 ) -> SINGD:
     """SINGD on ``model`` with the oracle's ``hyper`` and ``scenario``'s statistics settings.
 
-    ``factor_guard=None``: a stopgap until :mod:`verification.bounds` models the
-    compensated (Kahan) factor step that SINGD uses by default for bf16/fp16
-    factors; the bounds model the plain ``K ← fl(K + (−β1)·fl(K m))``.
+    ``factor_guard``: by default :data:`FACTOR_GUARD`, SINGD's own default (the
+    compensated factor step for bf16/fp16 factors, which
+    :mod:`verification.bounds` models).
     """
     return SINGD(
         model,
@@ -201,7 +205,7 @@ def make_singd(
         loss_average=scenario.loss_average,
         kfac_approx=scenario.approx,
         preconditioner_dtype=(preconditioner_dtype, preconditioner_dtype),
-        factor_guard=None,
+        factor_guard=factor_guard,
     )
 
 
@@ -211,6 +215,7 @@ def record(
     dtype: torch.dtype = torch.float64,
     preconditioner_dtype: torch.dtype | None = None,
     steps: int = 20,
+    factor_guard: str | None = FACTOR_GUARD,
 ) -> tuple[RecordedRun, SINGDHyperparameters]:
     """Record ``steps`` steps of SINGD on ``scenario`` (the torch side of :func:`run_and_replay`).
 
@@ -220,7 +225,7 @@ def record(
     torch.manual_seed(0)
     model = scenario.make_model().to(dtype)
     hyper = SINGDHyperparameters(**{**BASE_HYPER, **hyper_overrides})
-    optimizer = make_singd(model, scenario, hyper, preconditioner_dtype)
+    optimizer = make_singd(model, scenario, hyper, preconditioner_dtype, factor_guard)
     loss_fn = loss_function(scenario, dtype)
     return record_run(model, optimizer, loss_fn, steps, scenario.micro_batches), hyper
 
@@ -231,13 +236,14 @@ def run_and_replay(
     dtype: torch.dtype = torch.float64,
     preconditioner_dtype: torch.dtype | None = None,
     steps: int = 20,
+    factor_guard: str | None = FACTOR_GUARD,
 ) -> tuple[RecordedRun, dict[str, list[SINGDState]], SINGDHyperparameters]:
     """Record ``steps`` steps of SINGD on ``scenario`` and replay them through the oracle.
 
     Returns:
         The recording, the oracle trajectory of every layer, the hyper-parameters.
     """
-    run, hyper = record(scenario, hyper_overrides, dtype, preconditioner_dtype, steps)
+    run, hyper = record(scenario, hyper_overrides, dtype, preconditioner_dtype, steps, factor_guard)
     oracle = replay_singd(run, hyper, scenario.approx, scenario.loss_average)
     return run, oracle, hyper
 
