@@ -74,9 +74,17 @@ def check_artifact(artifact: Path, work: Path) -> None:
     venv.EnvBuilder(with_pip=True, clear=True).create(env)
     python = env / "bin" / "python"
     run(
-        [str(python), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"),
-         str(artifact)]
-    )  # fmt: skip
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "-c",
+            str(ROOT / "constraints.txt"),
+            str(artifact),
+        ]
+    )
     empty = work / "empty"
     empty.mkdir(exist_ok=True)
     run([str(python), "-c", SMOKE.format(version=version())], cwd=empty)
