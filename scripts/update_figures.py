@@ -477,7 +477,7 @@ def run_sources(names: list[str], out: Path) -> None:
         shown = " ".join(Path(p).name if p == sys.executable else p for p in SOURCES[name][0])
         shown = shown.replace("{out}", "verification-report/figures")
         if name == "digits":
-            shown = shown.replace("--seed 0", "--seed N")
+            shown = shown.replace("--seed 0", "--seed N").replace("digits-0", "digits-N")
             result: object = {
                 str(seed): json.loads((figures / f"digits-{seed}.json").read_text())
                 for seed in DIGITS_SEEDS
