@@ -249,6 +249,29 @@ _PREDICATE_UFUNCS = frozenset(
 _ROUNDED_BINARY = frozenset({np.add, np.subtract, np.multiply, np.divide})
 
 
+def round_to(values: Any, storage: np.dtype) -> np.ndarray:
+    """``values`` rounded once, to nearest even, to ``storage`` (bfloat16 or float16).
+
+    ml-dtypes before 0.7 casts float64 to bfloat16 through float32 (two
+    roundings: 1 + 2⁻⁸ + 2⁻⁴⁰ becomes 1, not 1 + 2⁻⁷), and 0.7 needs NumPy 2.
+    So a float64 input goes to float32 *rounded to odd* (truncated toward
+    zero, last bit set when inexact) and then to bfloat16: rounding to odd
+    with 24 ≥ 8 + 2 bits, then to nearest, is one correct rounding (Boldo &
+    Melquiond 2008).  float16 is NumPy's own, correct, cast.
+    """
+    array = np.asarray(values)
+    if np.dtype(storage) != np.dtype(ml_dtypes.bfloat16) or array.dtype != np.float64:
+        return array.astype(storage)
+    with np.errstate(over="ignore", invalid="ignore"):
+        nearest = array.astype(np.float32)
+        back = nearest.astype(np.float64)
+        bits = np.atleast_1d(nearest).view(np.uint32).copy()
+        away = np.atleast_1d(np.abs(back) > np.abs(array))  # rounded away from zero
+        bits[away] -= np.uint32(1)  # one float32 step back toward zero (sign-magnitude)
+        bits[np.atleast_1d(back != array)] |= np.uint32(1)  # sticky bit: round to odd
+    return bits.view(np.float32).reshape(array.shape).astype(storage)
+
+
 class EmulatedArray(np.ndarray):
     """A float64 array whose entries lie on a low-precision grid (bf16 or fp16).
 
@@ -298,7 +321,7 @@ class EmulatedArray(np.ndarray):
     def _round(self, values: Any) -> EmulatedArray:
         """``values`` rounded once to the storage dtype, as an array of this class."""
         with np.errstate(over="ignore"):  # overflow to ±inf is the modelled rounding
-            rounded = np.asarray(values).astype(self.storage)
+            rounded = round_to(values, self.storage)
         return _view(rounded.astype(np.float64), self.storage)
 
     @staticmethod
@@ -318,7 +341,7 @@ class EmulatedArray(np.ndarray):
             left = plain[0].astype(ACCUMULATION_DTYPE)
             return self._round(left @ left.T)  # numpy's syrk path: exactly symmetric
         operands = [
-            x if isinstance(y, EmulatedArray) else np.asarray(x).astype(self.storage)
+            x if isinstance(y, EmulatedArray) else round_to(x, self.storage)
             for x, y in zip(plain, (a, b), strict=True)
         ]
         left, right = (np.asarray(x).astype(ACCUMULATION_DTYPE) for x in operands)
@@ -510,7 +533,7 @@ class EmulatedNumbers(Numbers):
         source = np.asarray(x)
         if source.dtype == object:
             source = np.array([_mpf_to_float64_odd(v) for v in source.flat]).reshape(source.shape)
-        rounded = np.asarray(source, dtype=np.float64).astype(self.storage_dtype)
+        rounded = round_to(np.asarray(source, dtype=np.float64), self.storage_dtype)
         return _view(rounded.astype(np.float64), self.storage_dtype)
 
     def sqrt(self, x: Any) -> EmulatedArray:

@@ -1,16 +1,20 @@
 """Print the storage per structure and the time of the operations SINGD calls every step (SPEC §2).
 
-Usage: ``python scripts/structure_costs.py [--dim 1024] [--cols 256] [--repeats 10]``.
+Usage: ``python scripts/structure_costs.py [--dim 1024] [--cols 256] [--repeats 10] [--json PATH]``.
 
 Prints a Markdown table: free entries and float32 bytes of a ``d × d`` factor,
 and the median wall time (ms) of each per-step operation for a general member
 ``K``, a second member ``L`` and ``X`` of shape ``d × m``, in float32, after
-one warm-up call, on the number of threads given (default 1).
+one warm-up call, on the number of threads given (default 1).  ``--json``
+also writes ``{"dim", "cols", "threads", "repeats", "structures": {name:
+{"free_entries", "bytes", "seconds": {operation: median}}}}`` (what
+``scripts/update_figures.py`` writes into docs/structures.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -64,7 +68,9 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", metavar="PATH", default=None, help="also write the results")
     args = parser.parse_args()
+    results: dict[str, dict[str, object]] = {}
     torch.set_num_threads(args.threads)
     print(
         f"d = {args.dim}, m = {args.cols}, float32, {args.threads} thread(s), "
@@ -81,8 +87,13 @@ def main() -> None:
         numel = cls.storage_numel(args.dim)
         share = 100 * numel / args.dim**2
         seconds = time_operations(cls, args.dim, args.cols, args.repeats)
+        results[name] = {"free_entries": numel, "bytes": 4 * numel, "seconds": seconds}
         times = " | ".join(f"{1e3 * value:.2f}" for value in seconds.values())
         print(f"| {name} | {numel} | {4 * numel} | {share:.2f} | {times} |")
+    if args.json is not None:
+        settings = {"dim": args.dim, "cols": args.cols, "threads": args.threads}
+        with open(args.json, "w") as handle:
+            json.dump({**settings, "repeats": args.repeats, "structures": results}, handle)
 
 
 if __name__ == "__main__":

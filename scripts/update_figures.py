@@ -1,14 +1,34 @@
-"""Write the figures of ``singd-verify``'s ``report.json`` into the marked blocks of the docs.
+"""Write every command-produced figure of the docs into its marked block, or check them.
 
 Usage::
 
-    singd-verify                      # writes verification-report/report.json
-    python scripts/update_figures.py  # rewrites the blocks in README.md, docs/verification.md
+    python scripts/update_figures.py --run          # run the commands, then rewrite the blocks
+    python scripts/update_figures.py                # rewrite from the last run's JSON
+    python scripts/update_figures.py --run --check  # tox -e docs: exit 1 on a stale figure
 
-A block is the text between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``;
-each is regenerated whole, with the machine, date and run time it was measured
-with, so no figure in a block is ever typed by hand.  ``--check`` exits 1 when a
-block differs from what the report gives (nothing is written then).
+A block is the text between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``
+in README.md or docs/*.md; each is regenerated whole from one command's JSON,
+with the command, machine and date stamped under it, so no figure in a block
+is typed by hand.  The commands (:data:`SOURCES`; ``--run`` runs them, about
+ten minutes on two cores, and keeps their JSON in ``verification-report/``):
+
+* ``report``: ``python -m verification --out verification-report`` (``singd-verify``);
+* ``digits``: ``python -m verification.experiments.digits --seed N --json`` for N = 0, 1, 2;
+* ``structure-costs``: ``python scripts/structure_costs.py --json``;
+* ``optimizer-costs``: ``python scripts/optimizer_costs.py --json`` (the asv benchmark's code).
+
+``--check`` compares the committed blocks with the regenerated ones, number by
+number, and exits 1 when one differs by more than what legitimately varies
+between machines (nothing is written then).  Text, names, verdicts, counts,
+bytes, free entries and bounds must match exactly; the stamp line is not
+compared; timings are reported, never compared.  Rounding-dependent figures
+vary because BLAS kernels (and so the order of every sum) differ between
+CPUs and builds: an error/bound ratio, an error in eps or a probe ratio may
+move by ``RTOL_ROUNDING`` = 25 % relative plus ``0.05`` (ratios) or one eps /
+one ulp (errors, visibilities, resolutions) absolute; a digits accuracy by
+0.015 (8 of the 540 test images) and a final training loss by a factor 2
+(400 bf16 steps amplify a changed rounding).  A block whose rows or text
+differ is stale whatever the numbers.
 """
 
 from __future__ import annotations
@@ -16,16 +36,27 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "verification.md")
+DOCUMENTS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+#: Where ``--run`` keeps each command's output.
+OUTPUT = ROOT / "verification-report"
+DIGITS_SEEDS = (0, 1, 2)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+    """A Markdown table; a ``|`` inside a cell is escaped."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
 
 
 def _stamp(report: dict) -> str:
@@ -129,43 +160,464 @@ def mutation_block(report: dict) -> list[str]:
     return [*lines, "", _stamp(report)]
 
 
-BLOCKS = {
-    "verification-summary": summary_block,
-    "arithmetic-models": models_block,
-    "mutation-table": mutation_block,
+# --------------------------------------------------------------- more figures
+def _source_stamp(source: dict) -> str:
+    """Command, seconds, machine and date of one ``--run`` output."""
+    env = source["environment"]
+    return (
+        f"_Measured by `{source['command']}` ({source['seconds']:.0f} s) on {env['cpu']} "
+        f"({env['cpu_count']} cores), torch {env['torch']}, numpy {env['numpy']}, {env['date']}._"
+    )
+
+
+def selfcheck_block(report: dict) -> list[str]:
+    """Every check of the oracle's self-check: measured, bound, verdict."""
+    rows = [
+        [
+            check["name"],
+            f"{check['measured']:.2g}",
+            f"{'≥' if check['lower'] else '≤'} {check['bound']:.3g}",
+            check["unit"],
+            "pass" if check["passed"] else "**FAIL**",
+        ]
+        for check in report["selfcheck"]["checks"]
+    ]
+    header = ["check", "measured", "required", "unit", "verdict"]
+    return [*_table(header, rows), "", _stamp(report)]
+
+
+def counts_block(report: dict) -> list[str]:
+    """How many self-checks, comparison cases and mutants the run had."""
+    summary = report["comparison"]["summary"]
+    cases = sum(entry["cases"] for entry in summary.values())
+    passed = sum(entry["passed"] for entry in summary.values())
+    mutations = report.get("mutations") or {"mutants": {}}
+    checks = report["selfcheck"]["checks"]
+    return [
+        f"* oracle self-check: {sum(c['passed'] for c in checks)} of {len(checks)} checks pass;",
+        f"* implementation vs oracle: {passed} of {cases} cases pass;",
+        f"* mutation check: {len(mutations['mutants'])} wrong optimizers.",
+        "",
+        _stamp(report),
+    ]
+
+
+def resolution_summary_block(report: dict) -> list[str]:
+    """The smallest relative error in ĝ the verifier catches, per precision."""
+    mutations = report.get("mutations")
+    if mutations is None:
+        return ["_The report was made with `--no-mutants`._"]
+    parts = []
+    for precision, found in mutations["resolution"].items():
+        delta = found["families"]["precondition"]["delta"]
+        parts.append(f"{precision} {'not killed' if delta is None else f'{delta:.2g}'}")
+    return [
+        "Resolution (smallest δ in ĝ × (1 + δ) caught): " + "; ".join(parts) + ".",
+        "",
+        _stamp(report),
+    ]
+
+
+DIGITS_LABELS = {
+    "singd_dense": "SINGD dense",
+    "singd_diagonal": "SINGD diagonal",
+    "adamw": "AdamW",
+    "kfac": "KFAC (bfloat16)",
+    "kfac_upcast": "KFAC, `upcast_half=True` (factors in float32)",
 }
 
 
-def rewrite(text: str, report: dict) -> str:
-    """``text`` with every known block regenerated from ``report``."""
-    for name, block in BLOCKS.items():
-        pattern = re.compile(
-            rf"(<!-- figures:{name} -->\n)(?:.*?\n)?(<!-- /figures:{name} -->)", flags=re.DOTALL
+#: Labels in the one-sentence summary.
+DIGITS_SHORT = {
+    "singd_dense": "SINGD dense",
+    "singd_diagonal": "SINGD diagonal",
+    "adamw": "AdamW",
+    "kfac": "plain KFAC in bfloat16",
+    "kfac_upcast": "KFAC with float32 factors",
+}
+
+
+def _digits_runs(digits: dict) -> dict[str, list[dict]]:
+    """Optimizer -> its result for every seed, in seed order."""
+    runs: dict[str, list[dict]] = {}
+    for seed in DIGITS_SEEDS:
+        for entry in digits["result"][str(seed)]:
+            runs.setdefault(entry["optimizer"], []).append(entry)
+    return runs
+
+
+def digits_block(digits: dict) -> list[str]:
+    """Test accuracy and final training loss of every optimizer and seed."""
+    seeds = " / ".join(str(seed) for seed in DIGITS_SEEDS)
+    rows = []
+    for name, entries in _digits_runs(digits).items():
+        errors = {entry["error"].split(":")[0] for entry in entries if entry["error"]}
+        if errors:
+            rows.append([DIGITS_LABELS[name], f"raises `{', '.join(sorted(errors))}`", "—", "—"])
+            continue
+        accuracies = [entry["test_accuracy"] for entry in entries]
+        rows.append(
+            [
+                DIGITS_LABELS[name],
+                " / ".join(f"{value:.3f}" for value in accuracies),
+                f"{sum(accuracies) / len(accuracies):.3f}",
+                " / ".join(f"{entry['final_train_loss']:.4f}" for entry in entries),
+            ]
         )
-        text = pattern.sub(
-            lambda m, b=block: m.group(1) + "\n".join(b(report)) + "\n" + m.group(2), text
+    header = [
+        "optimizer",
+        f"test accuracy, seeds {seeds}",
+        "mean",
+        f"final train loss, seeds {seeds}",
+    ]
+    return [*_table(header, rows), "", _source_stamp(digits)]
+
+
+def digits_summary_block(digits: dict) -> list[str]:
+    """One sentence: mean test accuracies over the seeds, and what KFAC does."""
+    parts = []
+    for name, entries in _digits_runs(digits).items():
+        if any(entry["error"] for entry in entries):
+            kind = entries[0]["error"].split(":")[0]
+            parts.append(f"{DIGITS_SHORT[name]} raises `{kind}`")
+        else:
+            mean = sum(entry["test_accuracy"] for entry in entries) / len(entries)
+            parts.append(f"{DIGITS_SHORT[name]} {100 * mean:.1f} %")
+    seeds = ", ".join(str(seed) for seed in DIGITS_SEEDS)
+    return [
+        f"Mean test accuracy over seeds {seeds}: " + "; ".join(parts) + ".",
+        "",
+        _source_stamp(digits),
+    ]
+
+
+def structure_costs_block(costs: dict) -> list[str]:
+    """Storage and median time (ms) of every per-step operation, per structure."""
+    result = costs["result"]
+    structures = result["structures"]
+    operations = list(next(iter(structures.values()))["seconds"])
+    rows = [
+        [
+            name,
+            str(entry["free_entries"]),
+            str(entry["bytes"]),
+            f"{100 * entry['free_entries'] / result['dim'] ** 2:.2f}",
+            *(f"{1e3 * entry['seconds'][op]:.2f}" for op in operations),
+        ]
+        for name, entry in structures.items()
+    ]
+    header = ["structure", "free entries", "bytes (fp32)", "% of dense", *operations]
+    lines = _table(header, rows)
+    lines[1] = "|---|" + "---:|" * (len(header) - 1)
+    settings = f"d = {result['dim']}, m = {result['cols']}, float32, {result['threads']} thread(s)"
+    return [
+        f"{settings}, median of {result['repeats']} runs, times in ms:",
+        "",
+        *lines,
+        "",
+        _source_stamp(costs),
+    ]
+
+
+OPTIMIZER_LABELS = {
+    "adamw": "AdamW",
+    "singd_diagonal_T10": "SINGD diagonal, T = 10 (default)",
+    "singd_dense_T10": "SINGD dense, T = 10 (default)",
+    "singd_diagonal": "SINGD diagonal, T = 1",
+    "singd_block32": "SINGD block32diagonal, T = 1",
+    "singd_dense": "SINGD dense, T = 1",
+}
+
+
+def _bytes(count: int) -> str:
+    return f"{count / 1e3:.0f} kB" if count < 1e6 else f"{count / 1e6:.2f} MB"
+
+
+def optimizer_costs_block(costs: dict) -> list[str]:
+    """Step time (mean) and optimizer-state bytes of the benchmark MLP."""
+    optimizers = costs["result"]["optimizers"]
+    rows = [
+        [label, f"{1e3 * optimizers[n]['seconds']:.3g} ms", _bytes(optimizers[n]["state_bytes"])]
+        for n, label in OPTIMIZER_LABELS.items()
+    ]
+    return [*_table(["optimizer", "step time", "optimizer state"], rows), "", _source_stamp(costs)]
+
+
+# ------------------------------------------------------------ blocks, sources
+@dataclass(frozen=True)
+class Rule:
+    """How far a regenerated number may lie from the committed one (module docstring).
+
+    Attributes:
+        rtol: Relative part, of the larger magnitude.
+        atol: Absolute part.
+        timing: A timing: reported, never compared.
+    """
+
+    rtol: float = 0.0
+    atol: float = 0.0
+    timing: bool = False
+
+    def holds(self, old: float, new: float) -> bool:
+        """Whether ``new`` is within this rule of ``old``."""
+        return self.timing or abs(old - new) <= self.rtol * max(abs(old), abs(new)) + self.atol
+
+
+EXACT = Rule()
+TIMING = Rule(timing=True)
+#: Rounding-dependent figures: 25 % relative (module docstring).
+RTOL_ROUNDING = 0.25
+RATIO = Rule(RTOL_ROUNDING, 0.05)
+IN_EPS = Rule(RTOL_ROUNDING, 1.0)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One marked block: its source, generator and comparison rules.
+
+    Attributes:
+        source: Key of :data:`SOURCES` whose JSON the block is made from.
+        make: The JSON -> the block's lines.
+        default: Rule for numbers outside a table, and for table columns not named.
+        columns: Header cell -> rule for that table column (the first column is text).
+    """
+
+    source: str
+    make: Callable[[dict], list[str]]
+    default: Rule = EXACT
+    columns: dict[str, Rule] = field(default_factory=dict)
+
+
+BLOCKS: dict[str, Block] = {
+    "verification-summary": Block(
+        "report",
+        summary_block,
+        columns={
+            "worst error/bound: trajectory": RATIO,
+            "blocks of 5": RATIO,
+            "one step": RATIO,
+            "largest one-step error [eps·max|entry|]": IN_EPS,
+            "one step, probabilistic bound": RATIO,
+            "vs emulated oracle": IN_EPS,
+        },
+    ),
+    "arithmetic-models": Block("report", models_block, columns={"worst probe error/bound": RATIO}),
+    "mutation-table": Block("report", mutation_block, default=IN_EPS),
+    "selfcheck": Block("report", selfcheck_block, columns={"measured": IN_EPS}),
+    "verification-counts": Block("report", counts_block),
+    "resolution-summary": Block("report", resolution_summary_block, default=Rule(RTOL_ROUNDING)),
+    "digits": Block(
+        "digits",
+        digits_block,
+        columns={
+            "test accuracy, seeds 0 / 1 / 2": Rule(atol=0.015),
+            "mean": Rule(atol=0.015),
+            "final train loss, seeds 0 / 1 / 2": Rule(rtol=0.5),
+        },
+    ),
+    "digits-summary": Block("digits", digits_summary_block, default=Rule(atol=1.5)),
+    "structure-costs": Block(
+        "structure-costs",
+        structure_costs_block,
+        columns={
+            "K X": TIMING,
+            "Kᵀ X": TIMING,
+            "Π̂(KᵀXXᵀK)": TIMING,
+            "Π̂(KᵀK)": TIMING,
+            "K L": TIMING,
+            "K += αL": TIMING,
+            "K += vI": TIMING,
+            "tr K": TIMING,
+            "max|K|": TIMING,
+        },
+    ),
+    "optimizer-costs": Block(
+        "optimizer-costs", optimizer_costs_block, columns={"step time": TIMING}
+    ),
+}
+
+#: Source -> the commands ``--run`` runs (``{out}``: where the JSON goes).
+SOURCES: dict[str, list[list[str]]] = {
+    "report": [[sys.executable, "-m", "verification", "--out", "{out}"]],
+    "digits": [
+        [
+            sys.executable,
+            "-m",
+            "verification.experiments.digits",
+            "--seed",
+            str(seed),
+            "--json",
+            f"{{out}}/digits-{seed}.json",
+        ]
+        for seed in DIGITS_SEEDS
+    ],
+    "structure-costs": [
+        [sys.executable, "scripts/structure_costs.py", "--json", "{out}/structure-costs.json"]
+    ],
+    "optimizer-costs": [
+        [sys.executable, "scripts/optimizer_costs.py", "--json", "{out}/optimizer-costs.json"]
+    ],
+}
+
+
+def run_sources(names: list[str], out: Path) -> None:
+    """Run the commands of ``names``; wrap each non-report result with its stamp data."""
+    from verification.report import environment
+
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        start = time.perf_counter()
+        for command in SOURCES[name]:
+            argv = [part.format(out=figures if name != "report" else out) for part in command]
+            print("+", " ".join(argv), flush=True)
+            subprocess.run(argv, cwd=ROOT, check=True)
+        if name == "report":
+            continue
+        shown = " ".join(Path(p).name if p == sys.executable else p for p in SOURCES[name][0])
+        shown = shown.replace("{out}", "verification-report/figures")
+        if name == "digits":
+            shown = shown.replace("--seed 0", "--seed N").replace("digits-0", "digits-N")
+            result: object = {
+                str(seed): json.loads((figures / f"digits-{seed}.json").read_text())
+                for seed in DIGITS_SEEDS
+            }
+        else:
+            result = json.loads((figures / f"{name}.json").read_text())
+        wrapped = {
+            "command": shown.replace(Path(sys.executable).name, "python"),
+            "seconds": time.perf_counter() - start,
+            "environment": environment(),
+            "result": result,
+        }
+        (figures / f"{name}.source.json").write_text(json.dumps(wrapped, indent=2))
+
+
+def load_sources(out: Path) -> dict[str, dict]:
+    """Every source whose output exists under ``out``."""
+    sources = {}
+    if (out / "report.json").exists():
+        sources["report"] = json.loads((out / "report.json").read_text())
+    for name in SOURCES:
+        path = out / "figures" / f"{name}.source.json"
+        if name != "report" and path.exists():
+            sources[name] = json.loads(path.read_text())
+    return sources
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(
+        rf"(<!-- figures:{name} -->\n)(.*?\n)?(<!-- /figures:{name} -->)", flags=re.DOTALL
+    )
+
+
+def rewrite(text: str, sources: dict[str, dict]) -> str:
+    """``text`` with every block whose source is known regenerated."""
+    for name, block in BLOCKS.items():
+        if block.source not in sources:
+            continue
+        lines = block.make(sources[block.source])
+        text = _pattern(name).sub(
+            lambda m, ls=lines: m.group(1) + "\n".join(ls) + "\n" + m.group(3), text
         )
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Rewrite (or with ``--check`` compare) the figure blocks; exit 1 on a stale block."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--report", type=Path, default=ROOT / "verification-report/report.json")
-    parser.add_argument("--check", action="store_true", help="only report stale blocks")
-    args = parser.parse_args(argv)
-    report = json.loads(args.report.read_text())
-    stale = []
+NUMBER = re.compile(r"(?<![\w.])([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)(?![\w.])")
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of a table row, ``\\|`` unescaped."""
+    inner = line.strip().removeprefix("|").removesuffix("|")
+    return [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", inner)]
+
+
+def _compare_text(old: str, new: str, rule: Rule) -> bool:
+    """Same text around the numbers, and every number within ``rule``."""
+    if rule.timing:
+        return True
+    old_parts, new_parts = NUMBER.split(old), NUMBER.split(new)
+    if len(old_parts) != len(new_parts):
+        return False
+    for index, (a, b) in enumerate(zip(old_parts, new_parts, strict=True)):
+        if index % 2 == 0:
+            if a != b:
+                return False
+        elif not rule.holds(float(a), float(b)):
+            return False
+    return True
+
+
+def stale_lines(block: Block, old: list[str], new: list[str]) -> list[str]:
+    """Committed lines of a block that the regenerated block contradicts (module docstring)."""
+    old = [line for line in old if not line.startswith("_Measured")]
+    new = [line for line in new if not line.startswith("_Measured")]
+    if len(old) != len(new):
+        return [f"{len(old)} lines committed, {len(new)} regenerated"]
+    problems, header = [], []
+    for index, (a, b) in enumerate(zip(old, new, strict=True)):
+        is_table = a.startswith("|") and b.startswith("|")
+        if is_table and index + 1 < len(new) and new[index + 1].startswith("|-"):
+            header = _cells(b)
+        if is_table and not b.startswith("|-"):
+            ca, cb = _cells(a), _cells(b)
+            ok = len(ca) == len(cb) and ca[0] == cb[0]
+            for column, (x, y) in enumerate(zip(ca[1:], cb[1:], strict=False), start=1):
+                title = header[column] if column < len(header) else ""
+                ok = ok and _compare_text(x, y, block.columns.get(title, block.default))
+        else:
+            ok = _compare_text(a, b, block.default)
+        if not ok:
+            problems.append(f"committed: {a}\n    now:       {b}")
+    return problems
+
+
+def check(sources: dict[str, dict]) -> list[str]:
+    """Every stale figure of every document, as messages."""
+    messages = []
     for document in DOCUMENTS:
         text = document.read_text()
-        new = rewrite(text, report)
+        for name, block in BLOCKS.items():
+            match = _pattern(name).search(text)
+            if match is None:
+                continue
+            if block.source not in sources:
+                messages.append(f"{document.name} [{name}]: no output of `{block.source}` (--run)")
+                continue
+            old = (match.group(2) or "").splitlines()
+            for problem in stale_lines(block, old, block.make(sources[block.source])):
+                messages.append(f"{document.relative_to(ROOT)} [{name}]: {problem}")
+    return messages
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the commands (``--run``), then rewrite the blocks or (``--check``) compare them."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUTPUT, help="the commands' output directory")
+    parser.add_argument("--run", action="store_true", help="run the commands first")
+    parser.add_argument("--only", nargs="*", choices=sorted(SOURCES), default=None)
+    parser.add_argument("--check", action="store_true", help="only report stale figures")
+    args = parser.parse_args(argv)
+    if args.run:
+        run_sources(args.only or list(SOURCES), args.out)
+    sources = load_sources(args.out)
+    if args.only is not None:
+        sources = {name: value for name, value in sources.items() if name in args.only}
+    if args.check:
+        messages = check(sources)
+        if args.only is not None:
+            messages = [m for m in messages if "(--run)" not in m]
+        for message in messages:
+            print("stale:", message)
+        print(f"{len(messages)} stale figure(s)" if messages else "every figure is current")
+        return 1 if messages else 0
+    for document in DOCUMENTS:
+        text = document.read_text()
+        new = rewrite(text, sources)
         if new != text:
-            stale.append(document)
-            if not args.check:
-                document.write_text(new)
-    for document in stale:
-        print(f"{'stale' if args.check else 'updated'}: {document.relative_to(ROOT)}")
-    return 1 if args.check and stale else 0
+            document.write_text(new)
+            print(f"updated: {document.relative_to(ROOT)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
   loaded automatically when ``CI`` is set (hypothesis would otherwise pick its
   own built-in ``ci`` profile, which we override here).
 * ``dev`` — the default locally: a few more examples, still no deadline.
-* ``thorough`` — for hunting bugs by hand: ``HYPOTHESIS_PROFILE=thorough``.
+* ``thorough`` — for hunting bugs (``tox -e thorough``, not in CI): randomised
+  (a fresh seed every run, printed with any failure), 2000 examples per property,
+  and the example database on, so a failure found once is replayed first next time.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ settings.register_profile(
 )
 settings.register_profile(
     "thorough",
-    max_examples=500,
+    max_examples=2000,
     deadline=None,
+    derandomize=False,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
 )
 
 _default = "ci" if os.environ.get("CI") else "dev"

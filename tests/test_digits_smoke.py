@@ -30,7 +30,9 @@ def test_few_steps_run_and_write_json(tmp_path: Path) -> None:
         assert by_name[name].error is None, by_name[name].error
         assert 0.0 <= by_name[name].test_accuracy <= 1.0
         assert math.isfinite(by_name[name].final_train_loss)
-    assert by_name["kfac"].error is not None
+    error = by_name["kfac"].error  # plain KFAC refuses bf16 for want of a Cholesky there
+    assert error is not None and error.startswith("ValueError") and "Cholesky" in error
+    assert math.isnan(by_name["kfac"].test_accuracy)
     assert [entry["optimizer"] for entry in json.loads(path.read_text())] == list(by_name)
 
 

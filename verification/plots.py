@@ -28,7 +28,7 @@ def matplotlib_missing() -> str:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        return "matplotlib is not installed (`pip install singd[report]`)"
+        return "matplotlib is not installed (`pip install singd-verified[report]`)"
     return ""
 
 

@@ -48,7 +48,17 @@ TOLERANCE_RULE = (
 _NAMES_OF = {dtype: name for name, dtype in DTYPES.items()}
 
 #: The Python distributions whose versions the report names.
-PACKAGES = ("torch", "numpy", "scipy", "mpmath", "matplotlib", "singd")
+#: Label in the report -> distribution whose version it gives.  This project's
+#: distribution is ``singd-verified`` (the import name stays ``singd``; the
+#: index's ``singd`` is the public package).
+PACKAGES = {
+    "torch": "torch",
+    "numpy": "numpy",
+    "scipy": "scipy",
+    "mpmath": "mpmath",
+    "matplotlib": "matplotlib",
+    "singd": "singd-verified",
+}
 
 
 @dataclass(frozen=True)
@@ -94,11 +104,11 @@ class Report:
 def environment() -> dict[str, str]:
     """Versions, interpreter, CPU and date of this run."""
     versions = {}
-    for package in PACKAGES:
+    for label, distribution in PACKAGES.items():
         try:
-            versions[package] = metadata.version(package)
+            versions[label] = metadata.version(distribution)
         except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
+            versions[label] = "not installed"
     return {
         **versions,
         "python": sys.version.split()[0],

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -85,11 +84,8 @@ class Case:
 
 
 def structure_class(name: str) -> type[StructuredMatrix]:
-    """The torch class for ``name``; skips the test while its module is not written yet."""
-    try:
-        return get_structure(name)
-    except (ImportError, AttributeError) as error:  # another helper's module, not there yet
-        pytest.skip(f"{name}: {error}")
+    """The torch class for ``name`` (a missing or broken module fails the test, never skips it)."""
+    return get_structure(name)
 
 
 def cases(

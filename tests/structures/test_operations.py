@@ -38,7 +38,7 @@ from tests.structures.strategies import (
     cases,
     structure_class,
 )
-from tests.tolerances import EPS, chain_bound, matmul_bound
+from tests.tolerances import chain_bound, matmul_bound
 
 pytestmark = pytest.mark.parametrize("name", STRUCTURE_NAMES)
 
@@ -366,7 +366,3 @@ def test_other_structure_is_rejected(name: str) -> None:
     other = "diagonal" if name != "diagonal" else "dense"
     with pytest.raises(ValueError, match=f"expected a {name} matrix"):
         cls.eye(4).add_(structure_class(other).eye(4))
-
-
-def test_low_precision_eps_table_covers_dtypes(name: str) -> None:
-    assert set(DTYPES) <= set(EPS)
