@@ -51,10 +51,9 @@ KRONECKER = {"lr": 0.03, "momentum": 0.9, "T": 1}
 
 #: SINGD variants as constructor arguments.
 SINGD_VARIANTS: dict[str, dict[str, object]] = {
-    "singd": {},
+    "singd": {"factor_guard": None},
+    "singd+guard": {"factor_guard": "compensated"},  # SINGD's default for bf16/fp16 factors
     "ikfac": {"kfac_like": True, "alpha1": 0.0},
-    # GUARDED VARIANT: add the swamping guard here once SINGD has it, e.g.
-    # "singd+guard": {"factor_guard": True},
 }
 
 #: Cell labels, in precedence order.
