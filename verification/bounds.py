@@ -594,9 +594,9 @@ def _singd_step_bounds(
             k = _factor_step(factors, hyper, name_k, k, m_k, beta1)
             c = _factor_step(factors, hyper, name_c, c, m_c, beta1)
             guard = (None, None)
-    elif precision.compensated:  # no factor step: the compensations do not change
+    elif precision.compensated:  # no factor step: the compensations must not change at all
         assert compensations is not None, "the compensated step needs the recorded c_K, c_C"
-        guard = tuple(Bounded(np.zeros_like(x), np.abs(x)) for x in compensations)
+        guard = tuple(Bounded(x, np.zeros_like(x)) for x in compensations)
     else:
         guard = (None, None)
     preconditioned = _precondition(factors, precision.cast, hyper, k, c, record.grad)
