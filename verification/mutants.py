@@ -243,6 +243,7 @@ _precondition = updates.singd_precondition
 _factor_momenta = updates.singd_factor_momenta
 _update_factors = updates.singd_update_factors
 _factor_step = updates.singd_factor_step
+_compensated_step = updates.compensated_factor_step
 _parameter_update = updates.momentum_parameter_update
 _input_matrix = statistics.input_matrix
 _accumulate = hooks.CurvatureCollector._accumulate
@@ -331,6 +332,17 @@ def _factor_step_twice(
 ) -> StructuredMatrix:
     """``K ← K (I − β1 m)²``: the covariance step applied twice."""
     return _factor_step(_factor_step(factor, momentum, lr_cov), momentum, lr_cov)
+
+
+def _compensated_step_twice(
+    factor: StructuredMatrix,
+    momentum: StructuredMatrix,
+    lr_cov: float,
+    compensation: StructuredMatrix,
+) -> tuple[StructuredMatrix, StructuredMatrix]:
+    """The compensated (bf16/fp16 default) factor step applied twice, like ``lr-cov-twice``."""
+    once, carried = _compensated_step(factor, momentum, lr_cov, compensation)
+    return _compensated_step(once, momentum, lr_cov, carried)
 
 
 def _lr_cov_not_normalised(lr_cov: float, momentum: StructuredMatrix, normalize: bool) -> float:
@@ -618,9 +630,12 @@ def _catalogue() -> dict[str, Mutant]:
         ),
         Mutant(
             "lr-cov-twice",
-            "K ← K (I − β1 m)²: the covariance step applied twice",
-            (f"{_U}:singd_factor_step",),
-            _single(f"{_U}:singd_factor_step", _factor_step_twice),
+            "K ← K (I − β1 m)²: the covariance step applied twice (plain and compensated)",
+            (f"{_U}:singd_factor_step", f"{_U}:compensated_factor_step"),
+            lambda: {
+                f"{_U}:singd_factor_step": _factor_step_twice,
+                f"{_U}:compensated_factor_step": _compensated_step_twice,
+            },
         ),
         Mutant(
             "lr-cov-not-normalised",
