@@ -53,10 +53,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from reference.numbers import EmulatedNumbers, emulated_numbers
-from reference.statistics import conv2d_statistics, linear_statistics
 from reference.updates import (
     SINGDHyperparameters,
     SINGDState,
@@ -65,7 +63,8 @@ from reference.updates import (
     singd_init,
     singd_step,
 )
-from verification.recording import LayerPass, RecordedRun, to_numpy
+from verification.recording import RecordedRun
+from verification.replay import layer_statistics
 
 #: The compared state entries.
 ENTRIES: tuple[str, ...] = ("K", "C", "m_K", "m_C", "W", "m_W")
@@ -98,33 +97,6 @@ class EmulatedAgreement:
     allowed_ulps: float
     worst_step: int
     worst_ratio: float
-
-
-def _statistics(
-    numbers: EmulatedNumbers,
-    module: nn.Module,
-    layer_pass: LayerPass,
-    approx: str,
-    loss_average: str | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``A``, ``G`` of one recorded pass computed in emulated arithmetic (SPEC §1.1)."""
-    inputs = numbers.asarray(to_numpy(layer_pass.inputs))
-    grads = numbers.asarray(to_numpy(layer_pass.output_grads))
-    bias = module.bias is not None
-    if isinstance(module, nn.Conv2d):
-        return conv2d_statistics(
-            inputs,
-            grads,
-            kernel_size=module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=bias,
-            approx=approx,
-            loss_average=loss_average,
-        )
-    return linear_statistics(inputs, grads, bias=bias, approx=approx, loss_average=loss_average)
 
 
 def _restart(numbers: EmulatedNumbers, recorded: dict[str, np.ndarray], steps: int) -> SINGDState:
@@ -215,7 +187,7 @@ def compare_emulated_local(
             record = StepRecord(
                 grad=numbers.asarray(layer.grad),
                 stats=tuple(
-                    _statistics(numbers, module, p, approx, loss_average) for p in layer.passes
+                    layer_statistics(module, p, approx, loss_average, numbers) for p in layer.passes
                 ),
             )
             after = singd_step(before, record, hyper, numbers)

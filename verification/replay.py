@@ -27,10 +27,15 @@ _Hyper = TypeVar("_Hyper")
 
 
 def layer_statistics(
-    module: nn.Module, layer_pass: LayerPass, approx: str, loss_average: str | None
+    module: nn.Module,
+    layer_pass: LayerPass,
+    approx: str,
+    loss_average: str | None,
+    numbers: Numbers = FLOAT64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The oracle's scaled ``(A, G)`` (SPEC §1.1) for one recorded pass."""
-    inputs, grads = to_numpy(layer_pass.inputs), to_numpy(layer_pass.output_grads)
+    """The oracle's scaled ``(A, G)`` (SPEC §1.1) for one recorded pass, in ``numbers``."""
+    inputs = numbers.asarray(to_numpy(layer_pass.inputs))
+    grads = numbers.asarray(to_numpy(layer_pass.output_grads))
     bias = module.bias is not None
     if isinstance(module, nn.Conv2d):
         return conv2d_statistics(
