@@ -147,39 +147,44 @@ class Arithmetic:
     def __init__(self, model: ArithmeticModel) -> None:
         self.models = (model, model_for(torch.float64))  # the oracle: float64 numpy on the CPU
 
-    def _sum(self, rule: str, *args: int) -> float:
-        return sum(getattr(model, rule)(*args) for model in self.models)
+    def _sum(self, name: str, *args: float) -> float:
+        """``name`` (a rule called with ``args``, or a number) summed over both models."""
+        total = 0.0
+        for model in self.models:
+            value = getattr(model, name)
+            total += value(*args) if callable(value) else value
+        return total
 
     @property
     def unit(self) -> float:
         """Rounding of one stored value (``u_s`` of both models)."""
-        return sum(model.unit for model in self.models)
+        return self._sum("unit")
 
     @property
     def store(self) -> float:
         """Rounding of one elementwise result."""
-        return sum(model.store for model in self.models)
+        return self._sum("store")
 
     @property
     def store_tiny(self) -> float:
         """Absolute underflow error of one elementwise result (``η``, both models)."""
-        return sum(model.elementwise_tiny for model in self.models)
+        return self._sum("elementwise_tiny")
 
     @property
     def tiny(self) -> float:
         """Absolute underflow error of one rounding to storage (``η_s``, both models)."""
-        return sum(model.tiny for model in self.models)
+        return self._sum("tiny")
 
     def _final_tiny(self) -> float:
         return sum(model.tiny for model in self.models if model.final_unit)
 
     def _accumulation_tiny(self, n: int) -> float:
         """``n`` products in the accumulation dtype, each of which may underflow."""
-        return max(n, 1) * sum(model.accumulation_tiny for model in self.models)
+        return max(n, 1) * self._sum("accumulation_tiny")
 
     def scalar_error(self, value: float) -> float:
         """``|α − fl(α)|`` of a Python scalar handed to a kernel (its opmath dtype)."""
-        return sum(model.scalar_error(value) for model in self.models)
+        return self._sum("scalar_error", value)
 
     def scalar_unit(self) -> float:
         """Unit roundoff of converting an inexactly known Python scalar to the opmath dtype."""
@@ -194,10 +199,10 @@ class Arithmetic:
 
     def _accumulation(self, n: int) -> float:
         """The partial sums of a product (the product rule without its final rounding)."""
-        return sum(model.accumulated(n) for model in self.models)
+        return self._sum("accumulated", n)
 
     def _final(self) -> float:
-        return sum(model.final_unit for model in self.models)
+        return self._sum("final_unit")
 
     def fft_alpha(self, dim: int) -> float:
         """Normwise error of one FFT of length ``fft_length(dim)``: ``5·log₂(n)·ε_a`` (both)."""
@@ -487,7 +492,7 @@ def _statistic(
     """
     relative = cast + arith.reduction(shared) + arith.store + arith.scalar_unit()
     if shared > 1:  # a mean: the sum divided by the count in the accumulation dtype
-        relative += sum(model.accumulation_unit for model in arith.models)
+        relative += arith._sum("accumulation_unit")
     return Bounded(value, relative * magnitude + 3 * arith.store_tiny)
 
 
