@@ -724,15 +724,23 @@ def _precondition(
     c: Bounded,
     grad: np.ndarray,
 ) -> Bounded:
-    """``C (Cᵀ ∇W~)`` then ``(K (Kᵀ leftᵀ))ᵀ`` (:func:`singd.optim.updates.singd_precondition`)."""
+    """``C Cᵀ ∇W~`` then ``(K Kᵀ leftᵀ)ᵀ`` (:func:`singd.optim.updates.singd_precondition`)."""
     name_k, name_c = hyper.structures
-    fft_k, fft_c = _is_fft(name_k, k.value.shape[0]), _is_fft(name_c, c.value.shape[0])
-    kernel_c = {"toeplitz_fft": fft_c, "terms": kernel_terms(name_c)}
-    kernel_k = {"toeplitz_fft": fft_k, "terms": kernel_terms(name_k)}
     g = arith.cast(exact(grad), cast)
-    left = arith.product(c, arith.product(c.T, g, **kernel_c), **kernel_c)
-    right = arith.product(k, arith.product(k.T, left.T, **kernel_k), **kernel_k)
-    return right.T
+    left = _self_outer_product(arith, name_c, c, g)
+    return _self_outer_product(arith, name_k, k, left.T).T
+
+
+def _self_outer_product(arith: Arithmetic, name: str, f: Bounded, x: Bounded) -> Bounded:
+    """``F Fᵀ X`` in :meth:`StructuredMatrix.self_outer_matmul`'s order.
+
+    ``F (Fᵀ X)`` for every structure but the diagonal, whose kernel rounds
+    ``f ⊙ f`` first and scales the rows of ``X`` by it: ``(F Fᵀ) X``.
+    """
+    kernel = {"toeplitz_fft": _is_fft(name, f.value.shape[0]), "terms": kernel_terms(name)}
+    if name == "diagonal":
+        return arith.product(arith.product(f, f.T, **kernel), x, **kernel)
+    return arith.product(f, arith.product(f.T, x, **kernel), **kernel)
 
 
 def _parameter_update(

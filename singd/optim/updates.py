@@ -266,8 +266,9 @@ def master_factor_step(
 def singd_precondition(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
     """``ĝ = C Cᵀ ∇W~ K Kᵀ`` (SPEC §1.4), in the factors' dtypes, cast back.
 
-    ``∇W~ K Kᵀ`` is computed as ``(K (Kᵀ ∇W~ᵀ))ᵀ`` so only products with
-    ``K``/``Kᵀ`` are needed.
+    ``∇W~ K Kᵀ`` is computed as ``(K Kᵀ ∇W~ᵀ)ᵀ`` so only products with
+    ``K``/``Kᵀ`` are needed (:meth:`StructuredMatrix.self_outer_matmul`:
+    ``K (Kᵀ X)``, or ``k² ⊙ X`` for a diagonal ``K``).
 
     Args:
         grad: ``∇W~`` (d_o × d_i~).
@@ -275,8 +276,8 @@ def singd_precondition(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -
     Returns:
         ``ĝ`` (d_o × d_i~) in ``grad``'s dtype.
     """
-    left = C.matmul(C.t_matmul(grad.to(C.dtype)))
-    right = K.matmul(K.t_matmul(left.T.to(K.dtype)))
+    left = C.self_outer_matmul(grad.to(C.dtype))
+    right = K.self_outer_matmul(left.T.to(K.dtype))
     return right.T.to(grad.dtype)
 
 

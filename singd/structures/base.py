@@ -221,6 +221,10 @@ class StructuredMatrix(ABC):
     def __matmul__(self, other: StructuredMatrix) -> Self:
         """Structured product ``K @ L`` of two members of the same structure."""
 
+    def self_outer_matmul(self, other: Tensor) -> Tensor:
+        """``K Kᵀ X`` for a dense ``X`` (``d × m``): ``matmul(t_matmul(X))``."""
+        return self.matmul(self.t_matmul(other))
+
     def project_inner(self, factor: Tensor) -> Self:
         """``Π̂(Kᵀ X Xᵀ K)`` from ``X`` (``d × m``): ``project_gram(Kᵀ X)``."""
         return self.project_gram(self.t_matmul(factor))

@@ -55,6 +55,11 @@ class Diagonal(StructuredMatrix):
         """``Kᵀ X = K X`` (``d × m``)."""
         return self.matmul(other)
 
+    def self_outer_matmul(self, other: Tensor) -> Tensor:
+        """``K Kᵀ X = k² ⊙ X`` row-wise: ``fl(fl(k ⊙ k) ⊙ X)``, one pass over ``X``."""
+        own, x = self._promoted_rows(other)
+        return (own._diag * own._diag)[:, None] * x
+
     def __matmul__(self, other: StructuredMatrix) -> Diagonal:
         """``K L = diag(k ⊙ l)``, in the promoted dtype."""
         self._check_same(other)

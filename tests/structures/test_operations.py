@@ -151,6 +151,23 @@ def test_matmul_and_t_matmul(name: str, data: st.DataObject | None) -> None:
 
 @given(data=st.data())
 @example(data=None)
+def test_self_outer_matmul(name: str, data: st.DataObject | None) -> None:
+    """``K Kᵀ X``: the dense value within two products of reduction length ``d``."""
+    case = data.draw(cases(name)) if data else pinned(name, 1)
+    member, k = case.member()
+    x_t, x = case.dense(case.dim, case.cols, stream=1)
+    out = member.self_outer_matmul(x_t)
+    assert out.dtype == case.dtype
+    if on_fft_path(case):  # the default kernel: bounded through test_matmul_and_t_matmul
+        torch.testing.assert_close(out, member.matmul(member.t_matmul(x_t)), rtol=0, atol=0)
+        return
+    magnitude = np.abs(k) @ np.abs(k).T @ np.abs(x)
+    # K (Kᵀ X), or fl(k ⊙ k) ⊙ X for the diagonal: two roundings in either order
+    assert_within(out, k @ k.T @ x, magnitude, chain_bound(case.dtype, [case.dim, case.dim]), 0.0)
+
+
+@given(data=st.data())
+@example(data=None)
 def test_structured_product(name: str, data: st.DataObject | None) -> None:
     case = data.draw(cases(name)) if data else pinned(name, 1)
     (member, k), (other, ell) = case.member(0), case.member(1)
