@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from singd.optim import checkpoint, distributed, scaling
+from singd.optim.finiteness import finite_flags
 from singd.optim.hooks import CurvatureCollector, HookSettings, PendingStatistics
 from singd.optim.layers import Layer, fallback_params, find_layers, unwrap_model
 from singd.optim.statistics import split_weight_matrix, weight_gradient_matrix
@@ -58,20 +59,10 @@ class FactorStepInputs(NamedTuple):
     reads: list[Tensor]
 
 
-def _finite_flags(tensors: Iterable[Tensor]) -> list[Tensor]:
-    """One 0-dim flag per tensor: whether all its entries are finite (no host sync)."""
-    return [torch.isfinite(t).all() for t in tensors]
-
-
-def _all_finite(tensors: Iterable[Tensor], device: torch.device) -> Tensor:
-    """One 0-dim flag on ``device``: whether every entry of every tensor is finite (no sync)."""
-    flags = [flag.to(device) for flag in _finite_flags(tensors)]
-    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
-
-
 def _culprits(labels: list[str], flags: Iterable[float]) -> list[str]:
-    """The labels whose finiteness flag (read to the host) is false."""
-    return [label for label, ok in zip(labels, flags, strict=True) if not ok]
+    """The labels whose finiteness flag (read to the host) is false, each named once."""
+    culprits = [label for label, ok in zip(labels, flags, strict=True) if not ok]
+    return list(dict.fromkeys(culprits))
 
 
 def _host_values(scalars: list[Tensor]) -> list[float]:
@@ -325,15 +316,18 @@ class KroneckerOptimizer(Optimizer, ABC):
     def _statistic_flags(
         self, pending: dict[str, PendingStatistics]
     ) -> tuple[list[str], list[Tensor]]:
-        """Labels and finiteness flags of every layer's two pending statistics."""
-        labels, flags = [], []
+        """Labels and finiteness flags of the tensors of every layer's two pending statistics.
+
+        A statistic stored in several tensors has one flag (and its label) per tensor.
+        """
+        labels, tensors = [], []
         for name, stats in pending.items():
-            for statistic, tensors in zip(
+            for statistic, parts in zip(
                 self._STATISTIC_NAMES, stats.summary_tensors(), strict=True
             ):
-                labels.append(f"layer {name!r}: {statistic}")
-                flags.append(_all_finite(tensors, self._layers[name].weight.device))
-        return labels, flags
+                labels += [f"layer {name!r}: {statistic}"] * len(parts)
+                tensors += parts
+        return labels, finite_flags(tensors)
 
     def _skip_for_inf_gradients(self) -> None:
         """The scaler found inf/NaN gradients: skip, naming them (one extra host sync)."""
@@ -344,7 +338,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             for p in group["params"]
             if p.grad is not None
         ]
-        flags = _host_values(_finite_flags(grad for _, grad in grads))
+        flags = _host_values(finite_flags([grad for _, grad in grads]))
         culprits = _culprits([f"{label} gradient" for label, _ in grads], flags)
         self._skip("the GradScaler found inf/NaN gradients", culprits)
 
@@ -461,7 +455,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         }
         param_labels = self._param_labels()
         grad_labels = [f"{param_labels.get(key, 'a parameter')} gradient" for key in grads]
-        grad_flags = _finite_flags(grads.values())
+        grad_flags = finite_flags(list(grads.values()))
         stats_labels, stats_flags = self._statistic_flags(pending)
         values = iter(
             _host_values(
@@ -491,15 +485,14 @@ class KroneckerOptimizer(Optimizer, ABC):
             raise
         states = {**self._layer_states, **new_states}
         directions = self._directions(grads, states)
-        result_labels, result_flags = [], []
+        result_labels, results = [], []
         for name, state in new_states.items():
             for factor, storage in self._state_to_storage(state).items():
-                result_labels.append(f"layer {name!r}: {factor} after the factor step")
-                device = self._layers[name].weight.device
-                result_flags.append(_all_finite(storage.values(), device))
+                result_labels += [f"layer {name!r}: {factor} after the factor step"] * len(storage)
+                results += storage.values()
         result_labels += [f"{param_labels.get(key, 'a parameter')} update" for key in directions]
-        result_flags += _finite_flags(directions.values())
-        result_ok = _host_values(result_flags)
+        results += directions.values()
+        result_ok = _host_values(finite_flags(results))
         if not all(result_ok):
             self._skip(
                 "non-finite factors or update after the factor step",

@@ -1,0 +1,41 @@
+"""``finite_flags``: the fused finiteness check agrees with ``isfinite(t).all()`` per tensor."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from singd.optim.finiteness import finite_flags
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.complex64)
+SPECIALS = (float("nan"), float("inf"), float("-inf"))
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> torch.Tensor:
+    """A tensor of any dtype of :data:`DTYPES`, maybe empty, maybe with special entries."""
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = draw(st.lists(st.integers(0, 5), min_size=0, max_size=3))
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    tensor = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if tensor.numel():
+        # the dtype's largest finite value: finite, and must stay so in the check
+        tensor.view(-1)[0] = draw(st.sampled_from([0.0, float(torch.finfo(torch.float16).max)]))
+        for _ in range(draw(st.integers(0, 2))):
+            index = draw(st.integers(0, tensor.numel() - 1))
+            tensor.view(-1)[index] = draw(st.sampled_from(SPECIALS))
+    tensor = tensor.to(dtype)
+    if dtype.is_complex and tensor.numel() and draw(st.booleans()):
+        tensor.view(-1)[-1] = complex(0.0, draw(st.sampled_from(SPECIALS)))  # imaginary only
+    return tensor
+
+
+@given(st.lists(tensors(), min_size=0, max_size=6))
+@example([torch.tensor([float("nan"), float("inf")]), torch.tensor([], dtype=torch.float16)])
+@example([torch.tensor([1e300], dtype=torch.float64), torch.tensor([65504.0], dtype=torch.float16)])
+@example([torch.tensor([0.0, float("-inf")], dtype=torch.bfloat16), torch.ones(3)])
+def test_finite_flags_match_isfinite(values: list[torch.Tensor]) -> None:
+    flags = [bool(flag) for flag in finite_flags(values)]
+    assert flags == [bool(torch.isfinite(t).all()) for t in values]
