@@ -549,7 +549,7 @@ def singd_step_bounds(
 
     Mirrors :func:`singd.optim.updates.singd_update_factors` and
     :func:`~singd.optim.updates.singd_precondition`, then
-    :func:`~singd.optim.updates.momentum_parameter_update`, operation by
+    :func:`~singd.optim.updates.momentum_parameter_updates`, operation by
     operation.  ``record`` gives ``∇W~`` (exact: recorded); ``passes`` the
     statistics with their magnitudes; ``shared`` the positions averaged into
     one row of ``A`` (1 for expand); ``compensations`` the implementation's
@@ -750,7 +750,7 @@ def _parameter_update(
     m_w: Bounded,
     preconditioned: Bounded,
 ) -> tuple[Bounded, Bounded]:
-    """``ĝ += γ W~``; ``m ← α2 m + ĝ``; ``W~ ← W~ − β2 m`` (``momentum_parameter_update``)."""
+    """``ĝ += γ W~``; ``m ← α2 m + ĝ``; ``W~ ← W~ − β2 m`` (``momentum_parameter_updates``)."""
     direction = preconditioned
     if hyper.weight_decay != 0.0:
         direction = arith.add(direction, w, hyper.weight_decay)

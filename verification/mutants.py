@@ -244,7 +244,7 @@ _factor_momenta = updates.singd_factor_momenta
 _update_factors = updates.singd_update_factors
 _factor_step = updates.singd_factor_step
 _compensated_step = updates.compensated_factor_step
-_parameter_update = updates.momentum_parameter_update
+_parameter_updates = updates.momentum_parameter_updates
 _input_matrix = statistics.input_matrix
 _accumulate = hooks.CurvatureCollector._accumulate
 _pop_all = hooks.CurvatureCollector.pop_all
@@ -485,17 +485,17 @@ _original_correction = scaling.statistics_correction
 
 # --- momentum and parameter update (SPEC §1.4)
 def _update_without_momentum(
-    param: Tensor,
-    direction: Tensor,
-    momentum_buffer: Tensor,
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
     *,
     lr: float,
     momentum: float,
     weight_decay: float,
 ) -> None:
     """``m ← ĝ``: the momentum ``α2`` is not applied."""
-    _parameter_update(
-        param, direction, momentum_buffer, lr=lr, momentum=0.0, weight_decay=weight_decay
+    _parameter_updates(
+        params, directions, momentum_buffers, lr=lr, momentum=0.0, weight_decay=weight_decay
     )
 
 
@@ -513,21 +513,21 @@ def _decay_before_preconditioning() -> Replacements:
         return grads
 
     def update_without_decay(
-        param: Tensor,
-        direction: Tensor,
-        momentum_buffer: Tensor,
+        params: Sequence[Tensor],
+        directions: Sequence[Tensor],
+        momentum_buffers: Sequence[Tensor],
         *,
         lr: float,
         momentum: float,
         weight_decay: float,
     ) -> None:
-        _parameter_update(
-            param, direction, momentum_buffer, lr=lr, momentum=momentum, weight_decay=0.0
+        _parameter_updates(
+            params, directions, momentum_buffers, lr=lr, momentum=momentum, weight_decay=0.0
         )
 
     return {
         "singd.optim.base:KroneckerOptimizer._unscaled_grads": grads_with_decay,
-        "singd.optim.updates:momentum_parameter_update": update_without_decay,
+        "singd.optim.updates:momentum_parameter_updates": update_without_decay,
     }
 
 
@@ -734,15 +734,15 @@ def _catalogue() -> dict[str, Mutant]:
         Mutant(
             "momentum-not-applied",
             "m ← ĝ: the parameter momentum α2 is not applied",
-            (f"{_U}:momentum_parameter_update",),
-            _single(f"{_U}:momentum_parameter_update", _update_without_momentum),
+            (f"{_U}:momentum_parameter_updates",),
+            _single(f"{_U}:momentum_parameter_updates", _update_without_momentum),
         ),
         Mutant(
             "decay-before-preconditioning",
             "weight decay added to ∇W~ before preconditioning instead of after",
             (
                 "singd.optim.base:KroneckerOptimizer._unscaled_grads",
-                f"{_U}:momentum_parameter_update",
+                f"{_U}:momentum_parameter_updates",
             ),
             _decay_before_preconditioning,
             RunConfig(variant="weight-decay"),

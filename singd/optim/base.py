@@ -37,7 +37,7 @@ from singd.optim.finiteness import finite_flags
 from singd.optim.hooks import CurvatureCollector, HookSettings, PendingStatistics
 from singd.optim.layers import Layer, fallback_params, find_layers, unwrap_model
 from singd.optim.statistics import split_weight_matrix, weight_gradient_matrix
-from singd.optim.updates import momentum_parameter_update
+from singd.optim.updates import momentum_parameter_updates
 from singd.optim.validation import check_bool, check_real, resolve_lr_cov
 
 LayerState = dict[str, Any]
@@ -501,21 +501,18 @@ class KroneckerOptimizer(Optimizer, ABC):
             return loss
         self._layer_states.update(new_states)
         for group in self.param_groups:
-            for param in group["params"]:
-                direction = directions.get(id(param))
-                if direction is None:
-                    continue
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(param)
-                momentum_parameter_update(
-                    param,
-                    direction,
-                    state["momentum_buffer"],
-                    lr=group["lr"],
-                    momentum=group["momentum"],
-                    weight_decay=group["weight_decay"],
-                )
+            params = [p for p in group["params"] if id(p) in directions]
+            for param in params:
+                if "momentum_buffer" not in self.state[param]:
+                    self.state[param]["momentum_buffer"] = torch.zeros_like(param)
+            momentum_parameter_updates(
+                params,
+                [directions[id(p)] for p in params],
+                [self.state[p]["momentum_buffer"] for p in params],
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+            )
         if amp.backward_scale is not None:
             self._grad_scale_prev = amp.backward_scale
         self.steps += 1

@@ -47,4 +47,3 @@ def finite_flags(tensors: Sequence[Tensor]) -> list[Tensor]:
         for i, flag in zip(indices, ok.unbind(), strict=True):
             flags[i] = flag
     return flags
-

@@ -8,7 +8,7 @@ functional optimizers do).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -308,23 +308,32 @@ def kfac_precondition(
     return torch.cholesky_solve(left.T, chol_K).T.to(grad.dtype)
 
 
-def momentum_parameter_update(
-    param: Tensor,
-    direction: Tensor,
-    momentum_buffer: Tensor,
+def momentum_parameter_updates(
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
     *,
     lr: float,
     momentum: float,
     weight_decay: float,
 ) -> None:
-    """SPEC §1.4, in place: ``ĝ += γ W``; ``m ← α2 m + ĝ``; ``W ← W − β2 m``.
+    """SPEC §1.4, in place, for every parameter of a group: ``ĝ += γ W``;
+    ``m ← α2 m + ĝ``; ``W ← W − β2 m``.
+
+    ``torch._foreach_*`` kernels (torch.optim's foreach pattern): three or
+    four launches for the whole list instead of as many per parameter; each
+    entry sees the same operations, in the same order, as the per-tensor
+    ``mul_``/``add_`` form, so the results are the same bits.
 
     Args:
-        param: the parameter ``W`` (any shape).
-        direction: the (preconditioned) gradient ``ĝ``, same shape as ``param``.
-        momentum_buffer: ``m``, same shape, updated in place.
+        params: the parameters ``W`` (any shapes).
+        directions: their (preconditioned) gradients ``ĝ``, same shapes.
+        momentum_buffers: their ``m``, same shapes, updated in place.
     """
+    if not params:
+        return
     if weight_decay != 0.0:
-        direction = direction.add(param, alpha=weight_decay)
-    momentum_buffer.mul_(momentum).add_(direction)
-    param.add_(momentum_buffer, alpha=-lr)
+        directions = torch._foreach_add(directions, params, alpha=weight_decay)
+    torch._foreach_mul_(momentum_buffers, momentum)
+    torch._foreach_add_(momentum_buffers, directions)
+    torch._foreach_add_(params, momentum_buffers, alpha=-lr)
