@@ -323,7 +323,11 @@ def momentum_parameter_updates(
     ``torch._foreach_*`` kernels (torch.optim's foreach pattern): three or
     four launches for the whole list instead of as many per parameter; each
     entry sees the same operations, in the same order, as the per-tensor
-    ``mul_``/``add_`` form, so the results are the same bits.
+    ``mul_``/``add_`` form, so the results are the same bits.  ``α2`` is
+    passed as a 0-dim float32 (float64 if a parameter is float64) tensor:
+    with a Python number, the CPU's foreach ``mul_`` first rounds it to a
+    bfloat16/float16 list's dtype (0.9 → 0.8984375 in bfloat16), which the
+    per-tensor ``mul_`` does not.
 
     Args:
         params: the parameters ``W`` (any shapes).
@@ -334,6 +338,10 @@ def momentum_parameter_updates(
         return
     if weight_decay != 0.0:
         directions = torch._foreach_add(directions, params, alpha=weight_decay)
-    torch._foreach_mul_(momentum_buffers, momentum)
+    wide = any(p.dtype == torch.float64 for p in params)
+    alpha2 = torch.tensor(
+        momentum, dtype=torch.float64 if wide else torch.float32, device=params[0].device
+    )
+    torch._foreach_mul_(momentum_buffers, alpha2)
     torch._foreach_add_(momentum_buffers, directions)
     torch._foreach_add_(params, momentum_buffers, alpha=-lr)

@@ -7,15 +7,24 @@ import torch
 
 from singd.optim.updates import momentum_parameter_updates
 
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+
+@pytest.mark.parametrize("dtypes", [[d] * 4 for d in DTYPES] + [DTYPES, DTYPES[::-1]])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_foreach_update_is_the_per_tensor_update(dtype: torch.dtype, weight_decay: float) -> None:
+def test_foreach_update_is_the_per_tensor_update(
+    dtypes: list[torch.dtype], weight_decay: float
+) -> None:
+    """One group may mix dtypes; 40-entry tensors reach the vectorised CPU kernels."""
     generator = torch.Generator().manual_seed(0)
-    shapes = [(3, 4), (4,), (2, 3, 3)]
-    params = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
-    directions = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
-    buffers = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+    shapes = [(3, 4), (4,), (2, 3, 3), (40,)]
+
+    def draw() -> list[torch.Tensor]:
+        return [
+            torch.randn(s, generator=generator).to(d) for s, d in zip(shapes, dtypes, strict=True)
+        ]
+
+    params, directions, buffers = draw(), draw(), draw()
     expected_params, expected_buffers = [p.clone() for p in params], [b.clone() for b in buffers]
     for p, d, m in zip(expected_params, directions, expected_buffers, strict=True):
         d = d.add(p, alpha=weight_decay) if weight_decay else d  # ĝ += γ W
