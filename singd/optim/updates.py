@@ -339,8 +339,8 @@ def momentum_parameter_updates(
     if weight_decay != 0.0:
         directions = torch._foreach_add(directions, params, alpha=weight_decay)
     wide = any(p.dtype == torch.float64 for p in params)
-    alpha2 = torch.tensor(
-        momentum, dtype=torch.float64 if wide else torch.float32, device=params[0].device
+    alpha2 = torch.full(  # a fill kernel on the device: no host-to-device copy, no sync
+        (), momentum, dtype=torch.float64 if wide else torch.float32, device=params[0].device
     )
     torch._foreach_mul_(momentum_buffers, alpha2)
     torch._foreach_add_(momentum_buffers, directions)
