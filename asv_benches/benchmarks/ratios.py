@@ -1,0 +1,141 @@
+"""Training-step time of SINGD relative to AdamW, measured in one process (issue 9's table).
+
+One step is ``zero_grad``, forward, backward and ``step`` of
+
+* ``mlp``: a 6 × 512 ReLU MLP (512 → 512 five times, then 512 → 10), batch 128;
+* ``cnn``: two 3 × 3 convolutions (3 → 32 → 64 channels, 16 × 16 images) and a
+  linear head, batch 64;
+* ``transformer``: one pre-norm block on ``[B, S, d] = [16, 64, 256]`` written
+  with ``nn.Linear`` only (q/k/v, output projection, a 4d MLP), so every weight
+  is a Kronecker layer in this package and in the public one.
+
+The two optimizers alternate window by window (SINGD, AdamW, SINGD, ...) on
+two copies of the same model, after ``2 T`` warm-up steps each, so machine load
+affects both alike; the ratio is median(SINGD window) / median(AdamW window),
+a window being ``T`` steps (with ``T = 10`` it holds one statistics step).
+
+Only torch and ``singd.optim.optimizer.SINGD`` are imported, an import path and
+constructor the public singd package shares, so ``scripts/step_ratio.py`` runs
+this code against either package.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from singd.optim.optimizer import SINGD
+
+STRUCTURES = ("diagonal", "block30diagonal", "dense", "hierarchical15_15", "triltoeplitz")
+
+
+class _Block(nn.Module):
+    """A pre-norm transformer block of ``nn.Linear`` layers on ``[B, S, d]``."""
+
+    def __init__(self, d: int = 256, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).unbind(2)
+        a = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
+        x = x + self.out(a.transpose(1, 2).reshape(b, s, d))
+        x = x + self.down(torch.relu(self.up(self.norm2(x))))
+        return self.head(x.mean(1))
+
+
+def _model_and_batch(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The seeded model and one fixed batch of ``kind``."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        layers: list[nn.Module] = []
+        for _ in range(5):
+            layers += [nn.Linear(512, 512), nn.ReLU()]
+        model: nn.Module = nn.Sequential(*layers, nn.Linear(512, 10))
+        inputs = torch.randn(128, 512)
+    elif kind == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64 * 16, 10),
+        )
+        inputs = torch.randn(64, 3, 16, 16)
+    elif kind == "transformer":
+        model = _Block()
+        inputs = torch.randn(16, 64, 256)
+    else:
+        raise ValueError(f"unknown model {kind!r}")
+    return model, inputs, torch.randint(10, (inputs.shape[0],))
+
+
+def _stepper(
+    model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor
+) -> Callable[[], None]:
+    loss_function = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss_function(model(inputs), targets).backward()
+        optimizer.step()
+
+    return step
+
+
+def _timed(step: Callable[[], None], count: int) -> float:
+    start = time.perf_counter()
+    for _ in range(count):
+        step()
+    return (time.perf_counter() - start) / count
+
+
+def ratio(kind: str, structure: str, T: int, steps: int) -> dict[str, float]:
+    """Median SINGD and AdamW step seconds for one configuration, and their ratio."""
+    model, inputs, targets = _model_and_batch(kind)
+    twin = copy.deepcopy(model)
+    singd = SINGD(model, lr=1e-3, T=T, structures=(structure, structure))
+    adamw = torch.optim.AdamW(twin.parameters(), lr=1e-3)
+    ours = _stepper(model, singd, inputs, targets)
+    theirs = _stepper(twin, adamw, inputs, targets)
+    _timed(ours, 2 * T)
+    _timed(theirs, 2 * T)
+    singd_times, adamw_times = [], []
+    for _ in range(steps):
+        singd_times.append(_timed(ours, T))
+        adamw_times.append(_timed(theirs, T))
+    s, a = statistics.median(singd_times), statistics.median(adamw_times)
+    return {"singd_s": s, "adamw_s": a, "ratio": s / a}
+
+
+class RatioToAdamW:
+    """``track_ratio``: median SINGD step / median AdamW step, same model, one process."""
+
+    params = (list(STRUCTURES), [1, 10])
+    param_names = ("structure", "T")
+    timeout = 300.0
+    number = 1
+    repeat = 1
+
+    def setup(self, structure: str, T: int) -> None:
+        torch.set_num_threads(2)
+
+    def track_ratio(self, structure: str, T: int) -> float:
+        """The 6 × 512 MLP, batch 128, 15 windows."""
+        return ratio("mlp", structure, T, steps=15)["ratio"]
+
+    track_ratio.unit = "x AdamW"
