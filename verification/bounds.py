@@ -727,18 +727,28 @@ def _precondition(
     """``C Cᵀ ∇W~`` then ``(K Kᵀ leftᵀ)ᵀ`` (:func:`singd.optim.updates.singd_precondition`)."""
     name_k, name_c = hyper.structures
     g = arith.cast(exact(grad), cast)
-    left = _self_outer_product(arith, name_c, c, g)
-    return _self_outer_product(arith, name_k, k, left.T).T
+    left = _self_outer_product(arith, name_c, c, g, hyper.T)
+    return _self_outer_product(arith, name_k, k, left.T, hyper.T).T
 
 
-def _self_outer_product(arith: Arithmetic, name: str, f: Bounded, x: Bounded) -> Bounded:
-    """``F Fᵀ X`` in :meth:`StructuredMatrix.self_outer_matmul`'s order.
+#: Structures whose ``F Fᵀ`` SINGD keeps between factor steps when ``T > 1``
+#: (``SINGD._outers``: closed under ``F Fᵀ``; the diagonal always forms ``f ⊙ f``).
+_KEPT_OUTERS = ("dense", "block")
 
-    ``F (Fᵀ X)`` for every structure but the diagonal, whose kernel rounds
-    ``f ⊙ f`` first and scales the rows of ``X`` by it: ``(F Fᵀ) X``.
+
+def _self_outer_product(
+    arith: Arithmetic, name: str, f: Bounded, x: Bounded, period: int
+) -> Bounded:
+    """``F Fᵀ X`` in the implementation's order.
+
+    ``(F Fᵀ) X`` — ``fl(F Fᵀ)`` rounded to the factor's dtype, then one
+    product — for the diagonal (``self_outer_matmul`` rounds ``f ⊙ f`` first)
+    and, with ``T > 1``, for the structures of :data:`_KEPT_OUTERS` (the kept
+    ``K Kᵀ`` of :func:`singd.optim.updates.singd_precondition`, the same
+    numbers every step until the next factor step); ``F (Fᵀ X)`` otherwise.
     """
     kernel = {"toeplitz_fft": _is_fft(name, f.value.shape[0]), "terms": kernel_terms(name)}
-    if name == "diagonal":
+    if name == "diagonal" or (period > 1 and name.startswith(_KEPT_OUTERS)):
         return arith.product(arith.product(f, f.T, **kernel), x, **kernel)
     return arith.product(f, arith.product(f.T, x, **kernel), **kernel)
 

@@ -65,6 +65,7 @@ import singd.optim.updates as updates
 import singd.structures.toeplitz as toeplitz
 import singd.structures.triangular as triangular
 from reference.updates import SINGDHyperparameters
+from singd.optim.layers import Layer
 from singd.structures.base import StructuredMatrix
 from verification.comparison import COMPENSATION_KEYS
 from verification.grid import run_case
@@ -269,8 +270,10 @@ def _coef(kwargs: dict[str, Any]) -> float:
 
 
 # --- updates (SPEC §1.3, §1.4a)
-def _precondition_k_for_kt(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
-    """``C Cᵀ ∇W Kᵀ Kᵀ``: ``K`` where ``Kᵀ`` belongs."""
+def _precondition_k_for_kt(
+    K: StructuredMatrix, C: StructuredMatrix, grad: Tensor, outers: updates.Outers = (None, None)
+) -> Tensor:
+    """``C Cᵀ ∇W Kᵀ Kᵀ``: ``K`` where ``Kᵀ`` belongs (kept ``K Kᵀ`` ignored)."""
     left = C.matmul(C.t_matmul(grad.to(C.dtype)))
     right = K.matmul(K.matmul(left.T.to(K.dtype)))
     return right.T.to(grad.dtype)
@@ -361,14 +364,36 @@ def _stale_factor_mutants() -> Replacements:
         stale[id(new_state.K)] = (state.K, state.C)
         return new_state
 
-    def precondition_stale(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
+    def precondition_stale(
+        K: StructuredMatrix,
+        C: StructuredMatrix,
+        grad: Tensor,
+        outers: updates.Outers = (None, None),
+    ) -> Tensor:
         old_K, old_C = stale.get(id(K), (K, C))
-        return _precondition(old_K, old_C, grad)
+        return _precondition(old_K, old_C, grad)  # kept K Kᵀ (of the new K) ignored
 
     return {
         "singd.optim.updates:singd_update_factors": update_and_remember,
         "singd.optim.updates:singd_precondition": precondition_stale,
     }
+
+
+_outers = singd_module.SINGD._outers
+
+
+def _outers_never_refreshed(
+    self: singd_module.SINGD,
+    layer: Layer,
+    state: dict[str, StructuredMatrix],
+    K: StructuredMatrix,
+    C: StructuredMatrix,
+) -> updates.Outers:
+    """The kept ``K Kᵀ``, ``C Cᵀ`` of the first step, reused after later factor steps."""
+    cached = self._outer_cache.get(layer.name)
+    if cached is not None:
+        return cached[2], cached[3]
+    return _outers(self, layer, state, K, C)
 
 
 # --- statistics (SPEC §1.1)
@@ -535,8 +560,13 @@ def _decay_before_preconditioning() -> Replacements:
 def scaled_precondition(delta: float, config: RunConfig | None = None) -> Mutant:
     """The preconditioned gradient ``ĝ × (1 + δ)`` (rounded once to the gradient's dtype)."""
 
-    def precondition(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
-        return _scaled_tensor(_precondition(K, C, grad), 1.0 + delta)
+    def precondition(
+        K: StructuredMatrix,
+        C: StructuredMatrix,
+        grad: Tensor,
+        outers: updates.Outers = (None, None),
+    ) -> Tensor:
+        return _scaled_tensor(_precondition(K, C, grad, outers), 1.0 + delta)
 
     return Mutant(
         f"precondition-x(1+{delta:.3g})",
@@ -603,6 +633,13 @@ def _catalogue() -> dict[str, Mutant]:
             "the gradient is preconditioned with K, C from before the factor update",
             (f"{_U}:singd_update_factors", f"{_U}:singd_precondition"),
             _stale_factor_mutants,
+        ),
+        Mutant(
+            "kept-outer-stale",
+            "T > 1: the kept K Kᵀ, C Cᵀ are not refreshed after a factor step",
+            ("singd.optim.singd:SINGD._outers",),
+            _single("singd.optim.singd:SINGD._outers", _outers_never_refreshed),
+            RunConfig(variant="T3", steps=8),
         ),
         Mutant(
             "dims-swapped",

@@ -30,6 +30,7 @@ from singd.optim.updates import (
 from singd.optim.validation import check_singd_group
 from singd.structures import get_structure
 from singd.structures.base import StructuredMatrix
+from singd.structures.diagonal import Diagonal
 
 FACTORS = ("K", "C", "m_K", "m_C")
 #: The Kahan compensation term of each factor (``factor_guard="compensated"``).
@@ -194,6 +195,8 @@ class SINGD(KroneckerOptimizer):
             warn_unsupported=warn_unsupported,
             init_grad_scale=init_grad_scale,
         )
+        #: layer name → (K, C, K Kᵀ, C Cᵀ): see :meth:`_outers`.
+        self._outer_cache: dict[str, tuple[Any, ...]] = {}
 
     # ------------------------------------- the public singd package's attributes
     @property
@@ -353,7 +356,31 @@ class SINGD(KroneckerOptimizer):
 
     def _precondition(self, layer: Layer, state: LayerState, grad: Tensor) -> Tensor:
         K, C, _, _ = self._compute_state(layer, state)
-        return singd_precondition(K, C, grad)
+        return singd_precondition(K, C, grad, self._outers(layer, state, K, C))
+
+    def _outers(
+        self, layer: Layer, state: LayerState, K: StructuredMatrix, C: StructuredMatrix
+    ) -> updates.Outers:
+        """``(K Kᵀ, C Cᵀ)`` of the layer's current factors, kept while they are current.
+
+        Only with ``T > 1`` (a factor step every ``T`` steps: one product
+        ``P X`` per side per step instead of two; at ``T = 1`` forming ``P``
+        would cost what it saves) and for structures closed under ``K Kᵀ``
+        (:meth:`StructuredMatrix.self_outer`: dense, block-diagonal).  The
+        diagonal needs no cache (``k² ⊙ X`` is already one pass).  The cache is
+        keyed by the identity of the stored ``K``, ``C`` (a factor step, a
+        skipped step's discarded factors or ``load_state_dict`` replace them),
+        is not part of ``state_dict()`` and costs ``n_K + n_C`` more entries
+        per layer (docs/optimizer.md, "State bytes").
+        """
+        if self.param_groups[layer.group_index]["T"] == 1:
+            return (None, None)
+        cached = self._outer_cache.get(layer.name)
+        if cached is not None and cached[0] is state["K"] and cached[1] is state["C"]:
+            return cached[2], cached[3]
+        outers = tuple(None if isinstance(f, Diagonal) else f.self_outer() for f in (K, C))
+        self._outer_cache[layer.name] = (state["K"], state["C"], *outers)
+        return outers  # type: ignore[return-value]
 
     def _layout(self, state: LayerState) -> dict[str, str]:
         return {factor: matrix.name for factor, matrix in state.items()}

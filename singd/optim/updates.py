@@ -263,21 +263,33 @@ def master_factor_step(
     return master.clone().add_(compute @ momentum, alpha=-lr_cov)
 
 
-def singd_precondition(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
+#: ``(K Kᵀ, C Cᵀ)`` kept between factor steps, each ``None`` where not kept.
+Outers = tuple[StructuredMatrix | None, StructuredMatrix | None]
+
+
+def singd_precondition(
+    K: StructuredMatrix, C: StructuredMatrix, grad: Tensor, outers: Outers = (None, None)
+) -> Tensor:
     """``ĝ = C Cᵀ ∇W~ K Kᵀ`` (SPEC §1.4), in the factors' dtypes, cast back.
 
     ``∇W~ K Kᵀ`` is computed as ``(K Kᵀ ∇W~ᵀ)ᵀ`` so only products with
     ``K``/``Kᵀ`` are needed (:meth:`StructuredMatrix.self_outer_matmul`:
-    ``K (Kᵀ X)``, or ``k² ⊙ X`` for a diagonal ``K``).
+    ``K (Kᵀ X)``, or ``k² ⊙ X`` for a diagonal ``K``).  Where ``outers`` holds
+    ``P = fl(K Kᵀ)`` (:meth:`StructuredMatrix.self_outer`, formed once per
+    factor step), that side is the one product ``P X``.
 
     Args:
         grad: ``∇W~`` (d_o × d_i~).
+        outers: ``(P_K, P_C)``, each ``None`` to use ``K``/``C`` themselves.
 
     Returns:
         ``ĝ`` (d_o × d_i~) in ``grad``'s dtype.
     """
-    left = C.self_outer_matmul(grad.to(C.dtype))
-    right = K.self_outer_matmul(left.T.to(K.dtype))
+    P_K, P_C = outers
+    g = grad.to(C.dtype)
+    left = C.self_outer_matmul(g) if P_C is None else P_C.matmul(g)
+    h = left.T.to(K.dtype)
+    right = K.self_outer_matmul(h) if P_K is None else P_K.matmul(h)
     return right.T.to(grad.dtype)
 
 

@@ -123,6 +123,16 @@ class BlockDiagonal(StructuredMatrix):
             },
         )
 
+    def self_outer(self) -> BlockDiagonal:
+        """``K Kᵀ = blockdiag(K_i K_iᵀ)``."""
+        return type(self)(
+            self.dim,
+            {
+                "blocks": self._blocks @ self._blocks.transpose(1, 2),
+                "last": self._last @ self._last.T,
+            },
+        )
+
     def trace(self) -> Tensor:
         """``Σ_i tr(K_i) + tr(K_last)``."""
         return self._blocks.diagonal(dim1=1, dim2=2).sum() + self._last.diagonal().sum()

@@ -69,6 +69,10 @@ class Dense(StructuredMatrix):
         """``Π̂(KᵀK) = KᵀK``."""
         return type(self)(self.dim, {"matrix": self._matrix.T @ self._matrix})
 
+    def self_outer(self) -> Dense:
+        """``K Kᵀ``."""
+        return type(self)(self.dim, {"matrix": self._matrix @ self._matrix.T})
+
     def trace(self) -> Tensor:
         """``tr(K)``."""
         return torch.trace(self._matrix)

@@ -70,6 +70,10 @@ class Diagonal(StructuredMatrix):
         """``Π̂(KᵀK) = diag(k²)``."""
         return type(self)(self.dim, {"diag": self._diag * self._diag})
 
+    def self_outer(self) -> Diagonal:
+        """``K Kᵀ = diag(k²)``."""
+        return type(self)(self.dim, {"diag": self._diag * self._diag})
+
     def trace(self) -> Tensor:
         """``Σ k_i``."""
         return self._diag.sum()
