@@ -405,6 +405,14 @@ class KroneckerOptimizer(Optimizer, ABC):
             )
         return new_states
 
+    def _layer_directions(
+        self, layer: Layer, state: LayerState, weight_grad: Tensor, bias_grad: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``ĝ`` of ``W`` and ``b``: ``∇W~ = [∇W, ∇b]`` preconditioned, split back (SPEC §1.4)."""
+        matrix = weight_gradient_matrix(weight_grad, bias_grad)
+        preconditioned = self._precondition(layer, state, matrix)
+        return split_weight_matrix(preconditioned, layer.weight.shape, layer.bias is not None)
+
     def _directions(
         self, grads: dict[int, Tensor], states: dict[str, LayerState]
     ) -> dict[int, Tensor]:
@@ -423,10 +431,8 @@ class KroneckerOptimizer(Optimizer, ABC):
                 weight_grad = torch.zeros_like(layer.weight)
             if layer.bias is not None and bias_grad is None:
                 bias_grad = torch.zeros_like(layer.bias)
-            matrix = weight_gradient_matrix(weight_grad, bias_grad)
-            preconditioned = self._precondition(layer, states[name], matrix)
-            weight_dir, bias_dir = split_weight_matrix(
-                preconditioned, layer.weight.shape, layer.bias is not None
+            weight_dir, bias_dir = self._layer_directions(
+                layer, states[name], weight_grad, bias_grad
             )
             if id(layer.weight) in grads:
                 directions[id(layer.weight)] = weight_dir

@@ -20,6 +20,7 @@ from singd.optim.updates import (
     FactorStep,
     Traces,
     compensated_factor_step,
+    diagonal_precondition,
     master_factor_step,
     singd_precondition,
     singd_self_inners,
@@ -357,6 +358,18 @@ class SINGD(KroneckerOptimizer):
     def _precondition(self, layer: Layer, state: LayerState, grad: Tensor) -> Tensor:
         K, C, _, _ = self._compute_state(layer, state)
         return singd_precondition(K, C, grad, self._outers(layer, state, K, C))
+
+    def _layer_directions(
+        self, layer: Layer, state: LayerState, weight_grad: Tensor, bias_grad: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Diagonal ``K`` and ``C``: :func:`~singd.optim.updates.diagonal_precondition`
+        (same bits, no ``[∇W, ∇b]`` concatenation); other structures: the base's."""
+        K, C, _, _ = self._compute_state(layer, state)
+        if isinstance(K, Diagonal) and isinstance(C, Diagonal):
+            return diagonal_precondition(
+                K.storage["diag"], C.storage["diag"], weight_grad, bias_grad
+            )
+        return super()._layer_directions(layer, state, weight_grad, bias_grad)
 
     def _outers(
         self, layer: Layer, state: LayerState, K: StructuredMatrix, C: StructuredMatrix
