@@ -15,7 +15,9 @@ ten minutes on two cores, and keeps their JSON in ``verification-report/``):
 * ``report``: ``python -m verification --out verification-report`` (``singd-verify``);
 * ``digits``: ``python -m verification.experiments.digits --seed N --json`` for N = 0, 1, 2;
 * ``structure-costs``: ``python scripts/structure_costs.py --json``;
-* ``optimizer-costs``: ``python scripts/optimizer_costs.py --json`` (the asv benchmark's code).
+* ``optimizer-costs``: ``python scripts/optimizer_costs.py --json`` (the asv benchmark's code);
+* ``step-ratios``: ``python scripts/step_ratio.py [--compare-python $SINGD_PUBLIC_PYTHON] --json``
+  (ratios to AdamW, beside the public package when ``SINGD_PUBLIC_PYTHON`` names its Python).
 
 ``--check`` compares the committed blocks with the regenerated ones, number by
 number, and exits 1 when one differs by more than what legitimately varies
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -48,6 +51,8 @@ DOCUMENTS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 #: Where ``--run`` keeps each command's output.
 OUTPUT = ROOT / "verification-report"
 DIGITS_SEEDS = (0, 1, 2)
+#: The Python whose ``singd`` the step-ratio table compares with (unset: ours only).
+PUBLIC_PYTHON = os.environ.get("SINGD_PUBLIC_PYTHON")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -343,6 +348,58 @@ def optimizer_costs_block(costs: dict) -> list[str]:
     return [*_table(["optimizer", "step time", "optimizer state"], rows), "", _source_stamp(costs)]
 
 
+#: Issue 9's targets for the MLP, T = 1 (``None``: only "faster than the public package").
+RATIO_TARGETS_T1 = {
+    "diagonal": 1.15,
+    "block30diagonal": 1.5,
+    "dense": 8.0,
+    "hierarchical15_15": 2.0,
+    "triltoeplitz": 2.0,
+}
+#: ... and at T = 10.
+RATIO_TARGETS_T10 = {"dense": 3.0}
+
+
+def _ratio_cell(results: dict | None, key: str) -> str:
+    if results is None or key not in results:
+        return "–"
+    return f"{results[key]['ratio']:.2f}×"
+
+
+def step_ratios_block(source: dict) -> list[str]:
+    """SINGD step / AdamW step, ours beside the compared (public) package, with the targets."""
+    result = source["result"]
+    ours, theirs = result["results"], (result["compared"] or {}).get("results")
+    other = (result["compared"] or {}).get("singd", "the public package (not measured)")
+    keys = sorted({k.rsplit("/", 1)[0] for k in ours}, key=list(dict.fromkeys(ours)).index)
+    rows = []
+    for key in keys:
+        model, structure = key.split("/")
+        targets = [
+            RATIO_TARGETS_T1.get(structure) if model == "mlp" else None,
+            RATIO_TARGETS_T10.get(structure) if model == "mlp" else None,
+        ]
+        target = " / ".join("–" if t is None else f"≤ {t:g}×" for t in targets)
+        rows.append(
+            [
+                model,
+                structure,
+                _ratio_cell(theirs, f"{key}/T=1"),
+                _ratio_cell(ours, f"{key}/T=1"),
+                _ratio_cell(theirs, f"{key}/T=10"),
+                _ratio_cell(ours, f"{key}/T=10"),
+                target,
+            ]
+        )
+    header = ["model", "structure", "T = 1: public", "T = 1: ours", "T = 10: public"]
+    header += ["T = 10: ours", "target T = 1 / T = 10"]
+    note = (
+        f"_public = {other}; ours = {result['singd']}; median of {result['steps']} "
+        f"windows, {result['threads']} threads._"
+    )
+    return [*_table(header, rows), "", note, "", _source_stamp(source)]
+
+
 # ------------------------------------------------------------ blocks, sources
 @dataclass(frozen=True)
 class Rule:
@@ -434,6 +491,7 @@ BLOCKS: dict[str, Block] = {
     "optimizer-costs": Block(
         "optimizer-costs", optimizer_costs_block, columns={"step time": TIMING}
     ),
+    "step-ratios": Block("step-ratios", step_ratios_block, default=TIMING),
 }
 
 #: Source -> the commands ``--run`` runs (``{out}``: where the JSON goes).
@@ -456,6 +514,16 @@ SOURCES: dict[str, list[list[str]]] = {
     ],
     "optimizer-costs": [
         [sys.executable, "scripts/optimizer_costs.py", "--json", "{out}/optimizer-costs.json"]
+    ],
+    # SINGD_PUBLIC_PYTHON: a Python with the public singd (README, "Speed and memory")
+    "step-ratios": [
+        [
+            sys.executable,
+            "scripts/step_ratio.py",
+            *(["--compare-python", PUBLIC_PYTHON] if PUBLIC_PYTHON else []),
+            "--json",
+            "{out}/step-ratios.json",
+        ]
     ],
 }
 
