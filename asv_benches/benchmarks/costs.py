@@ -13,6 +13,12 @@ already collected by the hooks during the backward pass):
   kernel launch.
 * ``track_allocated_bytes``: the bytes the step's operators allocate
   (``profile_memory=True``; the sum of every allocation, freed or not).
+* ``track_host_syncs``: the points where the step waits for the device, by
+  construction: its reads of tensors into Python (``tolist``/``item``, counted
+  on the tensor methods) plus the outermost operators whose output size or
+  error check needs the device's values (:data:`SYNCING_OPS`: on CUDA
+  ``masked_select``/``nonzero`` size their output from the mask, ``linalg_cholesky``
+  checks ``info``).  Counted on the CPU, it is what a CUDA run would wait for.
 """
 
 from __future__ import annotations
@@ -57,7 +63,20 @@ METADATA_OPS = frozenset(
     }
 )
 
-STRUCTURES = ("diagonal", "dense", "block8diagonal", "hierarchical15_15", "triltoeplitz")
+#: Operators that synchronise with a CUDA device (their result depends on device values).
+SYNCING_OPS = frozenset(
+    {
+        "aten::masked_select",
+        "aten::nonzero",
+        "aten::linalg_cholesky",
+        "aten::_local_scalar_dense",
+        "aten::is_nonzero",
+    }
+)
+#: Tensor methods that read values into Python.
+READS = ("tolist", "item")
+
+STRUCTURES = ("diagonal", "dense", "block8diagonal", "hierarchical15_15", "triltoeplitz", "tril")
 
 
 def profiled_step(structure: str, layers: int) -> torch.profiler.profile:
@@ -72,8 +91,25 @@ def profiled_step(structure: str, layers: int) -> torch.profiler.profile:
         optimizer.step()
     optimizer.zero_grad()
     model(inputs).square().mean().backward()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        optimizer.step()
+    reads: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counting(name: str):
+        def read(self: torch.Tensor, *args: object) -> object:
+            reads.append(name)
+            return originals[name](self, *args)
+
+        return read
+
+    try:
+        for name in READS:
+            setattr(torch.Tensor, name, counting(name))
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            optimizer.step()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    prof.python_reads = len(reads)  # type: ignore[attr-defined]
     return prof
 
 
@@ -103,6 +139,20 @@ def launches(prof: torch.profiler.profile) -> int:
     return count
 
 
+def host_syncs(prof: torch.profiler.profile) -> int:
+    """Python reads plus outermost syncing operators (see the module docstring)."""
+    syncing = 0
+    for event in prof.events():
+        if event.name not in SYNCING_OPS:
+            continue
+        parent, nested = event.cpu_parent, False
+        while parent is not None:
+            nested = nested or parent.name in SYNCING_OPS
+            parent = parent.cpu_parent
+        syncing += not nested
+    return prof.python_reads + syncing  # type: ignore[attr-defined]
+
+
 def allocated_bytes(prof: torch.profiler.profile) -> int:
     """Bytes allocated by the step's operators (self allocations, summed)."""
     return sum(max(event.cpu_memory_usage, 0) for event in prof.events() if not event.cpu_children)
@@ -127,3 +177,8 @@ class StepCosts:
         return allocated_bytes(self.prof)
 
     track_allocated_bytes.unit = "bytes"
+
+    def track_host_syncs(self, structure: str, layers: int) -> int:
+        return host_syncs(self.prof)
+
+    track_host_syncs.unit = "syncs"
