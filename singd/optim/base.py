@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from singd.optim import checkpoint, distributed, scaling
+from singd.optim import checkpoint, distributed, drift, scaling, sharded
 from singd.optim.finiteness import finite_flags
 from singd.optim.hooks import CurvatureCollector, HookSettings, PendingStatistics
 from singd.optim.layers import Layer, fallback_params, find_layers, unwrap_model
@@ -100,7 +100,10 @@ class KroneckerOptimizer(Optimizer, ABC):
         warn_unsupported: bool,
         init_grad_scale: float,
     ) -> None:
+        self._wrapper_averages_grads = distributed.wrapper_averages_gradients(model)
         self._model = unwrap_model(model)
+        self._shard_factor_work = False
+        self._drift_check_every: int | None = None
         check_bool("warn_unsupported", warn_unsupported)
         # the backward scale of the last step taken: informational since the statistics
         # are scale-free (SPEC §1.5, docs/SPEC.md); kept in checkpoints for their format
@@ -234,6 +237,29 @@ class KroneckerOptimizer(Optimizer, ABC):
         """
         self._declared_grad_scale = check_real("grad_scale", grad_scale, low=0.0, low_open=True)
 
+    def configure_distributed(
+        self, *, shard_factor_work: bool = False, drift_check_every: int | None = None
+    ) -> None:
+        """Opt-in data-parallel features (no effect on a world of one rank).
+
+        Args:
+            shard_factor_work: each rank computes the factor steps of the layers
+                it owns (balanced by :meth:`_factor_step_cost`) and broadcasts
+                the new factors (:mod:`singd.optim.sharded`).
+            drift_check_every: every this many steps, compare checksums of every
+                layer's factors and parameters across ranks and raise
+                ``RuntimeError`` naming the first that differs
+                (:mod:`singd.optim.drift`); ``None`` never checks.
+
+        Raises:
+            ValueError: on a non-bool ``shard_factor_work`` or a
+                ``drift_check_every`` that is not ``None`` or a positive int.
+        """
+        check_bool("shard_factor_work", shard_factor_work)
+        drift.check_interval(drift_check_every)
+        self._shard_factor_work = shard_factor_work
+        self._drift_check_every = drift_check_every
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (validated first; its supported layers get factors)."""
         super().add_param_group(param_group)
@@ -364,17 +390,75 @@ class KroneckerOptimizer(Optimizer, ABC):
                     grads[id(param)] = grad if grad_scale is None else grad * (1.0 / grad_scale)
         return grads
 
-    def _reduce_across_ranks(self, pending: dict[str, PendingStatistics]) -> None:
-        """Full-batch statistics on every rank (:mod:`singd.optim.distributed`)."""
-        world = distributed.world_size()
-        if world == 1:
-            return
+    def _reduce_across_ranks(
+        self, pending: dict[str, PendingStatistics], grads: dict[int, Tensor]
+    ) -> dict[int, Tensor]:
+        """Full-batch statistics (in place) and gradients on every rank (:mod:`.distributed`)."""
         layers = [
             (pending[name], self.param_groups[layer.group_index]["loss_average"])
             for name, layer in self._layers.items()
             if name in pending
         ]
-        distributed.all_reduce_statistics_(layers, world)
+        return distributed.reduce_step_(
+            layers, grads, distributed.world_size(), wrapper_averaged=self._wrapper_averages_grads
+        )
+
+    def _factor_step_cost(self, layer: Layer) -> float:
+        """Relative cost of ``layer``'s factor step, to balance sharded factor work.
+
+        Dense ``d × d`` factors: ``d_i³ + d_o³`` (products, factorisations).
+        """
+        return float(layer.input_dim**3 + layer.output_dim**3)
+
+    def _owners(self) -> dict[str, int] | None:
+        """Layer → the rank computing its factor steps, or ``None`` (every rank computes all)."""
+        world = distributed.world_size()
+        if not (self._shard_factor_work and world > 1):
+            return None
+        costs = {name: self._factor_step_cost(layer) for name, layer in self._layers.items()}
+        return sharded.assign_owners(costs, world)
+
+    def _owned_layers(self, pending: dict[str, PendingStatistics]) -> list[str]:
+        """The layers of ``pending`` whose factor step this rank computes."""
+        owners = self._owners()
+        if owners is None:
+            return list(pending)
+        return [name for name in pending if owners[name] == distributed.rank()]
+
+    def _share_layer_states(
+        self, pending: dict[str, PendingStatistics], computed: dict[str, LayerState]
+    ) -> dict[str, LayerState]:
+        """Every rank's new states of ``pending``'s layers from their owners' ``computed``."""
+        owners = self._owners()
+        if owners is None:
+            return computed
+        storages = sharded.broadcast_storages(
+            {name: owners[name] for name in pending},
+            {name: self._state_to_storage(state) for name, state in computed.items()},
+            {name: self._state_to_storage(self._layer_states[name]) for name in pending},
+        )
+        return {
+            name: computed[name]
+            if name in computed
+            else self._state_from_storage(self._layers[name], self._layer_states[name], storage)
+            for name, storage in storages.items()
+        }
+
+    def _replicated_tensors(self) -> dict[str, list[Tensor]]:
+        """Label → the tensors every rank must hold bitwise equal (drift check).
+
+        Sharded (``DTensor``) parameters are each rank's own and not compared.
+        """
+        entries: dict[str, list[Tensor]] = {}
+        for name, layer in self._layers.items():
+            storage = self._state_to_storage(self._layer_states[name])
+            factors = [t for factor in storage.values() for t in factor.values()]
+            entries[f"layer {name!r}: factors"] = factors
+            entries[f"layer {name!r}: parameters"] = drift.replicated(layer.params())
+        params = {id(p): p for group in self.param_groups for p in group["params"]}
+        for key, label in self._fallback.items():
+            entries[f"parameter {label!r}"] = drift.replicated([params[key]])
+        return entries
 
     def _new_layer_states(
         self,
@@ -454,10 +538,10 @@ class KroneckerOptimizer(Optimizer, ABC):
         if amp.found_inf:
             self._skip_for_inf_gradients()
             return loss
-        grads = self._unscaled_grads(amp.grad_scale)
-        self._reduce_across_ranks(pending)
+        grads = self._reduce_across_ranks(pending, self._unscaled_grads(amp.grad_scale))
         prepared = {
-            name: self._prepare_factor_step(self._layers[name], s) for name, s in pending.items()
+            name: self._prepare_factor_step(self._layers[name], pending[name])
+            for name in self._owned_layers(pending)
         }
         param_labels = self._param_labels()
         grad_labels = [f"{param_labels.get(key, 'a parameter')} gradient" for key in grads]
@@ -485,10 +569,12 @@ class KroneckerOptimizer(Optimizer, ABC):
             self._skip("non-finite curvature statistics", _culprits(stats_labels, stats_ok))
             return loss
         try:
-            new_states = self._new_layer_states(pending, prepared, values, amp)
+            owned = {name: pending[name] for name in prepared}
+            new_states = self._new_layer_states(owned, prepared, values, amp)
         except ValueError:
             scaling.clear_amp_attributes(self)
             raise
+        new_states = self._share_layer_states(pending, new_states)
         states = {**self._layer_states, **new_states}
         directions = self._directions(grads, states)
         result_labels, results = [], []
@@ -511,17 +597,22 @@ class KroneckerOptimizer(Optimizer, ABC):
             for param in params:
                 if "momentum_buffer" not in self.state[param]:
                     self.state[param]["momentum_buffer"] = torch.zeros_like(param)
-            momentum_parameter_updates(
-                params,
-                [directions[id(p)] for p in params],
-                [self.state[p]["momentum_buffer"] for p in params],
-                lr=group["lr"],
-                momentum=group["momentum"],
-                weight_decay=group["weight_decay"],
-            )
+            # one foreach call per tensor type: DTensor shards (FSDP2) and plain tensors
+            for kind in dict.fromkeys(type(p) for p in params):
+                same = [p for p in params if type(p) is kind]
+                momentum_parameter_updates(
+                    same,
+                    [distributed.like_param(directions[id(p)], p) for p in same],
+                    [self.state[p]["momentum_buffer"] for p in same],
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    weight_decay=group["weight_decay"],
+                )
         if amp.backward_scale is not None:
             self._grad_scale_prev = amp.backward_scale
         self.steps += 1
+        if drift.due(self._drift_check_every, self.steps):
+            drift.check_replicas(self._replicated_tensors())
         return loss
 
     # -------------------------------------------------------------- checkpoints

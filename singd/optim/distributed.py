@@ -38,10 +38,42 @@ every rank rescales its gradient statistics to the smallest exponent over the
 ranks (an ``all_reduce`` with ``MIN``), exactly, as the hooks do for the
 passes of one rank; that common exponent is what the step then removes.
 
+Gradients.  A ``DistributedDataParallel`` model's gradients arrive averaged
+over the ranks and a ``fully_shard`` (FSDP2) model's arrive reduce-scattered
+(averaged) as ``DTensor`` shards; :func:`reduce_step_` reuses both (no second
+all-reduce) and gathers a sharded gradient into the full matrix
+(:func:`full_gradient`, below).  Every other gradient (an unwrapped model on a
+world of ``R > 1``) is local to its rank and is averaged here, as DDP would:
+``(1/R) Σ_r ∇_r``.  We all-reduce the raw gradient rather than the
+preconditioned one: the two have the same size (``ĝ`` has the shape of
+``∇W~`` whatever the structure), so neither saves communication, but reducing
+first gives every rank the same gradient *before* the step, so the
+finiteness checks (skip or not), the fallback parameters, weight decay and
+momentum all see identical inputs, and the preconditioning then runs on
+identical tensors: the ranks agree bitwise by construction.  The gradients
+share the statistics' buckets: one ``all_reduce`` per dtype and device.
+
 Every rank must collect statistics for the same layers in the same steps (as
-data-parallel training does); the reduction is one ``all_reduce`` of the
-exponents per device and one per dtype and device of the statistics, in
-module order.
+data-parallel training does).  Per step the reduction is, on factor steps
+only, one ``all_reduce`` (``MIN``) of the exponents per device, and one
+``all_reduce`` per dtype and device of the statistics and local gradients
+together, in module order (no collective at all on the other steps of a
+wrapped model).
+
+FSDP2.  A row-sharded ``W~`` (``Shard(0)``: rank ``r`` holds rows ``R_r`` of
+``W`` and of ``b``) is preconditioned as ``ĝ = C Cᵀ ∇W~ K Kᵀ``: the ``K``
+side acts on the columns and is row-local, but ``C Cᵀ`` mixes the rows, so
+every rank needs the full ``∇W~``.  :func:`full_gradient` all-gathers it
+(``DTensor.full_tensor``), every rank preconditions the full matrix with its
+(replicated, identical) factors and keeps its own rows
+(:func:`like_param`; a local slice, no communication).  The factors are *not*
+sharded: ``H_C = Π̂(Cᵀ Gᵀ G C)`` needs all of ``C`` against every sample's
+``G`` row (all ``d_o`` columns), and ``H_K`` all of ``K`` likewise, so a
+sharded factor would be all-gathered at every statistics pass; their storage
+(``d_i² + d_o²`` dense, less with structure) is small against the
+activations.  (A diagonal ``C``, or a block-diagonal one whose blocks align
+with the shards, is row-local and would need only the local rows; we gather
+regardless: one code path.)
 """
 
 from __future__ import annotations
@@ -51,6 +83,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate
+from torch.nn.parallel import DistributedDataParallel
 
 from singd.optim.hooks import GradScaleInfo, PendingStatistics, rescaled_summary
 from singd.optim.statistics import LossAverage
@@ -63,9 +97,32 @@ def world_size() -> int:
     return 1
 
 
+def rank() -> int:
+    """This process's rank, or 0 when ``torch.distributed`` is not initialised."""
+    return dist.get_rank() if world_size() > 1 else 0
+
+
 def rank_weights(loss_average: LossAverage, world: int) -> tuple[float, float]:
     """Weights of one rank's (input, gradient) statistics in the full batch's (see above)."""
     return 1.0 / world, 1.0 if loss_average is None else 1.0 / world
+
+
+def full_gradient(grad: Tensor) -> Tensor:
+    """The whole gradient of a parameter: a sharded ``DTensor`` is all-gathered."""
+    return grad.full_tensor() if isinstance(grad, DTensor) else grad
+
+
+def like_param(direction: Tensor, param: Tensor) -> Tensor:
+    """A full-size update ``direction`` laid out like ``param`` (its own shard of a DTensor).
+
+    ``direction`` is identical on every rank, so replicating and then
+    sharding it is a local slice, no communication.
+    """
+    if not isinstance(param, DTensor):
+        return direction
+    mesh = param.device_mesh
+    replicated = DTensor.from_local(direction, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, param.placements)
 
 
 def _common_grad_exponents_(layers: Sequence[tuple[PendingStatistics, LossAverage]]) -> None:
@@ -82,31 +139,70 @@ def _common_grad_exponents_(layers: Sequence[tuple[PendingStatistics, LossAverag
             stats.grad_scale = GradScaleInfo(stats.grad_scale.scale, target)
 
 
-def all_reduce_statistics_(
-    layers: Sequence[tuple[PendingStatistics, LossAverage]], world: int
-) -> None:
-    """Replace every rank's statistics by the full batch's, in place (module docstring).
+def _all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
+    """``Σ_r`` of every tensor, as new tensors: one ``all_reduce`` per dtype and device."""
+    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        buckets.setdefault((tensor.dtype, tensor.device), []).append(index)
+    reduced: list[Tensor] = list(tensors)
+    for indices in buckets.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        dist.all_reduce(flat)
+        chunks = flat.split([tensors[i].numel() for i in indices])
+        for i, chunk in zip(indices, chunks, strict=True):
+            reduced[i] = chunk.view_as(tensors[i])
+    return reduced
 
-    Each summary is weighted by :func:`rank_weights` and then summed over
-    ranks; with ``R`` a power of two the weighting is exact.
+
+def wrapper_averages_gradients(model: object) -> bool:
+    """Whether ``model``'s wrapper averages the gradients over ranks (``DistributedDataParallel``).
+
+    ``fully_shard`` (FSDP2) averages too, and is recognised per gradient (a ``DTensor``).
+    """
+    return isinstance(model, DistributedDataParallel)
+
+
+def reduce_step_(
+    layers: Sequence[tuple[PendingStatistics, LossAverage]],
+    grads: dict[int, Tensor],
+    world: int,
+    *,
+    wrapper_averaged: bool,
+) -> dict[int, Tensor]:
+    """Full-batch statistics (in place) and gradients (returned) on every rank.
+
+    Each statistic summary is weighted by :func:`rank_weights`, each local
+    gradient by ``1/R``, and all are summed over ranks in one bucket per
+    dtype and device (module docstring); with ``R`` a power of two the
+    weighting is exact.  The other gradients (averaged by a wrapper) pass
+    through, a sharded one gathered in full (:func:`full_gradient`).  The
+    input gradients are not modified.
 
     Args:
         layers: pending statistics of each layer with its ``loss_average``, in
-            the same order on every rank.
+            the same order on every rank (empty on steps without statistics).
+        grads: ``id(param)`` → gradient, in the same order on every rank.
         world: the number of ranks ``R``.
+        wrapper_averaged: whether a wrapper has averaged the plain gradients.
+
+    Returns:
+        ``id(param)`` → the full-batch (averaged) gradient, in ``grads``'s order.
     """
-    _common_grad_exponents_(layers)
-    tensors: list[Tensor] = []
+    if world == 1:
+        return {key: full_gradient(grad) for key, grad in grads.items()}
+    if layers:
+        _common_grad_exponents_(layers)
+    statistics: list[Tensor] = []
     for stats, loss_average in layers:
         input_weight, grad_weight = rank_weights(loss_average, world)
         stats.input_summary.mul_(input_weight)
         stats.grad_summary.mul_(grad_weight)
-        tensors.extend(stats.tensors())
-    buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for tensor in tensors:
-        buckets.setdefault((tensor.dtype, tensor.device), []).append(tensor)
-    for bucket in buckets.values():
-        flat = torch.cat([tensor.reshape(-1) for tensor in bucket])
-        dist.all_reduce(flat)
-        for tensor, chunk in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
-            tensor.copy_(chunk.view_as(tensor))
+        statistics.extend(stats.tensors())
+    local_keys = [
+        key for key, grad in grads.items() if not (wrapper_averaged or isinstance(grad, DTensor))
+    ]
+    reduced = _all_reduce_sum([*statistics, *(grads[key] * (1.0 / world) for key in local_keys)])
+    for target, value in zip(statistics, reduced, strict=False):
+        target.copy_(value)
+    averaged = dict(zip(local_keys, reduced[len(statistics) :], strict=True))
+    return {key: averaged[key] if key in averaged else full_gradient(g) for key, g in grads.items()}

@@ -8,6 +8,7 @@ bias must live in the same param group.  Every other optimised parameter is a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,7 @@ class Layer:
     @property
     def input_dim(self) -> int:
         """``d_i~``: ``d_i`` plus one for the bias column."""
-        return self.module.weight[0].numel() + int(self.has_bias)
+        return math.prod(self.module.weight.shape[1:]) + int(self.has_bias)
 
     @property
     def output_dim(self) -> int:
@@ -56,7 +57,21 @@ class Layer:
 
 
 def unwrap_model(model: Any) -> nn.Module:
-    """The module to hook: ``model.module`` for ``(Distributed)DataParallel``."""
+    """The module to hook: ``model.module`` for ``(Distributed)DataParallel``.
+
+    Raises:
+        ValueError: for a ``DataParallel`` over more than one device: its
+            replicas run the hooks of one module in threads, so the
+            statistics would mix devices and count every sample once per
+            replica; ``DistributedDataParallel`` (one process per device) is
+            supported.
+    """
+    if isinstance(model, DataParallel) and len(model.device_ids) > 1:
+        raise ValueError(
+            f"DataParallel over {len(model.device_ids)} devices is not supported (its replicas "
+            "share one set of curvature hooks); use torch.nn.parallel.DistributedDataParallel "
+            "with one process per device (or DataParallel over one device)"
+        )
     if isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
     if not isinstance(model, nn.Module):

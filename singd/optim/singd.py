@@ -355,6 +355,17 @@ class SINGD(KroneckerOptimizer):
             **guard_entries,
         }
 
+    def _factor_step_cost(self, layer: Layer) -> float:
+        """``s_K²/d_i + s_C²/d_o``, ``s`` a factor's stored entries: its structured products.
+
+        ``d³`` dense, ``d`` diagonal, ``d·b²`` block-diagonal (block size ``b``).
+        """
+        state = self._layer_states[layer.name]
+        return sum(
+            type(state[factor]).storage_numel(dim) ** 2 / dim
+            for factor, dim in (("K", layer.input_dim), ("C", layer.output_dim))
+        )
+
     def _precondition(self, layer: Layer, state: LayerState, grad: Tensor) -> Tensor:
         K, C, _, _ = self._compute_state(layer, state)
         return singd_precondition(K, C, grad, self._outers(layer, state, K, C))

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 Approx = Literal["expand", "reduce"]
 LossAverage = Literal["batch", "batch+sequence"] | None
@@ -36,8 +37,18 @@ SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 def is_supported(module: nn.Module) -> bool:
     """Whether ``module`` is exactly a supported layer (subclasses are not: their
-    ``forward`` may not use the weight the way the statistics assume)."""
-    return type(module) in SUPPORTED_LAYERS
+    ``forward`` may not use the weight the way the statistics assume).
+
+    ``fully_shard`` (FSDP2) turns a layer's class into ``FSDP<class>`` with the
+    bases ``(FSDPModule, class)``; its ``forward`` is the layer's own, so such a
+    layer is supported if its class is.
+    """
+    cls = type(module)
+    if isinstance(module, FSDPModule) and len(cls.__bases__) == 2:
+        fsdp_base, cls = cls.__bases__
+        if fsdp_base is not FSDPModule:
+            return False
+    return cls in SUPPORTED_LAYERS
 
 
 # ---------------------------------------------------------------- canonical format
