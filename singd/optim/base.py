@@ -403,6 +403,10 @@ class KroneckerOptimizer(Optimizer, ABC):
             layers, grads, distributed.world_size(), wrapper_averaged=self._wrapper_averages_grads
         )
 
+    def _device(self) -> torch.device:
+        """The device of the first optimised parameter (where flags are reduced)."""
+        return self.param_groups[0]["params"][0].device
+
     def _factor_step_cost(self, layer: Layer) -> float:
         """Relative cost of ``layer``'s factor step, to balance sharded factor work.
 
@@ -533,6 +537,12 @@ class KroneckerOptimizer(Optimizer, ABC):
                 loss = closure()
         self._check_dense_grads()
         amp = scaling.read_amp_attributes(self, self._declared_grad_scale)
+        if amp.via_scaler:  # each rank's scaler saw its own (or its shard's) gradients
+            try:
+                distributed.agreed_found_inf(amp.found_inf, self._device())
+            except RuntimeError:
+                scaling.clear_amp_attributes(self)
+                raise
         self._declared_grad_scale = None  # applies to this step only
         pending = self._collector.pop_all()
         if amp.found_inf:

@@ -102,6 +102,33 @@ def rank() -> int:
     return dist.get_rank() if world_size() > 1 else 0
 
 
+def agreed_found_inf(found_inf: bool, device: torch.device) -> bool:
+    """A ``GradScaler``'s ``found_inf``, checked to be the same on every rank.
+
+    Each rank's scaler inspects its own gradients.  Under DDP they are
+    already averaged, so an inf anywhere is an inf everywhere; a rank that
+    skipped alone would wait forever in the next collective, and scalers
+    that back off on some ranks only would scale the ranks' statistics
+    differently from then on.  One ``all_reduce`` (``MAX`` of ``±flag``); none
+    on one rank.
+
+    Raises:
+        RuntimeError: (on every rank) if some ranks found inf/NaN and others not.
+    """
+    if world_size() == 1:
+        return found_inf
+    flags = torch.tensor([float(found_inf), -float(found_inf)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    anywhere, everywhere = bool(flags[0] > 0), bool(flags[1] < 0)
+    if anywhere != everywhere:
+        raise RuntimeError(
+            "the GradScalers of some ranks found inf/NaN gradients and others did not, so "
+            "their loss scales would diverge; their gradients were not averaged before "
+            "scaler.unscale_: wrap the model in torch.nn.parallel.DistributedDataParallel"
+        )
+    return found_inf
+
+
 def rank_weights(loss_average: LossAverage, world: int) -> tuple[float, float]:
     """Weights of one rank's (input, gradient) statistics in the full batch's (see above)."""
     return 1.0 / world, 1.0 if loss_average is None else 1.0 / world

@@ -23,6 +23,7 @@ and then compute identically.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -160,6 +161,30 @@ def _perturbed_rank_error(rank: int) -> str:
     return ""
 
 
+def _inf_on_one_rank(wrapper: str, rank: int) -> dict[str, Any]:
+    """A GradScaler run where only rank 1's step-1 loss overflows: steps taken, or the error."""
+    inner = _model()
+    model = _wrap(inner, wrapper, WORLD)
+    opt = _optimizer(model, 1, "dense", False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    try:
+        for step in range(STEPS):
+            opt.zero_grad()
+            generator = torch.Generator().manual_seed(step)
+            inputs = torch.randn(BATCH, 5, generator=generator, dtype=DTYPE).chunk(WORLD)[rank]
+            loss = model(inputs).square().sum(dim=-1).mean()
+            if step == 1 and rank == 1:
+                loss = loss * torch.inf
+            scaler.scale(loss).backward()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the skip warning
+                scaler.step(opt)
+            scaler.update()
+    except RuntimeError as error:
+        return {"error": str(error), "steps": opt.steps}
+    return {"error": "", "steps": opt.steps, "final": _final(inner, opt)}
+
+
 def _collectives_per_step(wrapper: str, rank: int) -> list[list[tuple[str, int]]]:
     """(name, payload bytes) of the collectives of every ``step()``, T = 3."""
     inner = _model()
@@ -204,6 +229,7 @@ def _worker(rank: int, store: str, folder: str) -> None:
             "cases": {_case_id(case): _run(case, rank, WORLD) for case in CASES},
             "mutants": {name: _mutant(name, rank) for name in MUTANTS},
             "drift": _perturbed_rank_error(rank),
+            "inf": {w: _inf_on_one_rank(w, rank) for w in ("ddp", "unwrapped")},
             "collectives": {w: _collectives_per_step(w, rank) for w in ("ddp", "unwrapped")},
             "dcp": {w: _resumed(w, rank, folder) for w in ("ddp", "fsdp2")},
         }
@@ -265,6 +291,19 @@ def test_mutants_are_caught(rank_results, single_process, name):
 def test_drift_check_names_the_perturbed_layer(rank_results):
     for results in rank_results:
         assert "layer '2': parameters differs between rank 0 and rank(s) [1]" in results["drift"]
+
+
+def test_overflow_on_one_rank_skips_the_step_on_every_rank_under_ddp(rank_results):
+    first, second = (results["inf"]["ddp"] for results in rank_results)
+    assert first["steps"] == second["steps"] == STEPS - 1
+    assert _bitwise_equal(first["final"], second["final"])
+
+
+def test_overflow_on_one_rank_of_an_unwrapped_model_raises_on_every_rank(rank_results):
+    """Unaveraged gradients: the scalers disagree; every rank stops at the same step."""
+    for results in rank_results:
+        assert "DistributedDataParallel" in results["inf"]["unwrapped"]["error"]
+        assert results["inf"]["unwrapped"]["steps"] == 1
 
 
 def test_statistics_are_reduced_on_factor_steps_only(rank_results):
