@@ -99,12 +99,13 @@ class SINGD(KroneckerOptimizer):
     drops its statistics and changes no state.
 
     Data parallel: with ``torch.distributed`` initialised and a world size
-    ``R > 1`` (e.g. a ``DistributedDataParallel`` model), the statistics of
-    each step are combined across ranks before the factor step — ``H_K``
-    averaged, ``H_C`` averaged for a mean loss and summed for
-    ``loss_average=None`` — so that with equal per-rank batches every rank
-    computes the full-batch factors (derivation:
-    :mod:`singd.optim.distributed`).
+    ``R > 1``, the statistics of each step are combined across ranks before
+    the factor step — ``H_K`` averaged, ``H_C`` averaged for a mean loss and
+    summed for ``loss_average=None`` — and the gradients of an unwrapped
+    model averaged (a ``DistributedDataParallel`` or ``fully_shard`` model's
+    are already), so that with equal per-rank batches every rank takes the
+    full-batch step (derivation: :mod:`singd.optim.distributed`; opt-in
+    sharded factor work and drift check: :meth:`configure_distributed`).
 
     Host syncs per step: one read of every finiteness flag and trace, one
     finiteness check of the results (plus ``‖m‖_∞`` per factor with
