@@ -42,7 +42,7 @@ Gradients.  A ``DistributedDataParallel`` model's gradients arrive averaged
 over the ranks and a ``fully_shard`` (FSDP2) model's arrive reduce-scattered
 (averaged) as ``DTensor`` shards; :func:`reduce_step_` reuses both (no second
 all-reduce) and gathers a sharded gradient into the full matrix
-(:func:`full_gradient`, below).  Every other gradient (an unwrapped model on a
+(:func:`full_gradients`, below).  Every other gradient (an unwrapped model on a
 world of ``R > 1``) is local to its rank and is averaged here, as DDP would:
 ``(1/R) Σ_r ∇_r``.  We all-reduce the raw gradient rather than the
 preconditioned one: the two have the same size (``ĝ`` has the shape of
@@ -63,8 +63,8 @@ wrapped model).
 FSDP2.  A row-sharded ``W~`` (``Shard(0)``: rank ``r`` holds rows ``R_r`` of
 ``W`` and of ``b``) is preconditioned as ``ĝ = C Cᵀ ∇W~ K Kᵀ``: the ``K``
 side acts on the columns and is row-local, but ``C Cᵀ`` mixes the rows, so
-every rank needs the full ``∇W~``.  :func:`full_gradient` all-gathers it
-(``DTensor.full_tensor``), every rank preconditions the full matrix with its
+every rank needs the full ``∇W~``.  :func:`full_gradients` all-gathers it
+(one collective for all layers), every rank preconditions the full matrix with its
 (replicated, identical) factors and keeps its own rows
 (:func:`like_param`; a local slice, no communication).  The factors are *not*
 sharded: ``H_C = Π̂(Cᵀ Gᵀ G C)`` needs all of ``C`` against every sample's
@@ -79,11 +79,12 @@ regardless: one code path.)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from singd.optim.hooks import GradScaleInfo, PendingStatistics, rescaled_summary
@@ -134,9 +135,46 @@ def rank_weights(loss_average: LossAverage, world: int) -> tuple[float, float]:
     return 1.0 / world, 1.0 if loss_average is None else 1.0 / world
 
 
-def full_gradient(grad: Tensor) -> Tensor:
-    """The whole gradient of a parameter: a sharded ``DTensor`` is all-gathered."""
-    return grad.full_tensor() if isinstance(grad, DTensor) else grad
+def _row_sharded(grad: Tensor) -> bool:
+    """Whether ``grad`` is a ``DTensor`` split by rows over a 1-D mesh (FSDP2's layout)."""
+    return (
+        isinstance(grad, DTensor) and grad.device_mesh.ndim == 1 and grad.placements == (Shard(0),)
+    )
+
+
+def full_gradients(grads: dict[int, Tensor]) -> dict[int, Tensor]:
+    """Every gradient in full: the ``DTensor`` ones gathered, the others as they are.
+
+    Row-sharded gradients (FSDP2) share one ``all_gather_into_tensor`` per
+    (mesh, dtype, device): rank ``r`` holds rows ``[r·c, (r + 1)·c)`` of a
+    ``d_0``-row gradient, ``c = ⌈d_0/R⌉`` (``torch.chunk``'s split; the last
+    ranks may hold fewer or none), padded to ``c`` rows for the gather.
+    Other layouts use ``DTensor.full_tensor``.
+    """
+    full = dict(grads)
+    buckets: dict[tuple[Any, torch.dtype, torch.device], list[int]] = {}
+    for key, grad in grads.items():
+        if _row_sharded(grad):
+            buckets.setdefault((grad.device_mesh, grad.dtype, grad.device), []).append(key)
+        elif isinstance(grad, DTensor):
+            full[key] = grad.full_tensor()
+    for (mesh, dtype, device), keys in buckets.items():
+        ranks = mesh.size()
+        rows = {key: -(-grads[key].shape[0] // ranks) for key in keys}
+        padded = []
+        for key in keys:
+            local = grads[key].to_local()
+            piece = local.new_zeros((rows[key], *local.shape[1:]))
+            piece[: local.shape[0]] = local
+            padded.append(piece.reshape(-1))
+        flat = torch.cat(padded)
+        gathered = torch.empty(ranks * flat.numel(), dtype=dtype, device=device)
+        dist.all_gather_into_tensor(gathered, flat, group=mesh.get_group())
+        per_rank = gathered.view(ranks, -1).split([p.numel() for p in padded], dim=1)
+        for key, chunk in zip(keys, per_rank, strict=True):
+            shape = grads[key].shape
+            full[key] = chunk.reshape(ranks * rows[key], *shape[1:])[: shape[0]]
+    return full
 
 
 def like_param(direction: Tensor, param: Tensor) -> Tensor:
@@ -202,7 +240,7 @@ def reduce_step_(
     gradient by ``1/R``, and all are summed over ranks in one bucket per
     dtype and device (module docstring); with ``R`` a power of two the
     weighting is exact.  The other gradients (averaged by a wrapper) pass
-    through, a sharded one gathered in full (:func:`full_gradient`).  The
+    through, a sharded one gathered in full (:func:`full_gradients`).  The
     input gradients are not modified.
 
     Args:
@@ -216,7 +254,7 @@ def reduce_step_(
         ``id(param)`` → the full-batch (averaged) gradient, in ``grads``'s order.
     """
     if world == 1:
-        return {key: full_gradient(grad) for key, grad in grads.items()}
+        return full_gradients(grads)
     if layers:
         _common_grad_exponents_(layers)
     statistics: list[Tensor] = []
@@ -232,4 +270,4 @@ def reduce_step_(
     for target, value in zip(statistics, reduced, strict=False):
         target.copy_(value)
     averaged = dict(zip(local_keys, reduced[len(statistics) :], strict=True))
-    return {key: averaged[key] if key in averaged else full_gradient(g) for key, g in grads.items()}
+    return full_gradients({**grads, **averaged})

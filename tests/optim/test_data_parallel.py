@@ -230,7 +230,7 @@ def _worker(rank: int, store: str, folder: str) -> None:
             "mutants": {name: _mutant(name, rank) for name in MUTANTS},
             "drift": _perturbed_rank_error(rank),
             "inf": {w: _inf_on_one_rank(w, rank) for w in ("ddp", "unwrapped")},
-            "collectives": {w: _collectives_per_step(w, rank) for w in ("ddp", "unwrapped")},
+            "collectives": {w: _collectives_per_step(w, rank) for w in WRAPPERS},
             "dcp": {w: _resumed(w, rank, folder) for w in ("ddp", "fsdp2")},
         }
         torch.save(results, f"{folder}/results.{rank}")
@@ -307,15 +307,19 @@ def test_overflow_on_one_rank_of_an_unwrapped_model_raises_on_every_rank(rank_re
 
 
 def test_statistics_are_reduced_on_factor_steps_only(rank_results):
-    """T = 3, one dtype: factor steps issue the exponent MIN and one bucket; others none (DDP)
-    or the one gradient bucket (unwrapped)."""
-    ddp, unwrapped = (rank_results[0]["collectives"][w] for w in ("ddp", "unwrapped"))
+    """T = 3, one dtype: a factor step issues the exponents' MIN and one bucket of statistics;
+    an unwrapped model adds its gradients to that bucket (alone on other steps), an FSDP2
+    model gathers all its gradient shards in one collective every step."""
+    calls = rank_results[0]["collectives"]
+    gather = ["all_gather_into_tensor"]
     for step in range(STEPS):
-        factor_step = step % 3 == 0
-        assert [name for name, _ in ddp[step]] == ["all_reduce"] * (2 if factor_step else 0)
-        assert [name for name, _ in unwrapped[step]] == ["all_reduce"] * (2 if factor_step else 1)
+        statistics = ["all_reduce"] * 2 if step % 3 == 0 else []
+        names = {wrapper: [name for name, _ in calls[wrapper][step]] for wrapper in WRAPPERS}
+        assert names["ddp"] == statistics
+        assert names["unwrapped"] == (statistics or ["all_reduce"])
+        assert names["fsdp2"] == statistics + gather
     params = sum(p.numel() for p in _model().parameters()) * DTYPE.itemsize
-    assert [nbytes for _, nbytes in unwrapped[1]] == [params]
+    assert [nbytes for _, nbytes in calls["unwrapped"][1]] == [params]
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
