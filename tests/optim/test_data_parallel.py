@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from singd import SINGD
+from singd import KFAC, SINGD
 from singd.optim import distributed, sharded
 from singd.optim.dcp import dcp_state_dict
 from tests.optim.collectives import count_collectives
@@ -47,14 +47,14 @@ BATCH = 8
 DTYPE = torch.float64
 STRUCTURES = {"dense": ("dense", "dense"), "diagonal": ("diagonal", "diagonal")}
 WRAPPERS = ("ddp", "unwrapped", "fsdp2")
-#: (wrapper, sharded factor work, T, structure)
+#: (wrapper, sharded factor work, T, SINGD's structure or "kfac": the KFAC optimizer)
 CASES = [
     (wrapper, shard, T, structure)
     for wrapper in WRAPPERS
     for shard in (False, True)
     for T in (1, 3)
     for structure in STRUCTURES
-]
+] + [(wrapper, shard, T, "kfac") for wrapper in WRAPPERS for shard, T in ((False, 1), (True, 3))]
 #: Variants that must fail the equality tests: unwrapped gradients not all-reduced,
 #: sharded factor steps whose results are not broadcast.
 MUTANTS = {"no-grad-all-reduce": ("unwrapped", False), "no-broadcast": ("ddp", True)}
@@ -84,13 +84,16 @@ def _wrap(inner: nn.Module, wrapper: str, world: int) -> nn.Module:
     return inner
 
 
-def _optimizer(model: nn.Module, T: int, structure: str, shard: bool) -> SINGD:
-    opt = SINGD(model, lr=0.05, T=T, lr_cov=0.1, structures=STRUCTURES[structure])
+def _optimizer(model: nn.Module, T: int, structure: str, shard: bool) -> SINGD | KFAC:
+    if structure == "kfac":
+        opt = KFAC(model, lr=0.05, T=T, lr_cov=0.1)
+    else:
+        opt = SINGD(model, lr=0.05, T=T, lr_cov=0.1, structures=STRUCTURES[structure])
     opt.configure_distributed(shard_factor_work=shard, drift_check_every=1)
     return opt
 
 
-def _train(model: nn.Module, opt: SINGD, steps: range, rank: int, world: int) -> None:
+def _train(model: nn.Module, opt: SINGD | KFAC, steps: range, rank: int, world: int) -> None:
     for step in steps:
         opt.zero_grad()
         generator = torch.Generator().manual_seed(step)
@@ -103,11 +106,12 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
 
 
-def _final(inner: nn.Module, opt: SINGD) -> dict[str, torch.Tensor]:
+def _final(inner: nn.Module, opt: SINGD | KFAC) -> dict[str, torch.Tensor]:
     tensors = {f"param.{key}": _full(p) for key, p in inner.named_parameters()}
     for layer in opt.layer_names():
         for factor, value in opt.layer_state(layer).items():
-            tensors[f"{layer}.{factor}"] = value.to_dense().clone()
+            dense = value if isinstance(value, torch.Tensor) else value.to_dense()
+            tensors[f"{layer}.{factor}"] = dense.clone()
     return tensors
 
 
