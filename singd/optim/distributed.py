@@ -124,8 +124,11 @@ def agreed_found_inf(found_inf: bool, device: torch.device) -> bool:
     if anywhere != everywhere:
         raise RuntimeError(
             "the GradScalers of some ranks found inf/NaN gradients and others did not, so "
-            "their loss scales would diverge; their gradients were not averaged before "
-            "scaler.unscale_: wrap the model in torch.nn.parallel.DistributedDataParallel"
+            "their loss scales would diverge: an unwrapped model's gradients are averaged "
+            "only inside step(), after the scaler has looked (wrap the model in "
+            "torch.nn.parallel.DistributedDataParallel); a fully_shard model's scaler sees "
+            "its rank's shard only (use torch.distributed.fsdp.sharded_grad_scaler."
+            "ShardedGradScaler, which agrees across ranks)"
         )
     return found_inf
 
