@@ -36,7 +36,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from singd import KFAC, SINGD
-from singd.optim import distributed, sharded
+from singd.optim import distributed, drift, sharded
 from singd.optim.dcp import dcp_state_dict
 from tests.optim.collectives import count_collectives
 from tests.tolerances import matmul_bound
@@ -348,3 +348,20 @@ def test_configure_distributed_rejects_bad_input(kwargs):
     with pytest.raises(ValueError):
         opt.configure_distributed(**kwargs)
     assert not opt._shard_factor_work and opt._drift_check_every is None  # unchanged
+
+
+def test_owners_balance_the_factor_step_cost():
+    """LPT: costliest first, each to the least-loaded rank (ties: lowest rank, module order)."""
+    owners = sharded.assign_owners({"a": 8.0, "b": 1.0, "c": 1.0, "d": 6.0, "e": 2.0}, 2)
+    assert owners == {"a": 0, "d": 1, "e": 1, "b": 0, "c": 1}  # loads 9 and 9
+    assert sharded.assign_owners({"a": 1.0}, 2) == {"a": 0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_checksum_sees_a_one_ulp_change(dtype):
+    tensor = torch.randn(7, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    moved = tensor.clone()
+    moved[3, 2] = torch.nextafter(moved[3, 2], torch.tensor(torch.inf, dtype=dtype))
+    cpu = torch.device("cpu")
+    assert drift.checksum([tensor], cpu) == drift.checksum([tensor.clone()], cpu)
+    assert drift.checksum([tensor], cpu) != drift.checksum([moved], cpu)
