@@ -226,11 +226,36 @@ def _resumed(wrapper: str, rank: int, folder: str) -> dict[str, dict[str, torch.
     return {"uninterrupted": _final(inner, opt), "resumed": _final(fresh_inner, fresh_opt)}
 
 
+#: The conv case's rows per batch: a 3×3 kernel on 4×4 inputs has 2·2 output locations.
+CONV_ROWS = BATCH * 4
+
+
+def _conv_run(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """A Conv2d + Linear model (FSDP2 on two ranks): 4-D weight shards, FSDPConv2d."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3))
+    inner = inner.to(DTYPE)
+    if world > 1:
+        fully_shard(inner[0])
+        fully_shard(inner[3])
+        fully_shard(inner)
+    opt = _optimizer(inner, 1, "dense", False)
+    assert opt.layer_names() == ["0", "3"]
+    for step in range(STEPS):
+        opt.zero_grad()
+        generator = torch.Generator().manual_seed(step)
+        inputs = torch.randn(BATCH, 2, 4, 4, generator=generator, dtype=DTYPE)
+        inner(inputs.chunk(world)[rank]).square().sum(dim=-1).mean().backward()
+        opt.step()
+    return _final(inner, opt)
+
+
 def _worker(rank: int, store: str, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         results = {
             "cases": {_case_id(case): _run(case, rank, WORLD) for case in CASES},
+            "conv": _conv_run(rank, WORLD),
             "mutants": {name: _mutant(name, rank) for name in MUTANTS},
             "drift": _perturbed_rank_error(rank),
             "inf": {w: _inf_on_one_rank(w, rank) for w in ("ddp", "unwrapped")},
@@ -255,13 +280,15 @@ def _bitwise_equal(first: dict[str, torch.Tensor], other: dict[str, torch.Tensor
     return first.keys() == other.keys() and all(torch.equal(first[k], other[k]) for k in first)
 
 
-def _violations(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+def _violations(
+    got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rows: int = BATCH
+) -> list[str]:
     """The tensors outside the module docstring's bound ``STEPS·(n + 2)·eps·max|expected|``."""
     assert got.keys() == expected.keys()
     out = []
     for key, want in expected.items():
         error = float((got[key] - want).abs().max())
-        bound = STEPS * matmul_bound(DTYPE, BATCH) * float(want.abs().max())
+        bound = STEPS * matmul_bound(DTYPE, rows) * float(want.abs().max())
         if error > bound:
             out.append(f"{key}: {error:.3e} > {bound:.3e}")
     return out
@@ -281,6 +308,13 @@ def test_ranks_agree_bitwise(rank_results, case):
 def test_two_ranks_equal_the_full_batch_run(rank_results, single_process, case):
     for results in rank_results:
         assert not _violations(results["cases"][case], single_process[case])  # rule: docstring
+
+
+def test_fsdp2_conv_equals_the_full_batch_run(rank_results):
+    """As the module docstring's rule, with ``n`` the conv's rows ``B·L`` (the longest sum)."""
+    expected = _conv_run(rank=0, world=1)
+    assert _bitwise_equal(rank_results[0]["conv"], rank_results[1]["conv"])
+    assert not _violations(rank_results[0]["conv"], expected, rows=CONV_ROWS)
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
