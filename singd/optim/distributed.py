@@ -1,11 +1,10 @@
-"""Data-parallel training: the one place where ranks' curvature statistics are combined.
+"""Data-parallel training: the one place where ranks' statistics and gradients are combined.
 
 With ``torch.distributed`` initialised and a world of ``R > 1`` ranks, every
-rank runs the same model on its own share of the batch, the gradients are
-averaged (``DistributedDataParallel``), and each rank's hooks hold statistics
-of its own rows only.  :func:`all_reduce_statistics_` turns them into the
-statistics of the whole batch, identical on every rank, so that every rank
-takes the same factor step.
+rank runs the same model on its own share of the batch and each rank's hooks
+hold statistics of its own rows only.  :func:`reduce_step_` turns them into
+the statistics of the whole batch, identical on every rank, and gives every
+rank the averaged gradients (below), so that every rank takes the same step.
 
 Which reduction (rank ``r`` holds ``B_r = B / R`` samples, ``n_r = n / R`` rows
 of ``A``; ``F_i = ∂ℓ_i ∂ℓ_iᵀ`` summed over a sample's rows; SPEC §1.1):
@@ -58,22 +57,22 @@ data-parallel training does).  Per step the reduction is, on factor steps
 only, one ``all_reduce`` (``MIN``) of the exponents per device, and one
 ``all_reduce`` per dtype and device of the statistics and local gradients
 together, in module order (no collective at all on the other steps of a
-wrapped model).
+DDP model); an FSDP2 model adds one gather of its gradients per step.
 
 FSDP2.  A row-sharded ``W~`` (``Shard(0)``: rank ``r`` holds rows ``R_r`` of
 ``W`` and of ``b``) is preconditioned as ``ĝ = C Cᵀ ∇W~ K Kᵀ``: the ``K``
 side acts on the columns and is row-local, but ``C Cᵀ`` mixes the rows, so
 every rank needs the full ``∇W~``.  :func:`full_gradients` all-gathers it
-(one collective for all layers), every rank preconditions the full matrix with its
-(replicated, identical) factors and keeps its own rows
+(one collective for all layers), every rank preconditions the full matrix
+with its (replicated, identical) factors and keeps its own rows
 (:func:`like_param`; a local slice, no communication).  The factors are *not*
 sharded: ``H_C = Π̂(Cᵀ Gᵀ G C)`` needs all of ``C`` against every sample's
 ``G`` row (all ``d_o`` columns), and ``H_K`` all of ``K`` likewise, so a
-sharded factor would be all-gathered at every statistics pass; their storage
-(``d_i² + d_o²`` dense, less with structure) is small against the
-activations.  (A diagonal ``C``, or a block-diagonal one whose blocks align
-with the shards, is row-local and would need only the local rows; we gather
-regardless: one code path.)
+sharded factor would be all-gathered at every statistics pass; they are
+replicated (``d_i² + d_o²`` entries dense, less with structure).  (A
+diagonal ``C``, or a block-diagonal one whose blocks align with the shards,
+is row-local and would need only the local rows; we gather regardless: one
+code path.)
 """
 
 from __future__ import annotations
