@@ -231,16 +231,20 @@ CONV_ROWS = BATCH * 4
 
 
 def _conv_run(rank: int, world: int) -> dict[str, torch.Tensor]:
-    """A Conv2d + Linear model (FSDP2 on two ranks): 4-D weight shards, FSDPConv2d."""
+    """Conv2d, LayerNorm, Linear (FSDP2 on two ranks): 4-D weight shards, FSDPConv2d, and
+    fallback parameters that are DTensor shards (the LayerNorm's)."""
     torch.manual_seed(0)
-    inner = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3))
-    inner = inner.to(DTYPE)
+    inner = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 3)
+    ).to(DTYPE)
     if world > 1:
-        fully_shard(inner[0])
-        fully_shard(inner[3])
+        for index in (0, 3, 4):
+            fully_shard(inner[index])
         fully_shard(inner)
-    opt = _optimizer(inner, 1, "dense", False)
-    assert opt.layer_names() == ["0", "3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LayerNorm's parameters fall back to SGD
+        opt = _optimizer(inner, 1, "dense", False)
+    assert opt.layer_names() == ["0", "4"]
     for step in range(STEPS):
         opt.zero_grad()
         generator = torch.Generator().manual_seed(step)
