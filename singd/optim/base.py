@@ -240,7 +240,7 @@ class KroneckerOptimizer(Optimizer, ABC):
     def configure_distributed(
         self, *, shard_factor_work: bool = False, drift_check_every: int | None = None
     ) -> None:
-        """Opt-in data-parallel features (no effect on a world of one rank).
+        """Opt-in data-parallel features (no effect on a world of one rank; not in checkpoints).
 
         Args:
             shard_factor_work: each rank computes the factor steps of the layers
