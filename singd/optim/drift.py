@@ -46,7 +46,8 @@ def checksum(tensors: list[Tensor], device: torch.device) -> Tensor:
     """0-dim int64 on ``device``: the wrap-around sum of the bit patterns of every entry."""
     total = torch.zeros((), dtype=torch.int64, device=device)
     for tensor in tensors:
-        bits = tensor.detach().contiguous().view(_INT_OF_WIDTH[tensor.element_size()])
+        width = max(w for w in _INT_OF_WIDTH if tensor.element_size() % w == 0)  # complex: 2 words
+        bits = tensor.detach().contiguous().reshape(-1).view(_INT_OF_WIDTH[width])
         total = total + bits.to(torch.int64).sum().to(device)
     return total
 

@@ -395,6 +395,12 @@ def test_owners_balance_the_factor_step_cost():
     assert sharded.assign_owners({"a": 1.0}, 2) == {"a": 0}
 
 
+def test_checksum_takes_scalars_and_complex_tensors():
+    cpu = torch.device("cpu")
+    for tensor in (torch.tensor(1.5), torch.ones(3, dtype=torch.complex128)):
+        assert drift.checksum([tensor], cpu) != drift.checksum([2 * tensor], cpu)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_checksum_sees_a_one_ulp_change(dtype):
     tensor = torch.randn(7, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
