@@ -34,20 +34,20 @@ from singd import SINGD
 from singd.optim.dcp import dcp_state_dict
 
 
-def build(mode: str) -> tuple[nn.Module, nn.Module]:
-    """The model (identical on every rank: same seed) and what the optimizer is given."""
+def build(mode: str) -> nn.Module:
+    """The model to train (identical on every rank: same seed), distributed per ``mode``."""
     torch.manual_seed(0)
-    inner = nn.Sequential(
+    model = nn.Sequential(
         nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)
     )
     if mode == "ddp":
-        return inner, nn.parallel.DistributedDataParallel(inner)
+        return nn.parallel.DistributedDataParallel(model)
     if mode == "fsdp2":
-        for layer in inner:
+        for layer in model:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer)
-        fully_shard(inner)
-    return inner, inner
+        fully_shard(model)
+    return model
 
 
 def main() -> None:
