@@ -77,13 +77,13 @@ code path.)
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from singd.optim.hooks import GradScaleInfo, PendingStatistics, rescaled_summary
@@ -137,11 +137,24 @@ def rank_weights(loss_average: LossAverage, world: int) -> tuple[float, float]:
     return 1.0 / world, 1.0 if loss_average is None else 1.0 / world
 
 
+def is_dtensor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (FSDP2's parameters and gradients).
+
+    ``torch.distributed.tensor`` is looked up, not imported: no ``DTensor``
+    exists before it is imported, and importing it costs about a second, so
+    ``import singd`` does not.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def _row_sharded(grad: Tensor) -> bool:
     """Whether ``grad`` is a ``DTensor`` split by rows over a 1-D mesh (FSDP2's layout)."""
-    return (
-        isinstance(grad, DTensor) and grad.device_mesh.ndim == 1 and grad.placements == (Shard(0),)
-    )
+    if not is_dtensor(grad):
+        return False
+    from torch.distributed.tensor import Shard
+
+    return grad.device_mesh.ndim == 1 and grad.placements == (Shard(0),)
 
 
 def full_gradients(grads: dict[int, Tensor]) -> dict[int, Tensor]:
@@ -158,7 +171,7 @@ def full_gradients(grads: dict[int, Tensor]) -> dict[int, Tensor]:
     for key, grad in grads.items():
         if _row_sharded(grad):
             buckets.setdefault((grad.device_mesh, grad.dtype, grad.device), []).append(key)
-        elif isinstance(grad, DTensor):
+        elif is_dtensor(grad):
             full[key] = grad.full_tensor()
     for (mesh, dtype, device), keys in buckets.items():
         ranks = mesh.size()
@@ -185,8 +198,10 @@ def like_param(direction: Tensor, param: Tensor) -> Tensor:
     ``direction`` is identical on every rank, so replicating and then
     sharding it is a local slice, no communication.
     """
-    if not isinstance(param, DTensor):
+    if not is_dtensor(param):
         return direction
+    from torch.distributed.tensor import DTensor, Replicate
+
     mesh = param.device_mesh
     replicated = DTensor.from_local(direction, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return replicated.redistribute(mesh, param.placements)
@@ -265,9 +280,7 @@ def reduce_step_(
         stats.input_summary.mul_(input_weight)
         stats.grad_summary.mul_(grad_weight)
         statistics.extend(stats.tensors())
-    local_keys = [
-        key for key, grad in grads.items() if not (wrapper_averaged or isinstance(grad, DTensor))
-    ]
+    local_keys = [key for key, grad in grads.items() if not (wrapper_averaged or is_dtensor(grad))]
     reduced = _all_reduce_sum([*statistics, *(grads[key] * (1.0 / world) for key in local_keys)])
     for target, value in zip(statistics, reduced, strict=False):
         target.copy_(value)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from singd.optim import distributed
 
@@ -39,7 +38,7 @@ def due(every: int | None, steps: int) -> bool:
 
 def replicated(tensors: list[Tensor]) -> list[Tensor]:
     """The tensors that every rank holds in full (a ``DTensor`` shard is its rank's own)."""
-    return [t for t in tensors if not isinstance(t, DTensor)]
+    return [t for t in tensors if not distributed.is_dtensor(t)]
 
 
 def checksum(tensors: list[Tensor], device: torch.device) -> Tensor:

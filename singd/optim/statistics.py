@@ -21,12 +21,12 @@ All functions are pure; they never see the optimizer.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule
 
 Approx = Literal["expand", "reduce"]
 LossAverage = Literal["batch", "batch+sequence"] | None
@@ -44,9 +44,10 @@ def is_supported(module: nn.Module) -> bool:
     layer is supported if its class is.
     """
     cls = type(module)
-    if isinstance(module, FSDPModule) and len(cls.__bases__) == 2:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported here: it costs ~1 s
+    if fsdp is not None and isinstance(module, fsdp.FSDPModule) and len(cls.__bases__) == 2:
         fsdp_base, cls = cls.__bases__
-        if fsdp_base is not FSDPModule:
+        if fsdp_base is not fsdp.FSDPModule:
             return False
     return cls in SUPPORTED_LAYERS
 
