@@ -43,6 +43,7 @@ import torch
 
 from reference.structures import Structure, get_structure
 from reference.updates import SINGDHyperparameters, SINGDState, StepRecord, lr_cov_at
+from singd.optim.updates import self_inner_scale
 from singd.structures import get_structure as get_singd_structure
 from singd.structures.toeplitz import FFT_MIN_DIM, fft_length
 from verification.arithmetic import ArithmeticModel, Precision, model_for
@@ -302,6 +303,15 @@ class Arithmetic:
         rounding = self.store * (np.abs(value) + propagated) + self.store_tiny
         return Bounded(value, propagated + rounding)
 
+    def scale_by_power_of_two(self, x: Bounded, power: float) -> Bounded:
+        """``p · x`` (``mul_(p)``), ``p`` a power of two: exact but for underflow.
+
+        A binary format scales by ``2^e`` exactly unless the result falls below its
+        smallest normal number, where the rounding to the subnormal grid errs by
+        at most the elementwise absolute term ``η``.
+        """
+        return Bounded(power * x.value, power * x.error + self.store_tiny)
+
     def add_identity(self, x: Bounded, shift: float) -> Bounded:
         """``x + shift·I`` (``add_diag_``): only the diagonal is rounded."""
         value = x.value + shift * np.eye(x.value.shape[0])
@@ -518,8 +528,12 @@ def _summed_h(
     return total
 
 
-def _gram(arith: Arithmetic, structure: Structure, name: str, factor: Bounded) -> Bounded:
-    """``Π̂(KᵀK)`` (``project_self_inner``)."""
+def _gram(
+    arith: Arithmetic, structure: Structure, name: str, factor: Bounded, power: float
+) -> Bounded:
+    """``Π̂((pK)ᵀ(pK))`` (``singd_self_inners``: ``mul_(p)``, then ``project_self_inner``)."""
+    if power != 1.0:
+        factor = arith.scale_by_power_of_two(factor, power)
     if _is_fft(name, factor.value.shape[0]):
         return arith.toeplitz_self_lags(structure, factor)
     gram = arith.product(factor.T, factor, terms=kernel_terms(name))
@@ -583,8 +597,11 @@ def _singd_step_bounds(
         g = [_statistic(factors, p.g, p.g_abs, precision.cast, shared) for p in passes]
         h_k = _summed_h(factors, s_k, name_k, k, a)
         h_c = _summed_h(factors, s_c, name_c, c, g)
-        inner_k, inner_c = _gram(factors, s_k, name_k, k), _gram(factors, s_c, name_c, c)
-        m_k, m_c = _momenta(factors, hyper, (h_k, inner_k, m_k), (h_c, inner_c, m_c))
+        power = self_inner_scale(hyper.damping)
+        inner_k = _gram(factors, s_k, name_k, k, power)
+        inner_c = _gram(factors, s_c, name_c, c, power)
+        own_k, own_c = (h_k, inner_k, m_k), (h_c, inner_c, m_c)
+        m_k, m_c = _momenta(factors, hyper, own_k, own_c, power * power)
         beta1 = lr_cov_at(hyper.lr_cov, before.steps)
         if precision.compensated:
             assert compensations is not None, "the compensated step needs the recorded c_K, c_C"
@@ -615,15 +632,20 @@ def _momenta(
     hyper: SINGDHyperparameters,
     own_k: tuple[Bounded, Bounded, Bounded],
     own_c: tuple[Bounded, Bounded, Bounded],
+    scale: float,
 ) -> tuple[Bounded, Bounded]:
-    """New ``m_K``, ``m_C`` in :func:`singd.optim.updates.singd_factor_momenta`'s order."""
+    """New ``m_K``, ``m_C`` in :func:`singd.optim.updates.singd_factor_momenta`'s order.
+
+    The inners are ``p²Π̂(KᵀK)``, ``p²Π̂(CᵀC)`` with ``scale = p²``; their weights
+    divide ``p²`` out in float64, exactly (a power of two).
+    """
     (h_k, inner_k, m_k), (h_c, inner_c, m_c) = own_k, own_c
     d_i, d_o = h_k.value.shape[0], h_c.value.shape[0]
     coef = 0.5 * (1 - hyper.alpha1) if hyper.normalize_lr_cov else 0.5
     if hyper.kfac_like:
         results = []
         for h, inner in ((h_k, inner_k), (h_c, inner_c)):
-            bracket = arith.add_identity(arith.add(h, inner, hyper.damping), -1.0)
+            bracket = arith.add_identity(arith.add(h, inner, hyper.damping / scale), -1.0)
             results.append(arith.scale(bracket, exact(coef)))
         return results[0], results[1]
     terms_k, terms_c = (trace_terms(name) for name in hyper.structures)
@@ -634,9 +656,8 @@ def _momenta(
         (h_k, inner_k, m_k, trace_h_c, trace_c, d_o),
         (h_c, inner_c, m_c, trace_h_k, trace_k, d_i),
     ):
-        damping = Bounded(
-            hyper.damping * trace_gram_other.value, hyper.damping * trace_gram_other.error
-        )
+        weight = hyper.damping / scale / scale  # c² = λ tr(CᵀC) = λ·(p² tr(CᵀC))/p², over p²
+        damping = Bounded(weight * trace_gram_other.value, weight * trace_gram_other.error)
         bracket = arith.scale(h, trace_other, converted=False)  # a stored value
         bracket = arith.add(bracket, inner, float(damping.value), float(damping.error))
         bracket = arith.add_identity(bracket, -float(d_other))

@@ -53,18 +53,31 @@ step whatever ``μ`` (after a growth phase of ``≈ log(k*)/log(1 + β1/2)`` ste
    wider (``preconditioner_dtype=float32``) or compensating its update removes
    the ``s``-terms; a smaller ``β1`` makes them larger.
 5. *Range (fp16).*  ``Π̂(KᵀK) → M⁻¹`` has entries up to ``1/μ_min``, which
-   overflows float16 (65504) for ``μ_min < 1.5e-5``: every later step is
-   non-finite and skipped, ``K`` freezes where ``KᵀK`` first overflows
-   (:func:`overflow_limit`).  Fixable by operation order: ``λ Π̂(KᵀK) =
-   Π̂((√λK)ᵀ(√λK))`` has entries ``≤ λ/μ_min ≤ 1``.
+   overflows float16 (65504) for ``μ_min < 1.5e-5``.  In the paper's order,
+   ``λ·fl(Π̂(KᵀK))``, every later step is non-finite and skipped and ``K``
+   freezes where ``KᵀK`` first overflows (:func:`overflow_limit`; the emulated
+   oracle keeps this order).  This is not physical: ``KᵀMK = I`` and ``M ⪰ λI``
+   give ``λKᵀK ⪯ I``, so the term the bracket needs is at most 1.  ``singd``
+   forms it as ``(λ/p²)·Π̂((pK)ᵀ(pK))`` with a power of two ``p² ∈ (2^10 λ,
+   2^12 λ]`` (:func:`singd.optim.updates.self_inner_scale`): at most ``2^12``
+   (``2^13`` after a tril/triu Π̂), and bitwise the old product wherever that
+   one was finite and normal.  :func:`paper_order` restores the old order for
+   the before/after measurement (:func:`case3_cells`).  What stays is the
+   representation of ``K`` itself (entries up to ``μ_min^{-1/2}``: float16
+   holds them for ``μ_min > 2.4e-10``) and, with ``lr > 0``, a preconditioned
+   gradient ``KKᵀ∇W`` beyond 65504: a result float16 cannot hold, physical.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import itertools
+import json
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -81,6 +94,7 @@ from reference.updates import (
     singd_step,
 )
 from singd import SINGD
+from singd.optim import updates
 
 #: Factor dtype name → torch dtype.
 TORCH_DTYPES = {
@@ -215,7 +229,10 @@ def residual_bound(dtype: str, mu: np.ndarray, lr_cov: float) -> float:
 
 
 def overflow_limit(dtype: str, stream: Stream, damping: float) -> bool:
-    """Whether ``‖M⁻¹‖_max``, the size of ``Π̂(KᵀK)`` at the fixed point, overflows ``dtype``."""
+    """Whether ``‖M⁻¹‖_max``, the size of ``Π̂(KᵀK)`` at the fixed point, overflows ``dtype``.
+
+    The limit of the paper's order (:func:`paper_order`, the emulated oracle), not of ``singd``.
+    """
     if dtype != "float16":
         return False
     return float(np.abs(target(stream, "float64", damping)).max()) > FLOAT16_MAX
@@ -368,6 +385,17 @@ def _guarded_step(
     return new if finite else None
 
 
+@contextlib.contextmanager
+def paper_order() -> Iterator[None]:
+    """Within the block torch ``SINGD`` forms ``λ·fl(Π̂(KᵀK))`` (``p = 1``), as before the fix."""
+    original = updates.self_inner_scale
+    updates.self_inner_scale = lambda damping: 1.0
+    try:
+        yield
+    finally:
+        updates.self_inner_scale = original
+
+
 def numbers_for(dtype: str) -> Numbers:
     """The oracle's number system for a factor dtype: emulated bf16/fp16, else float64."""
     return emulated_numbers(dtype) if dtype in ("bfloat16", "float16") else FLOAT64
@@ -387,9 +415,10 @@ class Measurement:
         tail_median: Median residual over the last half of the checkpoints (the
             stationary level of a run that fluctuates).
         floor: :func:`derived_floor`.
-        overflow: :func:`overflow_limit` (fp16 range).
+        overflow: :func:`overflow_limit` (fp16 range of the paper's order).
         skipped: Steps the torch optimizer skipped.
         seconds: Wall time.
+        order: ``"range-safe"`` (``singd``) or ``"paper"`` (:func:`paper_order`; torch only).
     """
 
     cond: float
@@ -403,6 +432,7 @@ class Measurement:
     overflow: bool
     skipped: int
     seconds: float
+    order: str = "range-safe"
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready fields."""
@@ -422,7 +452,8 @@ def measure(
 ) -> list[Measurement]:
     """Residuals of the stream ``(dim, cond, seed)`` after ``steps`` IKFAC steps, per system.
 
-    ``"emulated"`` is skipped for float32/float64 (no emulated system).
+    ``"emulated"`` is skipped for float32/float64 (no emulated system);
+    ``"torch-paper"`` is torch under :func:`paper_order`.
     """
     stream = stationary_stream(dim, cond, seed)
     hyper = ikfac_hyper(lr_cov, damping, structure)
@@ -434,6 +465,9 @@ def measure(
     for system in systems:
         if system == "torch":
             run = run_torch(stream, hyper, steps, dtype, checkpoints=checkpoints)
+        elif system == "torch-paper":
+            with paper_order():
+                run = run_torch(stream, hyper, steps, dtype, checkpoints=checkpoints)
         elif system == "emulated":
             if dtype not in ("bfloat16", "float16"):
                 continue
@@ -448,13 +482,14 @@ def measure(
                 damping,
                 kappa,
                 dtype,
-                system,
+                "torch" if system == "torch-paper" else system,
                 series[-1],
                 float(np.median(tail)),
                 derived_floor(dtype, mu, lr_cov),
                 overflow_limit(dtype, stream, damping),
                 run.skipped,
                 run.seconds,
+                "paper" if system == "torch-paper" else "range-safe",
             )
         )
     return results
@@ -463,3 +498,52 @@ def measure(
 def structure_mask(structure: str, dim: int) -> np.ndarray:
     """Where members of ``structure`` may be nonzero (``d × d`` boolean)."""
     return get_structure(structure).mask(dim)
+
+
+#: The issue's case-3 cells: ``(cond(U), λ)``.
+CASE3_CELLS = ((1e4, 1e-3), (1e8, 1e-6))
+
+
+def case3_cells(steps: int = 1000) -> list[Measurement]:
+    """Case 3 before/after: every cell × float32/bfloat16/float16, ``d = 32``, ``β1 = 0.1``.
+
+    Systems: torch (range-safe), the emulated oracle (paper's order) and float64
+    on the rounded inputs; for float16 also torch in the paper's order (before
+    the fix).  In float32/bfloat16 the two orders are bitwise equal (their range;
+    ``tests/optim/test_self_inner_range.py``), so they are run once.
+    """
+    results = []
+    for (cond, damping), dtype in itertools.product(
+        CASE3_CELLS, ("float32", "bfloat16", "float16")
+    ):
+        systems = ["torch", "emulated", "float64"]
+        if dtype == "float16":
+            systems.insert(1, "torch-paper")
+        results += measure(cond, damping, dtype, systems=systems, steps=steps)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m verification.fixed_point [--steps N] [--json PATH]``: the case-3 cells."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.steps < 20:
+        parser.error(f"--steps must be at least 20 (checkpoints every steps/20), got {args.steps}")
+    cells = case3_cells(args.steps)
+    for cell in cells:
+        print(
+            f"cond {cell.cond:.0e} λ {cell.damping:.0e} {cell.dtype:<9} {cell.system:<8} "
+            f"{cell.order:<10} residual {cell.residual:.3g} (tail {cell.tail_median:.3g}) "
+            f"level {cell.floor:.3g} skipped {cell.skipped} {cell.seconds:.1f}s",
+            flush=True,
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump([cell.as_dict() for cell in cells], handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -316,7 +316,9 @@ class SINGD(KroneckerOptimizer):
         return compute_copy(self._layer_states[name]["C"], G.dtype).project_inner(G.T)
 
     def _prepare_factor_step(self, layer: Layer, pending: PendingStatistics) -> FactorStepInputs:
-        inners = singd_self_inners(self._compute_state(layer, self._layer_states[layer.name]))
+        damping = self.param_groups[layer.group_index]["damping"]
+        state = self._compute_state(layer, self._layer_states[layer.name])
+        inners = singd_self_inners(state, damping)
         reads = singd_trace_terms(pending.input_summary, pending.grad_summary, inners)
         return FactorStepInputs(inners, reads)
 

@@ -8,6 +8,7 @@ functional optimizers do).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -28,14 +29,23 @@ class FactorState(NamedTuple):
 
 
 class SelfInners(NamedTuple):
-    """``Π̂(KᵀK)`` (d_i × d_i) and ``Π̂(CᵀC)`` (d_o × d_o), formed once per factor step."""
+    """``p²Π̂(KᵀK)`` (d_i × d_i) and ``p²Π̂(CᵀC)`` (d_o × d_o), formed once per factor step.
+
+    ``scale = p²`` (:func:`self_inner_scale`): the brackets add them with weight
+    ``λ/p²`` (IKFAC) or ``λ tr(·)/p²`` (default mode), so ``λ Π̂(KᵀK)`` is
+    formed as ``(λ/p²)·Π̂((pK)ᵀ(pK))``.
+    """
 
     K: StructuredMatrix
     C: StructuredMatrix
+    scale: float
 
 
 class Traces(NamedTuple):
-    """The traces the default-mode momenta weight with, read to the host as floats."""
+    """The traces the default-mode momenta weight with, read to the host as floats.
+
+    ``K_sq``, ``C_sq`` are the traces of :class:`SelfInners`: ``p² tr(KᵀK)``, ``p² tr(CᵀC)``.
+    """
 
     H_K: float
     H_C: float
@@ -43,9 +53,40 @@ class Traces(NamedTuple):
     C_sq: float
 
 
-def singd_self_inners(state: FactorState) -> SelfInners:
-    """``Π̂(KᵀK)`` and ``Π̂(CᵀC)`` of the factors from before the update."""
-    return SelfInners(state.K.project_self_inner(), state.C.project_self_inner())
+#: Headroom of :func:`self_inner_scale`: ``p²Π̂(KᵀK)`` stays below ``2^12`` (about 1/16 of
+#: float16's largest number, 65504) where ``λ Π̂(KᵀK)`` is at most 1.
+SELF_INNER_HEADROOM = 2.0**12
+
+
+def self_inner_scale(damping: float) -> float:
+    """``p = 2^e``, ``e = min(0, ⌊log₂(2^12 λ)/2⌋)``: the factor's scale in ``Π̂((pK)ᵀ(pK))``.
+
+    SPEC §1.3 needs ``λ Π̂(KᵀK)`` (IKFAC) or ``c² Π̂(KᵀK)``.  At the IKFAC fixed
+    point ``KᵀMK = I`` with ``M = U + λI ⪰ λI``, so ``λ KᵀK ⪯ I``: the term is at
+    most 1, but ``Π̂(KᵀK)`` alone reaches ``1/μ_min(M)`` and overflows float16
+    for ``μ_min < 1.5e-5`` (the stability issue's case 3).  With
+    ``p² ∈ (2^10 λ, 2^12 λ]`` the computed ``Π̂((pK)ᵀ(pK))`` is at most ``p²/λ ≤
+    2^12`` (Π̂ doubles off-diagonal entries for tril/triu: ``2^13``), 8× below
+    float16's largest number.  ``p`` is a power of two and never above 1, so
+    scaling is exact unless an entry falls below the dtype's smallest normal
+    number: where nothing overflows the result is bitwise that of
+    ``Π̂(KᵀK)`` times ``p²``, and for ``λ ≥ 2^-12`` (or ``λ = 0``) ``p = 1``.
+    """
+    if damping <= 0.0:
+        return 1.0
+    return 2.0 ** min(0, math.floor(math.log2(SELF_INNER_HEADROOM * damping) / 2))
+
+
+def singd_self_inners(state: FactorState, damping: float) -> SelfInners:
+    """``p²Π̂(KᵀK)`` and ``p²Π̂(CᵀC)`` of the factors from before the update (``p``: λ's).
+
+    Formed as ``Π̂((pK)ᵀ(pK))`` (:func:`self_inner_scale`), so range-safe in float16.
+    """
+    p = self_inner_scale(damping)
+    if p == 1.0:
+        return SelfInners(state.K.project_self_inner(), state.C.project_self_inner(), 1.0)
+    scaled_K, scaled_C = state.K.clone().mul_(p), state.C.clone().mul_(p)
+    return SelfInners(scaled_K.project_self_inner(), scaled_C.project_self_inner(), p * p)
 
 
 def singd_trace_terms(
@@ -87,7 +128,8 @@ def singd_factor_momenta(
         state: the factors and momenta from before this update.
         H_K: ``Π̂(Kᵀ U K)`` (d_i × d_i), computed with the current ``K``.
         H_C: ``Π̂(Cᵀ Gc C)`` (d_o × d_o), computed with the current ``C``.
-        inners: :func:`singd_self_inners` of ``state``.
+        inners: :func:`singd_self_inners` of ``state`` (scaled by ``inners.scale = p²``,
+            which every weight of an inner divides out again).
         traces: the values of :func:`singd_trace_terms` (not read with ``kfac_like``).
 
     Returns:
@@ -97,17 +139,18 @@ def singd_factor_momenta(
     d_i, d_o = state.K.dim, state.C.dim
     coef = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
     if kfac_like:
-        bracket_K = H_K.clone().add_(inners.K, alpha=damping).add_diag_(-1.0)
-        bracket_C = H_C.clone().mul_(grad_scale_correction).add_(inners.C, alpha=damping)
+        weight = damping / inners.scale  # λ Π̂(KᵀK) = (λ/p²)·p²Π̂(KᵀK)
+        bracket_K = H_K.clone().add_(inners.K, alpha=weight).add_diag_(-1.0)
+        bracket_C = H_C.clone().mul_(grad_scale_correction).add_(inners.C, alpha=weight)
         bracket_C.add_diag_(-1.0)
         return bracket_K.mul_(coef), bracket_C.mul_(coef)
     trace_H_C = traces.H_C * grad_scale_correction
     trace_H_K = traces.H_K * grad_scale_correction
-    c_sq = damping * traces.C_sq
-    kappa_sq = damping * traces.K_sq
-    bracket_K = H_K.clone().mul_(trace_H_C).add_(inners.K, alpha=c_sq)
+    c_sq = damping * traces.C_sq / inners.scale  # λ tr(CᵀC); dividing by p² is exact
+    kappa_sq = damping * traces.K_sq / inners.scale
+    bracket_K = H_K.clone().mul_(trace_H_C).add_(inners.K, alpha=c_sq / inners.scale)
     bracket_K.add_diag_(-float(d_o))
-    bracket_C = H_C.clone().mul_(trace_H_K).add_(inners.C, alpha=kappa_sq)
+    bracket_C = H_C.clone().mul_(trace_H_K).add_(inners.C, alpha=kappa_sq / inners.scale)
     bracket_C.add_diag_(-float(d_i))
     new_m_K = bracket_K.mul_(coef / d_o).add_(m_K, alpha=alpha1)
     new_m_C = bracket_C.mul_(coef / d_i).add_(m_C, alpha=alpha1)

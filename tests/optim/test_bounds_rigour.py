@@ -94,3 +94,22 @@ def test_diagonal_statistics_round_their_squares() -> None:
         [exact(rows.double().numpy())],
     )
     assert _ratio(computed, bounded) <= 1.0
+
+
+def test_power_of_two_scaling_charges_float16_underflow() -> None:
+    """``mul_(2⁻⁶)`` of float16 entries near 2⁻¹⁴ is exact except where it goes subnormal.
+
+    The scaled self-inner (``singd_self_inners``) scales ``K`` by a power of two
+    first; below 2⁻¹⁴ the result is rounded to the subnormal grid (spacing 2⁻²⁴).
+    The bound without the underflow term (exact scaling) must fail here, so the
+    case really exercises the term the rule charges.
+    """
+    arith = Arithmetic(model_for(torch.float16))
+    generator = torch.Generator().manual_seed(3)
+    x = (2.0**-9 * torch.randn(2000, generator=generator)).to(torch.float16)
+    power = 2.0**-6
+    scaled = arith.scale_by_power_of_two(exact(x.double().numpy()), power)
+    computed = x.clone().mul_(power)
+    assert _ratio(computed, scaled) <= 1.0
+    without_underflow = type(scaled)(scaled.value, np.zeros_like(scaled.error))
+    assert _ratio(computed, without_underflow) > 1.0
