@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from singd.optim import telemetry as telemetry_math
 from singd.optim import updates
 from singd.optim.base import FactorStepInputs, KroneckerOptimizer, LayerState
 from singd.optim.compat import FactorView, ModuleNameView
@@ -140,6 +142,10 @@ class SINGD(KroneckerOptimizer):
             rounding of the float32 update), ``"master"`` (float32 ``K``,
             ``C``; products with a half copy) or ``None`` (plain update).  See
             ``docs/optimizer.md``, "Swamping guard".
+        telemetry: record, at every factor step, the share of each factor's
+            entries that the step left unchanged (:meth:`telemetry`); off: no
+            work at all.  One extra ``K m`` product per factor and step, no
+            host sync.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -173,7 +179,14 @@ class SINGD(KroneckerOptimizer):
         init_grad_scale: float = 1.0,
         normalize_lr_cov: bool = False,
         factor_guard: str | None = DEFAULT_FACTOR_GUARD,
+        telemetry: bool = False,
     ) -> None:
+        if not isinstance(telemetry, bool):
+            raise TypeError(f"telemetry must be True or False, got {telemetry!r}")
+        self._telemetry = telemetry
+        #: Layer name → the last factor step's record, and the last one known to be taken.
+        self._telemetry_pending: dict[str, _TelemetryRecord] = {}
+        self._telemetry_taken: dict[str, _TelemetryRecord] = {}
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -348,6 +361,8 @@ class SINGD(KroneckerOptimizer):
             grad_scale_correction=correction,
             factor_steps=self._factor_steps(layer, group, state, guard_entries),
         )
+        if self._telemetry:
+            self._record_telemetry(layer, state, new)
         keep_momenta = group["alpha1"] != 0.0
         return {
             **state,
@@ -368,6 +383,76 @@ class SINGD(KroneckerOptimizer):
             type(state[factor]).storage_numel(dim) ** 2 / dim
             for factor, dim in (("K", layer.input_dim), ("C", layer.output_dim))
         )
+
+    def _record_telemetry(self, layer: Layer, state: LayerState, new: FactorState) -> None:
+        """Keep the share of entries this factor step rounded away (0-dim tensors, no sync).
+
+        A step may still be skipped after this (non-finite results): a record
+        counts as taken once the live factors are the ones it describes.
+        """
+        name = layer.name
+        previous = self._telemetry_pending.get(name)
+        if previous is not None and self._layer_states[name]["K"] is previous.K:
+            self._telemetry_taken[name] = previous
+        compute = self._compute_state(layer, state)
+        stuck = tuple(
+            telemetry_math.rounded_to_nothing(state[factor], after, computed @ momentum)
+            for factor, after, computed, momentum in (
+                ("K", new.K, compute.K, new.m_K),
+                ("C", new.C, compute.C, new.m_C),
+            )
+        )
+        self._telemetry_pending[name] = _TelemetryRecord(new.K, new.C, stuck)
+
+    def telemetry(
+        self, statistics: dict[str, tuple[Tensor | None, Tensor | None]] | None = None
+    ) -> dict[str, LayerTelemetry]:
+        """Per layer: swamped entries, condition estimates, IKFAC residuals (host syncs).
+
+        Args:
+            statistics: optional ``{layer: (U, Gc)}`` (dense, ``d_i~ × d_i~`` and
+                ``d_o × d_o``; either may be ``None``) for the IKFAC residuals
+                ``‖Kᵀ(U + λI)K − I‖₂`` and ``‖Cᵀ(Gc + λI)C − I‖₂``.
+
+        Returns:
+            Layer name → :class:`LayerTelemetry`.  ``rounded_to_nothing_*`` are
+            ``None`` without ``telemetry=True`` or before a factor step is taken.
+
+        Raises:
+            ValueError: ``statistics`` names a layer the optimizer does not have.
+        """
+        statistics = statistics or {}
+        unknown = sorted(set(statistics) - set(self._layers))
+        if unknown:
+            raise ValueError(f"telemetry: no layer named {unknown} (layers: {self.layer_names()})")
+        report = {}
+        for name in self.layer_names():
+            state = self._layer_states[name]
+            record = self._telemetry_pending.get(name)
+            if record is None or state["K"] is not record.K:
+                record = self._telemetry_taken.get(name)
+            stuck = (None, None) if record is None else tuple(float(x) for x in record.stuck)
+            damping = self.param_groups[self._layers[name].group_index]["damping"]
+            u, gc = statistics.get(name, (None, None))
+            report[name] = LayerTelemetry(
+                rounded_to_nothing_K=stuck[0],
+                rounded_to_nothing_C=stuck[1],
+                gram_K=telemetry_math.gram_extremes(state["K"]),
+                gram_C=telemetry_math.gram_extremes(state["C"]),
+                ikfac_residual_K=(
+                    None if u is None else telemetry_math.ikfac_residual(state["K"], u, damping)
+                ),
+                ikfac_residual_C=(
+                    None if gc is None else telemetry_math.ikfac_residual(state["C"], gc, damping)
+                ),
+            )
+        return report
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :class:`KroneckerOptimizer`'s; the telemetry of the old factors is dropped."""
+        super().load_state_dict(state_dict)
+        self._telemetry_pending.clear()
+        self._telemetry_taken.clear()
 
     def _precondition(self, layer: Layer, state: LayerState, grad: Tensor) -> Tensor:
         K, C, _, _ = self._compute_state(layer, state)
@@ -433,6 +518,36 @@ class SINGD(KroneckerOptimizer):
             if key in restored:
                 _check_compensation(f"{layer.name}.{key}", restored[key], restored[factor])
         return restored
+
+
+class _TelemetryRecord(NamedTuple):
+    """The factors one factor step produced and the shares of entries it left unchanged."""
+
+    K: StructuredMatrix
+    C: StructuredMatrix
+    stuck: tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class LayerTelemetry:
+    """One layer's :meth:`SINGD.telemetry`.
+
+    Attributes:
+        rounded_to_nothing_K: share of ``K``'s stored entries the last taken factor
+            step left unchanged although ``K m_K`` is nonzero there (swamping).
+        rounded_to_nothing_C: the same for ``C``.
+        gram_K: power-iteration ``λ_max``, ``λ_min`` (``.condition``) of ``KKᵀ``.
+        gram_C: the same for ``CCᵀ``.
+        ikfac_residual_K: ``‖Kᵀ(U + λI)K − I‖₂`` when ``U`` was given.
+        ikfac_residual_C: ``‖Cᵀ(Gc + λI)C − I‖₂`` when ``Gc`` was given.
+    """
+
+    rounded_to_nothing_K: float | None
+    rounded_to_nothing_C: float | None
+    gram_K: telemetry_math.GramExtremes
+    gram_C: telemetry_math.GramExtremes
+    ikfac_residual_K: float | None
+    ikfac_residual_C: float | None
 
 
 def _every_layer(name: str) -> bool:

@@ -32,6 +32,7 @@ SINGD_SIGNATURE = [
     ("init_grad_scale", 1.0),
     ("normalize_lr_cov", False),
     ("factor_guard", "compensated"),  # ours, after the public package's arguments
+    ("telemetry", False),  # ours
 ]
 KFAC_SIGNATURE = [
     ("model", inspect.Parameter.empty),

@@ -31,6 +31,7 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     [
         lambda m: SINGD(m, T=1, structures=("tril", "diagonal")),
         lambda m: SINGD(m, T=1, kfac_like=True, alpha1=0.0),
+        lambda m: SINGD(m, T=1, telemetry=True),  # telemetry records on the device
         lambda m: KFAC(m, T=1),
     ],
 )
