@@ -17,7 +17,9 @@ ten minutes on two cores, and keeps their JSON in ``verification-report/``):
 * ``structure-costs``: ``python scripts/structure_costs.py --json``;
 * ``optimizer-costs``: ``python scripts/optimizer_costs.py --json`` (the asv benchmark's code);
 * ``step-ratios``: ``python scripts/step_ratio.py [--compare-python $SINGD_PUBLIC_PYTHON] --json``
-  (ratios to AdamW, beside the public package when ``SINGD_PUBLIC_PYTHON`` names its Python).
+  (ratios to AdamW, beside the public package when ``SINGD_PUBLIC_PYTHON`` names its Python);
+* ``case3``: ``python -m verification.fixed_point --json`` (the IKFAC fixed point, before/after);
+* ``training``: ``python -m verification.training --json`` (digits, 1000 steps per precision).
 
 ``--check`` compares the committed blocks with the regenerated ones, number by
 number, and exits 1 when one differs by more than what legitimately varies
@@ -29,7 +31,9 @@ CPUs and builds: an error/bound ratio, an error in eps or a probe ratio may
 move by ``RTOL_ROUNDING`` = 25 % relative plus ``0.05`` (ratios) or one eps /
 one ulp (errors, visibilities, resolutions) absolute; a digits accuracy by
 0.015 (8 of the 540 test images) and a final training loss by a factor 2
-(400 bf16 steps amplify a changed rounding).  A block whose rows or text
+(400 bf16 steps amplify a changed rounding); for the same reason a 1000-step
+training run's preconditioner deviation and a fixed-point residual (a
+stationary fluctuation) by a factor 2.  A block whose rows or text
 differ is stale whatever the numbers.
 """
 
@@ -400,6 +404,43 @@ def step_ratios_block(source: dict) -> list[str]:
     return [*_table(header, rows), "", note, "", _source_stamp(source)]
 
 
+def case3_block(source: dict) -> list[str]:
+    """The case-3 cells: residual per dtype, system and order (``verification.fixed_point``)."""
+    rows = [
+        [
+            f"{cell['cond']:.0e}",
+            f"{cell['damping']:.0e}",
+            cell["dtype"],
+            cell["system"],
+            cell["order"] if cell["system"] == "torch" else "paper",  # the oracle's order
+            f"{cell['residual']:.2g}",
+            f"{cell['tail_median']:.2g}",
+            f"{cell['floor']:.2g}",
+            str(cell["skipped"]),
+        ]
+        for cell in source["result"]
+    ]
+    header = [
+        "cond(U)",
+        "λ",
+        "dtype",
+        "system",
+        "order",
+        "residual",
+        "tail median",
+        "derived level",
+        "skipped",
+    ]
+    return [*_table(header, rows), "", _source_stamp(source)]
+
+
+def training_block(source: dict) -> list[str]:
+    """The digits training runs (``verification.training``)."""
+    from verification.training import TABLE_HEADER, table_rows
+
+    return [*_table(TABLE_HEADER, table_rows(source["result"]["runs"])), "", _source_stamp(source)]
+
+
 # ------------------------------------------------------------ blocks, sources
 @dataclass(frozen=True)
 class Rule:
@@ -492,6 +533,25 @@ BLOCKS: dict[str, Block] = {
         "optimizer-costs", optimizer_costs_block, columns={"step time": TIMING}
     ),
     "step-ratios": Block("step-ratios", step_ratios_block, default=TIMING),
+    "case3": Block(
+        "case3",
+        case3_block,
+        columns={
+            "residual": Rule(rtol=0.5),
+            "tail median": Rule(rtol=0.5),
+            "derived level": Rule(RTOL_ROUNDING),
+        },
+    ),
+    "training": Block(
+        "training",
+        training_block,
+        columns={
+            "test accuracy": Rule(atol=0.015),
+            "final train loss": Rule(rtol=0.5),
+            "KKᵀ deviation: final / max": Rule(rtol=0.5),
+            "CCᵀ deviation: final / max": Rule(rtol=0.5),
+        },
+    ),
 }
 
 #: Source -> the commands ``--run`` runs (``{out}``: where the JSON goes).
@@ -525,6 +585,8 @@ SOURCES: dict[str, list[list[str]]] = {
             "{out}/step-ratios.json",
         ]
     ],
+    "case3": [[sys.executable, "-m", "verification.fixed_point", "--json", "{out}/case3.json"]],
+    "training": [[sys.executable, "-m", "verification.training", "--json", "{out}/training.json"]],
 }
 
 

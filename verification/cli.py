@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="stability map on the digits MLP (verification/stability.py): default (~30 s), "
         "medium, full (about an hour); off by default with --quick, else default",
     )
+    parser.add_argument(
+        "--training",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also train the digits MLP and conv net for STEPS steps in every precision "
+        "against float64 (verification/training.py; 1000 steps: about 2 minutes); off by default",
+    )
     return parser
 
 
@@ -142,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: Arguments without the program name (``sys.argv[1:]`` when None).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.training < 0:
+        parser.error(f"--training must be a number of steps >= 0, got {args.training}")
     grid = args.grid or ("quick" if args.quick else "default")
     start = time.perf_counter()
     print("oracle self-check ...", flush=True)
@@ -169,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  resolution {precision:<26} δ = {found['delta']:.2g}")
     args.out.mkdir(parents=True, exist_ok=True)
     stability = _stability(args.stability or ("off" if args.quick else "default"), args.out)
+    training = None
+    if args.training > 0:
+        from verification import training as training_runs
+
+        print(f"\ntraining on digits, {args.training} steps per run ...", flush=True)
+        begin = time.perf_counter()
+        runs = training_runs.run_all(args.training, progress=True)
+        training = training_runs.summary(runs, time.perf_counter() - begin)
     note = matplotlib_missing()
     plots = () if note else write_plots(results, args.out)
     report = Report(
@@ -181,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         calibrations,
         mutations,
         stability=stability,
+        training=training,
     )
     markdown, _ = write_report(report, args.out)
     if args.json is not None:

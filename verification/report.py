@@ -77,6 +77,8 @@ class Report:
         env: :func:`environment` at the time of the run.
         stability: :func:`verification.stability.stability_map` (with its ``plot``), or
             ``None`` if not run; descriptive, never part of the verdict.
+        training: :func:`verification.training.summary`, or ``None`` if not run
+            (``--training``); descriptive, never part of the verdict.
     """
 
     checks: list[Check]
@@ -89,6 +91,7 @@ class Report:
     mutations: dict[str, object] | None = None
     env: dict[str, str] = field(default_factory=lambda: environment())
     stability: dict[str, object] | None = None
+    training: dict[str, object] | None = None
 
     @property
     def passed(self) -> bool:
@@ -211,6 +214,7 @@ def as_json(report: Report) -> dict[str, object]:
         "plots": list(report.plots),
         "plot_note": report.plot_note,
         "stability": report.stability,
+        "training": report.training,
     }
 
 
@@ -517,6 +521,10 @@ def as_markdown(report: Report) -> str:
     lines += _model_section(report.calibrations)
     lines += _mutation_section(report.mutations)
     lines += _stability_section(report.stability)
+    if report.training is not None:
+        from verification.training import markdown as training_markdown
+
+        lines += training_markdown(report.training)
     lines += _selfcheck_section(report.checks)
     lines += ["## Environment", ""]
     lines += _table(["", ""], [[key, value] for key, value in env.items()])
