@@ -93,11 +93,22 @@ def test_long_horizon_short_cases_agree_with_the_model() -> None:
         longhorizon.Case(("dense", "dense"), "bfloat16", 1e8, "ikfac", 40),
         longhorizon.Case(("tril", "diagonal"), "float32+bfloat16 factors", 1e4, "singd", 40),
     )
-    for result in longhorizon.run_cases(cases):
+    results = longhorizon.run_cases(cases)
+    for result in results:
         assert result.passed, longhorizon.format_row(result)
         assert result.skipped == 0 and math.isfinite(result.drift_torch)
         if result.drift_emulated is not None:
             assert math.isfinite(result.drift_emulated)
+    text = "\n".join(longhorizon.markdown(longhorizon.summary(results, "tiny", 1.0)))
+    assert "2/2 cases within" in text and "| dense/dense | bfloat16 | 1e+08 | ikfac | 40 |" in text
+
+
+def test_long_horizon_grids() -> None:
+    """default 8 × 100 steps; medium 5 structures and full all 14, × 4 precisions × 3 conds × 2."""
+    assert [len(longhorizon.grid_cases(g)) for g in ("default", "medium", "full")] == [8, 120, 336]
+    assert {c.steps for c in longhorizon.grid_cases("medium")} == {1000}
+    with pytest.raises(ValueError, match="long-horizon grid must be"):
+        longhorizon.grid_cases("huge")
 
 
 def test_stability_labels_follow_their_definitions() -> None:

@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         "medium, full (about an hour); off by default with --quick, else default",
     )
     parser.add_argument(
+        "--long-horizon",
+        choices=("off", "default", "medium", "full"),
+        default="off",
+        help="long-horizon factor dynamics on a fixed statistics stream "
+        "(verification/longhorizon.py): default (8 cases × 100 steps), medium (120 × 1000), "
+        "full (336 × 1000, hours); off by default; in the verdict when run",
+    )
+    parser.add_argument(
         "--training",
         type=int,
         default=0,
@@ -180,6 +188,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  resolution {precision:<26} δ = {found['delta']:.2g}")
     args.out.mkdir(parents=True, exist_ok=True)
     stability = _stability(args.stability or ("off" if args.quick else "default"), args.out)
+    long_horizon = None
+    if args.long_horizon != "off":
+        from verification import longhorizon
+
+        cases = longhorizon.grid_cases(args.long_horizon)
+        print(f"\nlong horizon, grid {args.long_horizon!r} ({len(cases)} cases) ...", flush=True)
+        begin = time.perf_counter()
+        found = longhorizon.run_cases(cases, progress=True)
+        long_horizon = longhorizon.summary(found, args.long_horizon, time.perf_counter() - begin)
     training = None
     if args.training > 0:
         from verification import training as training_runs
@@ -201,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         mutations,
         stability=stability,
         training=training,
+        long_horizon=long_horizon,
     )
     markdown, _ = write_report(report, args.out)
     if args.json is not None:

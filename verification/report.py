@@ -79,6 +79,8 @@ class Report:
             ``None`` if not run; descriptive, never part of the verdict.
         training: :func:`verification.training.summary`, or ``None`` if not run
             (``--training``); descriptive, never part of the verdict.
+        long_horizon: :func:`verification.longhorizon.summary`, or ``None`` if not
+            run (``--long-horizon``); when run, every case must pass its block bound.
     """
 
     checks: list[Check]
@@ -92,15 +94,21 @@ class Report:
     env: dict[str, str] = field(default_factory=lambda: environment())
     stability: dict[str, object] | None = None
     training: dict[str, object] | None = None
+    long_horizon: dict[str, object] | None = None
 
     @property
     def passed(self) -> bool:
-        """Whether every self-check, probe, comparison and (if run) mutant verdict passed."""
+        """Whether every self-check, probe, comparison and (if run) mutant and long-horizon
+        verdict passed."""
         return (
             all(check.passed for check in self.checks)
             and all(calibration.passed for calibration in self.calibrations)
             and all(result.passed for result in self.results)
             and (self.mutations is None or bool(self.mutations["ok"]))
+            and (
+                self.long_horizon is None
+                or self.long_horizon["passed"] == self.long_horizon["cases"]
+            )
         )
 
 
@@ -215,6 +223,7 @@ def as_json(report: Report) -> dict[str, object]:
         "plot_note": report.plot_note,
         "stability": report.stability,
         "training": report.training,
+        "long_horizon": report.long_horizon,
     }
 
 
@@ -521,6 +530,10 @@ def as_markdown(report: Report) -> str:
     lines += _model_section(report.calibrations)
     lines += _mutation_section(report.mutations)
     lines += _stability_section(report.stability)
+    if report.long_horizon is not None:
+        from verification.longhorizon import markdown as long_horizon_markdown
+
+        lines += long_horizon_markdown(report.long_horizon)
     if report.training is not None:
         from verification.training import markdown as training_markdown
 
