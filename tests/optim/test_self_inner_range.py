@@ -9,10 +9,16 @@ bound; the paper's order (``p = 1``) overflows, skips the steps and freezes ``K`
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 
 from singd.optim import updates
+from verification import longhorizon
+from verification.arithmetic import precision_for
+from verification.comparison import compare_singd_blocks
 from verification.fixed_point import (
     FLOAT16_MAX,
     ikfac_hyper,
@@ -24,6 +30,8 @@ from verification.fixed_point import (
     stationary_stream,
     target,
 )
+from verification.recording import record_run
+from verification.scenarios import FACTOR_GUARD, make_singd
 
 #: β1: contraction ``1 − β1`` per step (fixed_point docstring).
 LR_COV = 0.1
@@ -84,3 +92,24 @@ def test_both_orders_are_bitwise_equal_within_range(dtype: str, structure: str) 
         old = run_torch(stream, hyper, 40, dtype, checkpoints=checkpoints)
     for k_new, k_old in zip(new.factors, old.factors, strict=True):
         np.testing.assert_array_equal(k_new, k_old)
+
+
+def test_bounds_mirror_holds_with_the_scaled_inner() -> None:
+    """Teacher-forced blocks of the long-horizon stream, fp16 IKFAC, λ = 1e-6: error/bound ≤ 1.
+
+    ``p = 2^-4`` here, so the mirror scales ``K`` before ``Π̂((pK)ᵀ(pK))`` and charges
+    its subnormal rounding (``Arithmetic.scale_by_power_of_two``); the bound is the
+    verifier's (rule: error/bound ≤ 1, as in ``singd-verify``).
+    """
+    case = longhorizon.Case(("dense", "dense"), "float16", 1e8, "ikfac", 60)
+    assert updates.self_inner_scale(DAMPING) == 2.0**-4
+    hyper = dataclasses.replace(longhorizon.hyper_of(case), damping=DAMPING)
+    torch.manual_seed(0)
+    model = longhorizon._SCENARIO.make_model().to(torch.float16)
+    optimizer = make_singd(model, longhorizon._SCENARIO, hyper, None)
+    run = record_run(model, optimizer, longhorizon._loss_function(case.cond, torch.float16), 60)
+    assert optimizer.steps == 60
+    precision = precision_for(torch.float16, None, factor_guard=FACTOR_GUARD)
+    blocks = compare_singd_blocks(run, hyper, precision, "expand", None, block=longhorizon.BLOCK)
+    worst = max(0.0 if d.error == 0 else d.error / d.bound for d in blocks)
+    assert worst <= 1.0
