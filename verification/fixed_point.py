@@ -418,7 +418,8 @@ class Measurement:
         overflow: :func:`overflow_limit` (fp16 range of the paper's order).
         skipped: Steps the torch optimizer skipped.
         seconds: Wall time.
-        order: ``"range-safe"`` (``singd``) or ``"paper"`` (:func:`paper_order`; torch only).
+        order: ``"range-safe"`` (``singd``) or ``"paper"`` (torch under :func:`paper_order`,
+            and the oracles, which implement the paper's order).
     """
 
     cond: float
@@ -432,7 +433,7 @@ class Measurement:
     overflow: bool
     skipped: int
     seconds: float
-    order: str = "range-safe"
+    order: str
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready fields."""
@@ -489,7 +490,7 @@ def measure(
                 overflow_limit(dtype, stream, damping),
                 run.skipped,
                 run.seconds,
-                "paper" if system == "torch-paper" else "range-safe",
+                "range-safe" if system == "torch" else "paper",  # the oracle's order is the paper's
             )
         )
     return results
