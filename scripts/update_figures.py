@@ -10,7 +10,8 @@ A block is the text between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -
 in README.md or docs/*.md; each is regenerated whole from one command's JSON,
 with the command, machine and date stamped under it, so no figure in a block
 is typed by hand.  The commands (:data:`SOURCES`; ``--run`` runs them, about
-ten minutes on two cores, and keeps their JSON in ``verification-report/``):
+fifteen minutes on two cores, six of them case3 and training, and keeps their
+JSON in ``verification-report/``):
 
 * ``report``: ``python -m verification --out verification-report`` (``singd-verify``);
 * ``digits``: ``python -m verification.experiments.digits --seed N --json`` for N = 0, 1, 2;
