@@ -40,6 +40,8 @@ def test_every_precision_trains_and_the_json_is_complete(tmp_path: Path) -> None
         assert run["skipped"] == 0 and run["non_finite_losses"] == 0, run
         assert 0.0 <= run["test_accuracy"] <= 1.0 and math.isfinite(run["final_train_loss"])
         assert run["checkpoints"] == [STEPS]
+        assert all(0.0 <= share <= 1.0 for share in run["rounded_to_nothing"].values())
+        assert run["condition_KKt"] >= 1.0  # λ_max/λ_min, both power-iteration estimates
         if run["precision"] == "float64":
             assert run["deviation"] == {"K": [], "C": []}
             continue

@@ -14,7 +14,10 @@ of 64 from a seeded generator, the digits experiment's hyper-parameters) in
 and once in float64 (model and factors), from the same initial weights (the
 float32 initialisation, rounded to the run's dtype) and the same mini-batch
 order.  Per run: test accuracy, final training loss, steps the optimizer
-skipped, non-finite losses, and the preconditioner's deviation from the
+skipped, non-finite losses, the telemetry of the last step (``SINGD(...,
+telemetry=True)``: the largest share over layers of factor entries the step
+rounded to nothing, and the largest power-iteration condition number of
+``KKᵀ``), and the preconditioner's deviation from the
 float64 run, ``‖KKᵀ − K₆₄K₆₄ᵀ‖_F / ‖K₆₄K₆₄ᵀ‖_F`` (and ``CCᵀ``), the largest over
 layers, at every checkpoint.  The deviation is the whole trajectory's: the
 runs see different rounding, so weights, statistics and factors part ways.
@@ -97,6 +100,9 @@ class TrainingRun:
             layers of ``KKᵀ`` (``CCᵀ``) from the float64 run at each checkpoint
             (empty for the float64 run itself).
         checkpoints: Step counts of ``deviation``.
+        rounded_to_nothing: ``{"K": share, "C": share}``: the largest over layers of
+            the share of entries the last factor step left unchanged (telemetry).
+        condition_KKt: The largest power-iteration ``cond(KKᵀ)`` over layers, at the end.
         seconds: Wall time.
     """
 
@@ -109,6 +115,8 @@ class TrainingRun:
     final_train_loss: float
     deviation: dict[str, list[float]]
     checkpoints: list[int]
+    rounded_to_nothing: dict[str, float]
+    condition_KKt: float
     seconds: float
 
     def as_dict(self) -> dict[str, object]:
@@ -181,6 +189,7 @@ def train(
         model,
         structures=("dense", "dense"),
         preconditioner_dtype=(factor_dtype, factor_dtype),
+        telemetry=True,
         **KRONECKER_HYPER,
     )
     scaler = torch.amp.GradScaler(device) if scaled else None
@@ -214,6 +223,10 @@ def train(
                     )
                 )
     accuracy, final_loss = _evaluate(model, x, y, x_test, y_test)
+    report = optimizer.telemetry().values()
+    stuck = {
+        f: max(getattr(layer, f"rounded_to_nothing_{f}") or 0.0 for layer in report) for f in "KC"
+    }
     run = TrainingRun(
         model_name,
         label,
@@ -224,6 +237,8 @@ def train(
         final_loss,
         deviation,
         sorted(grams),
+        stuck,
+        max(layer.gram_K.condition for layer in report),
         time.perf_counter() - start,
     )
     return run, grams
@@ -278,6 +293,8 @@ def table_rows(runs: Sequence[dict]) -> list[list[str]]:
                 str(run["skipped"]),
                 str(run["non_finite_losses"]),
                 *deviation,
+                f"{run['rounded_to_nothing']['K']:.2f} / {run['rounded_to_nothing']['C']:.2f}",
+                f"{run['condition_KKt']:.2g}",
             ]
         )
     return rows
@@ -293,6 +310,8 @@ TABLE_HEADER = [
     "non-finite losses",
     "KKᵀ deviation: final / max",
     "CCᵀ deviation: final / max",
+    "rounded to nothing, last step: K / C",
+    "cond(KKᵀ)",
 ]
 
 
