@@ -66,8 +66,11 @@ def self_inner_scale(damping: float) -> float:
     most 1, but ``Π̂(KᵀK)`` alone reaches ``1/μ_min(M)`` and overflows float16
     for ``μ_min < 1.5e-5`` (the stability issue's case 3).  With
     ``p² ∈ (2^10 λ, 2^12 λ]`` the computed ``Π̂((pK)ᵀ(pK))`` is at most ``p²/λ ≤
-    2^12`` (Π̂ doubles off-diagonal entries for tril/triu: ``2^13``), 8× below
-    float16's largest number.  ``p`` is a power of two and never above 1, so
+    2^12`` (Π̂ doubles off-diagonal entries for tril/triu: ``2^13``), about 8×
+    below float16's largest number.  In the default mode the fixed point gives
+    ``c² KᵀK ⪯ d_o I`` (``c² = λ tr(CᵀC)``), so the product is at most
+    ``2^12 d_o / tr(CᵀC)``: range-safe while ``tr(CᵀC) ≥ d_o/16`` (``C`` starts at
+    ``tr(CᵀC) = d_o``).  ``p`` is a power of two and never above 1, so
     scaling is exact unless an entry falls below the dtype's smallest normal
     number: where nothing overflows the result is bitwise that of
     ``Π̂(KᵀK)`` times ``p²``, and for ``λ ≥ 2^-12`` (or ``λ = 0``) ``p = 1``.
