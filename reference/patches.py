@@ -1,4 +1,4 @@
-"""Input patches of a 2-D convolution, written out with loops (SPEC §1.1, Conv2d rows).
+"""Input patches of a convolution, written out with loops (SPEC §1.1, SPEC-layers Conv rows).
 
 A convolution with weight ``w`` of shape ``[C_out, C_in/groups, k_h, k_w]``
 is, per channel group, a matrix product of the weight flattened from dim 1
@@ -11,6 +11,9 @@ Everything works on float64 arrays and on object arrays of ``mpmath.mpf``.
 """
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import numpy as np
 
@@ -212,3 +215,66 @@ def conv2d_forward(
     h_out = output_size(x.shape[2], kernel[0], strides[0], dilations[0], top, bottom)
     w_out = output_size(x.shape[3], kernel[1], strides[1], dilations[1], left, right)
     return y.transpose(0, 2, 1).reshape(x.shape[0], c_out, h_out, w_out)
+
+
+def extract_patches_nd(
+    x: np.ndarray,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[tuple[int, int], ...],
+    dilation: tuple[int, ...],
+) -> np.ndarray:
+    """The input patches of an ``r``-D convolution (r = 1, 2, 3), one row per output location.
+
+    The same definition as :func:`extract_patches` for any number of spatial
+    dims: row ``r`` = the output location in row-major order, column = the
+    ``(c, k_1, …, k_r)`` index in row-major order (the flattened weight's layout).
+
+    Args:
+        x: Input, shape ``[B, C, *spatial]`` (float64 or ``mpf`` objects).
+        kernel: ``(k_1, …, k_r)``.
+        stride: ``(s_1, …, s_r)``.
+        padding: ``((before, after), …)`` zero padding per spatial dim.
+        dilation: ``(d_1, …, d_r)``.
+
+    Returns:
+        Patches, shape ``[B, Π O, C · Π k]``.
+
+    Raises:
+        ValueError: If the lengths disagree or an output size is below 1.
+    """
+    x = np.asarray(x)
+    rank = x.ndim - 2
+    if not len(kernel) == len(stride) == len(padding) == len(dilation) == rank:
+        raise ValueError(f"x of shape {x.shape} needs {rank} kernel/stride/padding/dilation values")
+    sizes = [
+        output_size(n, k, s, d, before, after)
+        for n, k, s, d, (before, after) in zip(
+            x.shape[2:], kernel, stride, dilation, padding, strict=True
+        )
+    ]
+    if min(sizes) < 1:
+        raise ValueError(f"padded input of shape {x.shape} is smaller than the dilated kernel")
+    padded_shape = [
+        n + before + after for n, (before, after) in zip(x.shape[2:], padding, strict=True)
+    ]
+    padded = np.zeros((*x.shape[:2], *padded_shape), x.dtype)
+    if x.dtype == object:
+        padded.fill(x.flat[0] * 0 if x.size else 0)  # zeros of the input's number type
+    inner = tuple(
+        slice(before, before + n) for n, (before, _) in zip(x.shape[2:], padding, strict=True)
+    )
+    padded[(slice(None), slice(None), *inner)] = x
+    batch, channels = x.shape[:2]
+    patches = np.empty((batch, math.prod(sizes), channels * math.prod(kernel)), dtype=x.dtype)
+    for row, location in enumerate(itertools.product(*(range(size) for size in sizes))):
+        columns = []
+        for offsets in itertools.product(*(range(k) for k in kernel)):
+            index = tuple(
+                o * s + j * d
+                for o, s, j, d in zip(location, stride, offsets, dilation, strict=True)
+            )
+            columns.append(padded[(slice(None), slice(None), *index)])  # [B, C]
+        # columns: kernel offsets (row-major); the weight's layout puts the channel first
+        patches[:, row, :] = np.stack(columns, axis=2).reshape(batch, -1)
+    return patches

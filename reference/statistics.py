@@ -30,7 +30,13 @@ import numpy as np
 from mpmath import mp
 
 from reference.numbers import same_system
-from reference.patches import extract_patches, output_size, pair, resolve_padding
+from reference.patches import (
+    extract_patches,
+    extract_patches_nd,
+    output_size,
+    pair,
+    resolve_padding,
+)
 
 #: The KFAC flavours of SPEC §1.1.
 APPROXIMATIONS: tuple[str, ...] = ("expand", "reduce")
@@ -239,6 +245,130 @@ def conv2d_statistics(
     a = per_group.sum(axis=2) / groups
     g_rows = g.reshape(batch, c_out, locations).transpose(0, 2, 1)
     return shared_format_statistics(a, g_rows, bias=bias, approx=approx, loss_average=loss_average)
+
+
+def _nd_padding(
+    padding: int | tuple[int, ...] | str, kernel: tuple[int, ...], dilation: tuple[int, ...]
+) -> tuple[tuple[int, int], ...]:
+    """``(before, after)`` zero padding per dim with ``torch.nn.Conv{1,2,3}d``'s meaning.
+
+    ``"same"``: a total of ``d(k − 1)`` per dim, ``total // 2`` before and the
+    rest after; ``"valid"``: none; an int: that on both sides of every dim.
+    """
+    if padding == "valid":
+        return tuple((0, 0) for _ in kernel)
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+        return tuple((total // 2, total - total // 2) for total in totals)
+    if isinstance(padding, str):
+        raise ValueError(f"padding string must be 'same' or 'valid', got {padding!r}")
+    pads = (padding,) * len(kernel) if isinstance(padding, int) else tuple(padding)
+    if len(pads) != len(kernel) or min(pads) < 0:
+        raise ValueError(f"padding must be {len(kernel)} non-negative ints, got {padding!r}")
+    return tuple((pad, pad) for pad in pads)
+
+
+def conv_statistics(
+    x: np.ndarray,
+    g: np.ndarray,
+    *,
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: int | tuple[int, ...] | str,
+    dilation: tuple[int, ...],
+    groups: int = 1,
+    bias: bool,
+    approx: str = "expand",
+    loss_average: str | None = "batch",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``A``, ``G`` of a Conv1d/2d/3d layer (SPEC-layers, Conv): patches as rows, groups averaged.
+
+    As :func:`conv2d_statistics` for ``r`` spatial dims, with the patches of
+    :func:`reference.patches.extract_patches_nd`.
+
+    Args:
+        x: Layer input, shape ``[B, C_in, *spatial]`` (``r`` spatial dims).
+        g: Output gradient, shape ``[B, C_out, *O]``.
+        kernel_size, stride, dilation: ``r`` ints each.
+        padding: ``r`` ints, one int, ``"same"`` or ``"valid"``.
+        groups, bias, approx, loss_average: as for :func:`conv2d_statistics`.
+
+    Raises:
+        ValueError: On mismatched ranks or batch sizes, channels not divisible
+            by ``groups``, or ``g``'s spatial size not the output size.
+    """
+    check_choices(approx, loss_average)
+    x, g = _as_numbers(x), _as_numbers(g)
+    rank = len(kernel_size)
+    if x.ndim != rank + 2 or g.ndim != rank + 2 or x.shape[0] != g.shape[0]:
+        raise ValueError(f"x and g need shapes [B, C, *{rank} dims], got {x.shape}, {g.shape}")
+    c_in, c_out = x.shape[1], g.shape[1]
+    if groups < 1 or c_in % groups or c_out % groups:
+        raise ValueError(f"C_in={c_in} and C_out={c_out} must be divisible by groups={groups}")
+    pads = _nd_padding(padding, tuple(kernel_size), tuple(dilation))
+    expected = tuple(
+        output_size(n, k, s, d, before, after)
+        for n, k, s, d, (before, after) in zip(
+            x.shape[2:], kernel_size, stride, dilation, pads, strict=True
+        )
+    )
+    if g.shape[2:] != expected:
+        raise ValueError(f"g has spatial size {g.shape[2:]}, the output size is {expected}")
+    patches = same_system(
+        extract_patches_nd(x, tuple(kernel_size), tuple(stride), pads, tuple(dilation)), x
+    )
+    batch, locations, _ = patches.shape
+    a = patches.reshape(batch, locations, groups, -1).sum(axis=2) / groups
+    g_rows = g.reshape(batch, c_out, locations).transpose(0, 2, 1)
+    return shared_format_statistics(a, g_rows, bias=bias, approx=approx, loss_average=loss_average)
+
+
+def embedding_statistics(
+    indices: np.ndarray,
+    g: np.ndarray,
+    *,
+    num_embeddings: int,
+    padding_idx: int | None = None,
+    approx: str = "expand",
+    loss_average: str | None = "batch",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``A``, ``G`` of ``nn.Embedding(V, E)`` (SPEC-layers, Embedding): one-hot rows.
+
+    ``W~ = Wᵀ`` (``E × V``, no bias), ``a_{n,s} = e_{idx}`` (the one-hot row;
+    the zero row at ``padding_idx``), ``g_{n,s} = ∂L/∂out``; then SPEC §1.1.
+    The oracle writes the one-hot rows out (small ``V`` only).
+
+    Args:
+        indices: Integer indices, shape ``[B, ...]`` (``[B]``: one position per
+            sample, as a Linear input ``[B, d]``).
+        g: Output gradient, shape ``[*indices.shape, E]``.
+        num_embeddings: ``V``.
+        padding_idx: The index whose rows are zero, or ``None``.
+
+    Raises:
+        ValueError: If shapes disagree or an index is outside ``[0, V)``.
+    """
+    check_choices(approx, loss_average)
+    indices = np.asarray(indices)
+    g = _as_numbers(g)
+    if indices.ndim == 1:
+        indices, g = indices[:, None], g[:, None]
+    if g.shape[:-1] != indices.shape:
+        raise ValueError(f"g {g.shape} must be indices {indices.shape} plus a feature dim")
+    if indices.size and (indices.min() < 0 or indices.max() >= num_embeddings):
+        raise ValueError(f"indices must lie in [0, {num_embeddings})")
+    batch = indices.shape[0]
+    flat = indices.reshape(batch, -1)
+    one = g.flat[0] * 0 + 1 if g.dtype == object and g.size else 1.0
+    a = np.zeros((*flat.shape, num_embeddings), dtype=g.dtype)
+    if g.dtype == object:
+        a.fill(one * 0)
+    for (n, s), index in np.ndenumerate(flat):
+        if index != padding_idx:
+            a[n, s, index] = one
+    rows_g = g.reshape(batch, flat.shape[1], g.shape[-1])
+    a = same_system(a, g)  # zeros and ones: exact in every number system
+    return shared_format_statistics(a, rows_g, bias=False, approx=approx, loss_average=loss_average)
 
 
 def kfac_factors(a: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

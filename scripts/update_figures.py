@@ -20,7 +20,9 @@ JSON in ``verification-report/``):
 * ``step-ratios``: ``python scripts/step_ratio.py [--compare-python $SINGD_PUBLIC_PYTHON] --json``
   (ratios to AdamW, beside the public package when ``SINGD_PUBLIC_PYTHON`` names its Python);
 * ``case3``: ``python -m verification.fixed_point --json`` (the IKFAC fixed point, before/after);
-* ``training``: ``python -m verification.training --json`` (digits, 1000 steps per precision).
+* ``training``: ``python -m verification.training --json`` (digits, 1000 steps per precision);
+* ``layer-coverage``: ``python scripts/layer_coverage.py --json`` (which parameters of two
+  transformer models are preconditioned how, and their iteration time against AdamW).
 
 ``--check`` compares the committed blocks with the regenerated ones, number by
 number, and exits 1 when one differs by more than what legitimately varies
@@ -443,6 +445,24 @@ def training_block(source: dict) -> list[str]:
     return [*_table(TABLE_HEADER, table_rows(source["result"]["runs"])), "", _source_stamp(source)]
 
 
+def layer_coverage_block(coverage: dict) -> list[str]:
+    """Per model: the parameters of each preconditioning role, and iteration times vs AdamW."""
+    rows = []
+    for model, entry in coverage["result"]["models"].items():
+        by_role: dict[str, list[str]] = {}
+        for name, role in entry["parameters"].items():
+            by_role.setdefault(role, []).append(name)
+        seconds = entry["seconds"]
+        times = ", ".join(
+            f"{name} {1e3 * value:.3g} ms ({value / seconds['AdamW']:.2f}×)"
+            for name, value in seconds.items()
+        )
+        for role, names in sorted(by_role.items()):
+            rows.append([model, role, str(len(names)), ", ".join(f"`{n}`" for n in names)])
+        rows.append([model, "iteration time", "", times])
+    return [*_table(["model", "role", "parameters", "which"], rows), "", _source_stamp(coverage)]
+
+
 # ------------------------------------------------------------ blocks, sources
 @dataclass(frozen=True)
 class Rule:
@@ -556,6 +576,7 @@ BLOCKS: dict[str, Block] = {
             "cond(KKᵀ)": Rule(rtol=0.5),
         },
     ),
+    "layer-coverage": Block("layer-coverage", layer_coverage_block, columns={"which": TIMING}),
 }
 
 #: Source -> the commands ``--run`` runs (``{out}``: where the JSON goes).
@@ -591,6 +612,9 @@ SOURCES: dict[str, list[list[str]]] = {
     ],
     "case3": [[sys.executable, "-m", "verification.fixed_point", "--json", "{out}/case3.json"]],
     "training": [[sys.executable, "-m", "verification.training", "--json", "{out}/training.json"]],
+    "layer-coverage": [
+        [sys.executable, "scripts/layer_coverage.py", "--json", "{out}/layer-coverage.json"]
+    ],
 }
 
 

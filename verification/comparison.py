@@ -542,11 +542,14 @@ def _shared_positions(run: RecordedRun, name: str, approx: str) -> int:
     """Positions averaged into one row of ``A`` (reduce) or 1 (expand), plus conv groups."""
     module = run.layers[name]
     first = run.steps[0][name].passes[0]
-    groups = module.groups if isinstance(module, nn.Conv2d) else 1
+    convolution = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    groups = module.groups if convolution else 1
     if approx == "expand":
         return groups
-    if isinstance(module, nn.Conv2d):
+    if convolution:
         locations = first.output_grads[0, 0].numel()
+    elif isinstance(module, nn.Embedding):
+        locations = first.inputs[0].numel()
     else:
         locations = first.inputs[0].numel() // first.inputs.shape[-1]
     return groups * locations

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 import singd
 import singd.optim.base as base
 import singd.optim.hooks as hooks
+import singd.optim.kinds as kinds
 import singd.optim.scaling as scaling
 import singd.optim.singd as singd_module
 import singd.optim.statistics as statistics
@@ -251,6 +252,8 @@ _accumulate = hooks.CurvatureCollector._accumulate
 _pop_all = hooks.CurvatureCollector.pop_all
 _unscaled_grads = base.KroneckerOptimizer._unscaled_grads
 _summarise_input = singd_module.SINGD._summarise_input
+_conv_input_shared = kinds.ConvKind.input_shared
+_embedding_input_statistic = kinds.EmbeddingKind.input_statistic
 
 
 def _scaled_tensor(tensor: Tensor, factor: float) -> Tensor:
@@ -427,6 +430,29 @@ def _input_matrix_reduce_sums(shared: Tensor, *, approx: str, bias: bool) -> Ten
 
 
 # --- hooks (SPEC §1.1 accumulation, §1.4a order)
+def _conv_patches_channels_inner(kind: kinds.ConvKind, module: nn.Module, x: Tensor) -> Tensor:
+    """Conv patches with columns in ``(k_1, …, k_r, c)`` order, not the weight's ``(c, k…)``."""
+    patches = _conv_input_shared(kind, module, x)
+    channels = module.in_channels // module.groups
+    split = patches.reshape(*patches.shape[:2], channels, -1)
+    return split.transpose(2, 3).reshape(patches.shape)
+
+
+class _Unpadded:
+    """An embedding seen without its ``padding_idx``."""
+
+    def __init__(self, module: nn.Embedding) -> None:
+        self.num_embeddings = module.num_embeddings
+        self.padding_idx = None
+
+
+def _embedding_padding_counted(
+    kind: kinds.EmbeddingKind, module: nn.Module, x: Tensor, **settings: Any
+) -> kinds.InputGramDiagonal:
+    """Token counts that include the padding positions (torch gives them no gradient)."""
+    return _embedding_input_statistic(kind, _Unpadded(module), x, **settings)
+
+
 def _accumulate_twice(
     self: hooks.CurvatureCollector,
     name: str,
@@ -615,6 +641,21 @@ _WIDE = RunConfig(scenario="wide", structures=_TOEPLITZ, steps=6)
 def _catalogue() -> dict[str, Mutant]:
     """The mutants of :data:`MUTANTS`."""
     entries = [
+        # layer kinds (SPEC-layers)
+        Mutant(
+            "conv-patch-order",
+            "Conv patches with columns (k_1, …, k_r, c) instead of the weight's (c, k_1, …, k_r)",
+            ("singd.optim.kinds:ConvKind.input_shared",),
+            _single("singd.optim.kinds:ConvKind.input_shared", _conv_patches_channels_inner),
+            RunConfig(scenario="conv3d", steps=8),
+        ),
+        Mutant(
+            "embedding-padding-counted",
+            "Embedding token counts include the padding_idx positions (a ≠ 0 there)",
+            ("singd.optim.kinds:EmbeddingKind.input_statistic",),
+            _single("singd.optim.kinds:EmbeddingKind.input_statistic", _embedding_padding_counted),
+            RunConfig(scenario="embedding", structures=("diagonal", "dense"), steps=8),
+        ),
         # updates
         Mutant(
             "K-for-Kt",

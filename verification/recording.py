@@ -69,18 +69,30 @@ class RecordedRun:
     layers: dict[str, nn.Module]
 
 
+def weight_matrix(module: nn.Module, weight: Tensor) -> Tensor:
+    """``W`` (or a tensor shaped like it) as ``d_o × d_i``: flattened from dim 1; ``Wᵀ`` for an
+    embedding (SPEC-layers)."""
+    if isinstance(module, nn.Embedding):
+        return weight.T
+    return weight.flatten(start_dim=1)
+
+
+def _bias(module: nn.Module) -> Tensor | None:
+    return getattr(module, "bias", None)
+
+
 def combined_weight(module: nn.Module) -> Tensor:
-    """``W~ = [W, b]`` (``d_o × d_i``) of a Linear or Conv2d layer (weight flattened from dim 1)."""
-    weight = module.weight.flatten(start_dim=1)
-    if module.bias is None:
+    """``W~ = [W, b]`` (``d_o × d_i``) of a Linear, Conv or Embedding layer."""
+    weight = weight_matrix(module, module.weight)
+    if _bias(module) is None:
         return weight
     return torch.cat([weight, module.bias.unsqueeze(1)], dim=1)
 
 
 def combined_grad(module: nn.Module) -> Tensor:
     """``∇W~`` from ``weight.grad`` and ``bias.grad`` (same layout as :func:`combined_weight`)."""
-    grad = module.weight.grad.flatten(start_dim=1)
-    if module.bias is None:
+    grad = weight_matrix(module, module.weight.grad)
+    if _bias(module) is None:
         return grad
     return torch.cat([grad, module.bias.grad.unsqueeze(1)], dim=1)
 
@@ -96,8 +108,8 @@ def _momentum_buffer(optimizer: torch.optim.Optimizer, param: Tensor) -> Tensor:
 
 def _combined_momentum(optimizer: torch.optim.Optimizer, module: nn.Module) -> Tensor:
     """The momentum buffers of ``weight`` and ``bias`` in the ``W~`` layout."""
-    weight = _momentum_buffer(optimizer, module.weight).flatten(start_dim=1)
-    if module.bias is None:
+    weight = weight_matrix(module, _momentum_buffer(optimizer, module.weight))
+    if _bias(module) is None:
         return weight
     bias = _momentum_buffer(optimizer, module.bias)
     return torch.cat([weight, bias.unsqueeze(1)], dim=1)

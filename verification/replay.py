@@ -18,7 +18,12 @@ from torch import nn
 
 from reference.kfac import KFACHyperparameters, KFACState, kfac_trajectory
 from reference.numbers import FLOAT64, Numbers
-from reference.statistics import conv2d_statistics, linear_statistics
+from reference.statistics import (
+    conv2d_statistics,
+    conv_statistics,
+    embedding_statistics,
+    linear_statistics,
+)
 from reference.updates import SINGDHyperparameters, SINGDState, StepRecord, singd_trajectory
 from verification.recording import LayerPass, RecordedRun, to_numpy
 
@@ -33,10 +38,36 @@ def layer_statistics(
     loss_average: str | None,
     numbers: Numbers = FLOAT64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The oracle's scaled ``(A, G)`` (SPEC §1.1) for one recorded pass, in ``numbers``."""
-    inputs = numbers.asarray(to_numpy(layer_pass.inputs))
+    """The oracle's scaled ``(A, G)`` (SPEC §1.1, SPEC-layers) of one recorded pass in ``numbers``.
+
+    Dispatches on the module type itself (not on singd's layer kinds): Linear,
+    Conv1d/2d/3d, Embedding.
+    """
     grads = numbers.asarray(to_numpy(layer_pass.output_grads))
+    if isinstance(module, nn.Embedding):
+        return embedding_statistics(
+            layer_pass.inputs.cpu().numpy(),
+            grads,
+            num_embeddings=module.num_embeddings,
+            padding_idx=module.padding_idx,
+            approx=approx,
+            loss_average=loss_average,
+        )
+    inputs = numbers.asarray(to_numpy(layer_pass.inputs))
     bias = module.bias is not None
+    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
+        return conv_statistics(
+            inputs,
+            grads,
+            kernel_size=module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=bias,
+            approx=approx,
+            loss_average=loss_average,
+        )
     if isinstance(module, nn.Conv2d):
         return conv2d_statistics(
             inputs,

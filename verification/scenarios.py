@@ -75,6 +75,26 @@ STRUCTURE_PAIRS: tuple[tuple[str, str], ...] = (
     ("triltopleftdiagonal", "triubottomrightdiagonal"),
 )
 
+#: ``(K, C)`` pairs of the embedding scenarios: ``K`` is diagonal whatever the group names
+#: (SPEC-layers, Embedding), so only pairs that name it compare like with like.
+EMBEDDING_PAIRS: tuple[tuple[str, str], ...] = (
+    ("diagonal", "dense"),
+    ("diagonal", "triu"),
+)
+
+
+def any_structure(scenario: str) -> bool:
+    """Whether every structure pair (and KFAC) applies to ``scenario`` (not an embedding's)."""
+    return SCENARIOS[scenario].vocab is None
+
+
+def structure_pairs(scenario: str) -> tuple[tuple[str, str], ...]:
+    """The structure pairs a scenario is run with in the full grid."""
+    if not any_structure(scenario):
+        return EMBEDDING_PAIRS
+    return STRUCTURE_PAIRS + (WIDE_PAIRS if scenario == "wide" else ())
+
+
 #: The dtypes of model and factors, by name.
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -96,6 +116,7 @@ class Scenario:
         approx: KFAC flavour of the statistics.
         loss_average: Loss reduction (also used to scale the loss itself).
         micro_batches: Backward passes per step (gradient accumulation).
+        vocab: Inputs are token indices in ``[0, vocab)`` (an embedding), not floats.
     """
 
     name: str
@@ -105,6 +126,7 @@ class Scenario:
     approx: str = "expand"
     loss_average: str | None = "batch"
     micro_batches: int = 1
+    vocab: int | None = None
 
 
 def mlp(bias: bool = True) -> nn.Module:
@@ -120,6 +142,28 @@ def conv_net() -> nn.Module:
         nn.Flatten(),
         nn.Linear(4 * 3 * 3, 3, bias=False),
     )
+
+
+def conv1d_net() -> nn.Module:
+    """Conv1d(3→4, k 3, stride 2, pad 1, dilation 1) – tanh – Conv1d(4→2, k 2, dilation 2)."""
+    return nn.Sequential(
+        nn.Conv1d(3, 4, 3, stride=2, padding=1), nn.Tanh(), nn.Conv1d(4, 2, 2, dilation=2)
+    )
+
+
+def conv3d_net() -> nn.Module:
+    """Conv3d(2→3, k 2, stride (1, 2, 1), pad 1, no bias) – tanh – flatten – Linear(→3)."""
+    return nn.Sequential(
+        nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1, bias=False),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 3 * 4, 3),
+    )
+
+
+def embedding_net() -> nn.Module:
+    """Embedding(6, 4, padding_idx=0): one-hot inputs, repeated tokens and padding."""
+    return nn.Sequential(nn.Embedding(6, 4, padding_idx=0))
 
 
 def wide_mlp() -> nn.Module:
@@ -150,26 +194,57 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("conv", "Conv2d (stride, padding, groups) + Linear", conv_net, (2, 4, 5, 5)),
         Scenario("mlp-accumulate", "MLP, 2 micro-batches per step", mlp, (3, 6), micro_batches=2),
         Scenario("wide", "MLP 64-64-48, x [256, 64] (Toeplitz FFT path)", wide_mlp, (256, 64)),
+        Scenario(
+            "conv1d", "Conv1d (stride, padding, dilation) ×2, x [2, 3, 9]", conv1d_net, (2, 3, 9)
+        ),
+        Scenario(
+            "conv3d",
+            "Conv3d (stride, padding) + Linear, x [2, 2, 3, 5, 3]",
+            conv3d_net,
+            (2, 2, 3, 5, 3),
+        ),
+        Scenario(
+            "embedding",
+            "Embedding(6, 4, padding_idx=0) on tokens [3, 5]",
+            embedding_net,
+            (3, 5),
+            vocab=6,
+        ),
+        Scenario(
+            "embedding-reduce",
+            "Embedding(6, 4, padding_idx=0) on tokens [3, 5], KFAC-reduce",
+            embedding_net,
+            (3, 5),
+            "reduce",
+            vocab=6,
+        ),
     )
 }
 
 
-def loss_terms(shape: tuple[int, ...], loss_average: str | None) -> int:
-    """Number of terms the loss is averaged over (matches SPEC §1.1's ``N``)."""
+def loss_terms(shape: tuple[int, ...], loss_average: str | None, tokens: bool = False) -> int:
+    """Number of terms the loss is averaged over (matches SPEC §1.1's ``N``).
+
+    ``tokens``: ``shape`` is that of token indices (no feature dim).
+    """
     if loss_average == "batch":
         return shape[0]
     if loss_average == "batch+sequence":
-        return int(np.prod(shape[:-1]))
+        return int(np.prod(shape if tokens else shape[:-1]))
     return 1
 
 
 def loss_function(scenario: Scenario, dtype: torch.dtype) -> LossFunction:
     """Squared error on fresh seeded data per call, averaged like ``scenario.loss_average``."""
     generator = torch.Generator().manual_seed(1)
-    terms = loss_terms(scenario.input_shape, scenario.loss_average)
+    vocab = scenario.vocab
+    terms = loss_terms(scenario.input_shape, scenario.loss_average, vocab is not None)
 
     def loss_fn(module: nn.Module, index: int) -> Tensor:
-        inputs = torch.randn(scenario.input_shape, generator=generator).to(dtype)
+        if vocab is None:
+            inputs = torch.randn(scenario.input_shape, generator=generator).to(dtype)
+        else:  # tokens: repeats (more positions than tokens) and the padding index 0
+            inputs = torch.randint(0, vocab, scenario.input_shape, generator=generator)
         outputs = module(inputs)
         targets = torch.randn(outputs.shape, generator=generator).to(dtype)
         return 0.5 * ((outputs - targets) ** 2).sum() / terms
@@ -305,6 +380,10 @@ WIDE_PAIRS: tuple[tuple[str, str], ...] = (
 def default_grid() -> tuple[Case, ...]:
     """Layers × modes × structure pairs × dtypes, plus float32 with bfloat16 factors.
 
+    Plus the layer kinds of SPEC-layers (Conv1d, Conv3d, Embedding expand /
+    reduce) in two modes and three (embedding: two) structure pairs, eight
+    steps each, in every dtype.
+
     Plus the ``wide`` layers (widths 64 and 48 on 256 rows: reductions of 256,
     the Toeplitz FFT path) in two modes, six steps each, in every precision.
     """
@@ -326,7 +405,21 @@ def default_grid() -> tuple[Case, ...]:
             WIDE_PAIRS,
         )
     ]
+    cases += [
+        Case(scenario, variant, structures, dtype, steps=8)
+        for dtype, scenario, variant in itertools.product(DTYPES, KIND_LAYERS, ("singd", "ikfac"))
+        for structures in (EMBEDDING_PAIRS if SCENARIOS[scenario].vocab is not None else KIND_PAIRS)
+    ]
     return tuple(cases)
+
+
+#: The layer-kind scenarios of the default grid and their structure pairs (SPEC-layers).
+KIND_LAYERS = ("conv1d", "conv3d", "embedding", "embedding-reduce")
+KIND_PAIRS: tuple[tuple[str, str], ...] = (
+    ("dense", "dense"),
+    ("block2diagonal", "block3diagonal"),
+    ("tril", "triu"),
+)
 
 
 def quick_grid() -> tuple[Case, ...]:
@@ -345,9 +438,7 @@ def full_grid() -> tuple[Case, ...]:
     return tuple(
         Case(scenario, variant, structures, dtype)
         for dtype, scenario, variant in itertools.product(DTYPES, SCENARIOS, VARIANTS)
-        for structures in dict.fromkeys(
-            STRUCTURE_PAIRS + (WIDE_PAIRS if scenario == "wide" else ())
-        )
+        for structures in dict.fromkeys(structure_pairs(scenario))
     )
 
 

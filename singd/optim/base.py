@@ -33,11 +33,29 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from singd.optim import checkpoint, distributed, drift, scaling, sharded
+from singd.optim.elementwise import (
+    K_KEY,
+    M_KEY,
+    elementwise_factor_step,
+    elementwise_precondition,
+)
 from singd.optim.finiteness import finite_flags
-from singd.optim.hooks import CurvatureCollector, HookSettings, PendingStatistics
-from singd.optim.layers import Layer, fallback_params, find_layers, unwrap_model
-from singd.optim.statistics import split_weight_matrix, weight_gradient_matrix
-from singd.optim.updates import momentum_parameter_updates
+from singd.optim.hooks import (
+    CurvatureCollector,
+    ElementwiseCollector,
+    HookSettings,
+    PendingStatistics,
+)
+from singd.optim.kinds import LayerKind
+from singd.optim.layers import (
+    ElementwiseLayer,
+    Layer,
+    fallback_params,
+    find_elementwise_layers,
+    find_layers,
+    unwrap_model,
+)
+from singd.optim.updates import adamw_parameter_update, momentum_parameter_updates
 from singd.optim.validation import check_bool, check_real, resolve_lr_cov
 
 LayerState = dict[str, Any]
@@ -70,6 +88,33 @@ def _host_values(scalars: list[Tensor]) -> list[float]:
     if not scalars:
         return []
     return torch.stack([scalar.to(torch.float64) for scalar in scalars]).tolist()
+
+
+def _follow_param(param: Tensor, state: dict[str, Any]) -> None:
+    """Move a parameter's buffers to its device and dtype (``model.to`` after construction)."""
+    for key, value in state.items():
+        if isinstance(value, Tensor) and (value.device, value.dtype) != (param.device, param.dtype):
+            state[key] = value.to(device=param.device, dtype=param.dtype)
+
+
+def _adamw_step(param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """One AdamW step of a fallback parameter (``fallback="adamw"``); state made on first use."""
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(param)
+        state["exp_avg_sq"] = torch.zeros_like(param)
+    state["step"] += 1
+    adamw_parameter_update(
+        param,
+        grad,
+        state["exp_avg"],
+        state["exp_avg_sq"],
+        step=state["step"],
+        lr=group["lr"],
+        betas=group["fallback_betas"],
+        eps=group["fallback_eps"],
+        weight_decay=group["weight_decay"],
+    )
 
 
 class KroneckerOptimizer(Optimizer, ABC):
@@ -115,6 +160,8 @@ class KroneckerOptimizer(Optimizer, ABC):
         self.steps = 0
         self._layers: dict[str, Layer] = {}
         self._layer_states: dict[str, LayerState] = {}
+        #: ``(device, dtype)`` of each layer's weight when its state was made or last moved
+        self._placements: dict[str, tuple[torch.device, torch.dtype]] = {}
         if params is None:
             params = [p for p in self._model.parameters() if p.requires_grad]
         super().__init__(params, defaults)
@@ -125,15 +172,34 @@ class KroneckerOptimizer(Optimizer, ABC):
             summarise_grad=self._summarise_grad,
             backward_scale=self._backward_scale,
         )
+        self._elementwise: dict[str, ElementwiseLayer] = {}
+        self._elementwise_collector = ElementwiseCollector(
+            is_active=self._collects_elementwise,
+            settings=self._elementwise_settings,
+            backward_scale=self._backward_scale,
+        )
         self._fallback: dict[int, str] = {}
         self._warn_unsupported = warn_unsupported
         try:
             self._refresh_layers(stacklevel=4)
         except BaseException:  # e.g. a rejected layer, or the warning raised as an error
             self._collector.remove()  # the model must not keep hooks of a dead optimizer
+            self._elementwise_collector.remove()
             raise
 
     # ------------------------------------------------------------ subclass API
+    #: Whether LayerNorm/RMSNorm parameters get the elementwise preconditioner
+    #: (:mod:`singd.optim.elementwise`) instead of the fallback.
+    _ELEMENTWISE = False
+
+    def _declines(self, kind: LayerKind) -> str | None:
+        """Why this optimizer does not precondition layers of ``kind`` (``None``: it does)."""
+        return None
+
+    #: State entries that hold rounding residues of the factors' dtype (SINGD's
+    #: compensations): reset, not converted, when the factors change dtype.
+    _DTYPE_SPECIFIC: tuple[str, ...] = ()
+
     @abstractmethod
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate (and normalise) one param group's hyper-parameters in place."""
@@ -278,30 +344,115 @@ class KroneckerOptimizer(Optimizer, ABC):
         Every new layer's factors are made before any is registered, so a
         layer that is rejected (``ValueError``) leaves no state or hook behind.
         """
-        layers = find_layers(self._model, self.param_groups)
+        layers, declined = find_layers(self._model, self.param_groups, self._declines)
         new_states = {
             layer.name: self._new_layer_state(layer, self.param_groups[layer.group_index])
             for layer in layers
             if layer.name not in self._layers
         }
+        elementwise = []
+        if self._ELEMENTWISE:
+            elementwise = find_elementwise_layers(self._model, self.param_groups)
+            taken = {id(p) for layer in layers for p in layer.params()}
+            elementwise = [e for e in elementwise if not taken & {id(p) for p in e.params}]
         for layer in layers:
             if layer.name in new_states:
                 self._layer_states[layer.name] = new_states[layer.name]
+                self._placements[layer.name] = (layer.weight.device, layer.weight.dtype)
                 self._layers[layer.name] = layer
-                self._collector.add_layer(layer.name, layer.module)
-        new_fallback = fallback_params(self._model, self.param_groups, layers)
+                self._collector.add_layer(layer.name, layer.module, layer.kind)
+        for layer in elementwise:
+            if layer.name not in self._elementwise:
+                self._elementwise[layer.name] = layer
+                self._elementwise_collector.add_layer(
+                    layer.name, layer.module, len(layer.params) == 2
+                )
+        new_fallback = fallback_params(self._model, self.param_groups, layers, elementwise)
         unseen = [name for key, name in new_fallback.items() if key not in self._fallback]
         self._fallback = new_fallback
         if unseen and self._warn_unsupported:
+            why = "".join(f"; {name!r} falls back: {reason}" for name, reason in declined.items())
             warnings.warn(
-                f"{type(self).__name__}: parameters outside supported layers (nn.Linear, "
-                f"nn.Conv2d) get momentum SGD on their raw gradient: {', '.join(unseen)}",
+                f"{type(self).__name__}: parameters outside Kronecker layers (singd.optim.kinds) "
+                "get their group's fallback on their raw gradient (momentum SGD, or AdamW with "
+                f"fallback='adamw'): {', '.join(unseen)}{why}",
                 stacklevel=stacklevel,
             )
 
     def _collects(self, name: str) -> bool:
         group = self.param_groups[self._layers[name].group_index]
-        return self.steps % group["T"] == 0
+        if self.steps % group["T"] != 0:
+            return False
+        self._follow_weight(name)  # the hook's summaries use the factors
+        return True
+
+    def _collects_elementwise(self, name: str) -> bool:
+        return self.steps % self.param_groups[self._elementwise[name].group_index]["T"] == 0
+
+    def _elementwise_settings(self, name: str) -> tuple[str, str | None]:
+        group = self.param_groups[self._elementwise[name].group_index]
+        return group["kfac_approx"], group["loss_average"]
+
+    def _elementwise_directions(
+        self,
+        grads: dict[int, Tensor],
+        pending: dict[str, tuple[list[Tensor], bool]],
+        amp: scaling.AmpStepInfo,
+    ) -> tuple[dict[int, Tensor], dict[int, tuple[Tensor, Tensor]]]:
+        """``ĝ = k² ∇θ`` of the elementwise parameters and their new ``(k, m)`` (SPEC-layers).
+
+        With statistics pending, ``k`` moves first (``elementwise_factor_step``)
+        and ``ĝ`` uses the new one; ``h`` still carrying the backward's ``s²``
+        is divided by it here.
+        """
+        directions, new = {}, {}
+        for name, layer in self._elementwise.items():
+            group = self.param_groups[layer.group_index]
+            hs, scale_removed = pending.get(name, (None, True))
+            for index, param in enumerate(layer.params):
+                state = self.state[param]
+                k = state.get(K_KEY, torch.ones_like(param)).to(param)
+                m = state.get(M_KEY, torch.zeros_like(param)).to(param)
+                if hs is not None:
+                    h = hs[index].to(param.device)
+                    if not scale_removed and amp.backward_scale is not None:
+                        h = h / amp.backward_scale**2
+                    k, m = elementwise_factor_step(
+                        k,
+                        m,
+                        h,
+                        lr_cov=resolve_lr_cov(group["lr_cov"], self.steps),
+                        damping=group["damping"],
+                        alpha1=group["alpha1"],
+                    )
+                    new[id(param)] = (k, m)
+                if id(param) in grads:
+                    directions[id(param)] = elementwise_precondition(k, grads[id(param)])
+        return directions, new
+
+    def _follow_weight(self, name: str) -> None:
+        """Move layer ``name``'s state to its weight's device and dtype if ``model.to`` moved it.
+
+        The state is rebuilt as the layer's fresh state (so dtypes follow the
+        same rules as at construction, e.g. ``preconditioner_dtype=None`` → the
+        weight's) filled with the old factors' values; entries of
+        :data:`_DTYPE_SPECIFIC` start afresh when the dtype changes.
+        """
+        layer = self._layers[name]
+        placement = (layer.weight.device, layer.weight.dtype)
+        if self._placements[name] == placement:
+            return
+        fresh = self._new_layer_state(layer, self.param_groups[layer.group_index])
+        old = self._state_to_storage(self._layer_states[name])
+        dtype_changed = self._placements[name][1] != placement[1]
+        storage = {
+            factor: new
+            if factor not in old or (dtype_changed and factor in self._DTYPE_SPECIFIC)
+            else old[factor]
+            for factor, new in self._state_to_storage(fresh).items()
+        }
+        self._layer_states[name] = self._state_from_storage(layer, fresh, storage)
+        self._placements[name] = placement
 
     def _hook_settings(self, name: str) -> HookSettings:
         layer = self._layers[name]
@@ -333,6 +484,9 @@ class KroneckerOptimizer(Optimizer, ABC):
     def _param_labels(self) -> dict[int, str]:
         """``id(param)`` → how a skip warning names it (layer and weight/bias, or fallback)."""
         labels = {key: f"parameter {name!r}" for key, name in self._fallback.items()}
+        for name, layer in self._elementwise.items():
+            for param, role in zip(layer.params, ("weight", "bias"), strict=False):
+                labels[id(param)] = f"elementwise layer {name!r}: {role}"
         for name, layer in self._layers.items():
             labels[id(layer.weight)] = f"layer {name!r}: weight"
             if layer.bias is not None:
@@ -464,6 +618,27 @@ class KroneckerOptimizer(Optimizer, ABC):
             entries[f"parameter {label!r}"] = drift.replicated([params[key]])
         return entries
 
+    def _reduce_elementwise_across_ranks(
+        self, pending: dict[str, tuple[list[Tensor], bool]]
+    ) -> None:
+        """Full-batch ``h`` on every rank: weighted like gradient statistics, then summed.
+
+        ``h`` is a gradient-side statistic (``N Σ r²`` with ``g`` carrying ``1/N_r``):
+        averaged over ranks for a mean loss, summed for a sum loss
+        (:func:`singd.optim.distributed.rank_weights`).  One ``all_reduce`` per layer,
+        in module order (every rank collects the same layers in the same steps).
+        """
+        world = distributed.world_size()
+        if world == 1:
+            return
+        for name, (hs, _) in pending.items():
+            group = self.param_groups[self._elementwise[name].group_index]
+            _, weight = distributed.rank_weights(group["loss_average"], world)
+            flat = torch.cat([h.reshape(-1) for h in hs]) * weight
+            torch.distributed.all_reduce(flat)
+            for h, chunk in zip(hs, flat.split([h.numel() for h in hs]), strict=True):
+                h.copy_(chunk.view_as(h))
+
     def _new_layer_states(
         self,
         pending: dict[str, PendingStatistics],
@@ -497,9 +672,8 @@ class KroneckerOptimizer(Optimizer, ABC):
         self, layer: Layer, state: LayerState, weight_grad: Tensor, bias_grad: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         """``ĝ`` of ``W`` and ``b``: ``∇W~ = [∇W, ∇b]`` preconditioned, split back (SPEC §1.4)."""
-        matrix = weight_gradient_matrix(weight_grad, bias_grad)
-        preconditioned = self._precondition(layer, state, matrix)
-        return split_weight_matrix(preconditioned, layer.weight.shape, layer.bias is not None)
+        matrix = layer.gradient_matrix(weight_grad, bias_grad)
+        return layer.split(self._precondition(layer, state, matrix))
 
     def _directions(
         self, grads: dict[int, Tensor], states: dict[str, LayerState]
@@ -536,6 +710,8 @@ class KroneckerOptimizer(Optimizer, ABC):
             with torch.enable_grad():
                 loss = closure()
         self._check_dense_grads()
+        for name in self._layers:
+            self._follow_weight(name)
         amp = scaling.read_amp_attributes(self, self._declared_grad_scale)
         if amp.via_scaler:  # each rank's scaler saw its own (or its shard's) gradients
             try:
@@ -545,10 +721,12 @@ class KroneckerOptimizer(Optimizer, ABC):
                 raise
         self._declared_grad_scale = None  # applies to this step only
         pending = self._collector.pop_all()
+        pending_elementwise = self._elementwise_collector.pop_all()
         if amp.found_inf:
             self._skip_for_inf_gradients()
             return loss
         grads = self._reduce_across_ranks(pending, self._unscaled_grads(amp.grad_scale))
+        self._reduce_elementwise_across_ranks(pending_elementwise)
         prepared = {
             name: self._prepare_factor_step(self._layers[name], pending[name])
             for name in self._owned_layers(pending)
@@ -587,7 +765,14 @@ class KroneckerOptimizer(Optimizer, ABC):
         new_states = self._share_layer_states(pending, new_states)
         states = {**self._layer_states, **new_states}
         directions = self._directions(grads, states)
+        elementwise_directions, new_elementwise = self._elementwise_directions(
+            grads, pending_elementwise, amp
+        )
+        directions.update(elementwise_directions)
         result_labels, results = [], []
+        for key, (k, _) in new_elementwise.items():
+            result_labels.append(f"{param_labels.get(key, 'a parameter')} k after the factor step")
+            results.append(k)
         for name, state in new_states.items():
             for factor, storage in self._state_to_storage(state).items():
                 result_labels += [f"layer {name!r}: {factor} after the factor step"] * len(storage)
@@ -603,10 +788,20 @@ class KroneckerOptimizer(Optimizer, ABC):
             return loss
         self._layer_states.update(new_states)
         for group in self.param_groups:
-            params = [p for p in group["params"] if id(p) in directions]
-            for param in params:
-                if "momentum_buffer" not in self.state[param]:
-                    self.state[param]["momentum_buffer"] = torch.zeros_like(param)
+            params = []
+            for param in group["params"]:
+                if id(param) not in directions:
+                    continue
+                state = self.state[param]
+                _follow_param(param, state)
+                if id(param) in new_elementwise:
+                    state[K_KEY], state[M_KEY] = new_elementwise[id(param)]
+                if id(param) in self._fallback and group["fallback"] == "adamw":
+                    _adamw_step(param, directions[id(param)], state, group)
+                    continue
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param)
+                params.append(param)
             # one foreach call per tensor type: DTensor shards (FSDP2) and plain tensors
             for kind in dict.fromkeys(type(p) for p in params):
                 same = [p for p in params if type(p) is kind]
@@ -652,31 +847,25 @@ class KroneckerOptimizer(Optimizer, ABC):
         missing/extra layers, shape, structure or type mismatches and
         corrupted entries, leaving the optimizer unchanged.
         """
+        for name in self._layers:
+            self._follow_weight(name)  # restore into factors placed like the weights now
         entry = checkpoint.unpack(state_dict, self.layer_names())
         groups = checkpoint.restore_groups(state_dict, self.param_groups)
         for group in groups:
             self._check_group(group)
         checkpoint.check_param_state(state_dict, self.param_groups)
-        new_states = {}
-        for name, layer in self._layers.items():
-            current = self._layer_states[name]
-            saved = entry.layers[name]
-            if saved["layout"] != self._layout(current):
-                raise ValueError(
-                    f"load_state_dict: layer {name!r} has structures {saved['layout']}, "
-                    f"expected {self._layout(current)}"
-                )
-            if set(saved["factors"]) != set(saved["layout"]):
-                raise ValueError(
-                    f"load_state_dict: layer {name!r} factors {sorted(saved['factors'])} != "
-                    f"{sorted(saved['layout'])}"
-                )
-            for factor, storage in saved["factors"].items():
-                checkpoint.check_factor_tensors(f"{name}.{factor}", storage)
-            new_states[name] = self._state_from_storage(layer, current, saved["factors"])
+        new_states = checkpoint.restore_layer_states(
+            entry.layers,
+            self._layer_states,
+            layout=self._layout,
+            restore=lambda name, current, factors: self._state_from_storage(
+                self._layers[name], current, factors
+            ),
+        )
         torch_state = {k: v for k, v in state_dict.items() if k != checkpoint.KEY}
         super().load_state_dict({**torch_state, "param_groups": groups})
         self._layer_states.update(new_states)
         self.steps = entry.steps
         self._grad_scale_prev = entry.grad_scale_prev
         self._collector.pop_all()
+        self._elementwise_collector.pop_all()

@@ -105,6 +105,43 @@ def check_factor_tensors(name: str, storage: dict[str, Tensor]) -> None:
         _require(bool(tensor.isfinite().all()), f"{name}[{key!r}] holds non-finite entries")
 
 
+def restore_layer_states(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    *,
+    layout: Callable[[Any], dict[str, str]],
+    restore: Callable[[str, Any, dict[str, dict[str, Tensor]]], Any],
+) -> dict[str, Any]:
+    """Every layer's state from ``saved`` (``unpack``'s ``layers``), validated in full.
+
+    Args:
+        saved: layer name → ``{"layout", "factors"}`` (one entry per layer of ``current``).
+        current: layer name → the optimizer's live state (shapes, dtypes, devices).
+        layout: a state → factor name → structure name.
+        restore: ``(name, current state, factor storages) → new state``; raises
+            ``ValueError`` on a mismatch.
+
+    Raises:
+        ValueError: on a structure or factor-set mismatch, non-finite or non-tensor
+            storage, or whatever ``restore`` rejects; nothing is changed then.
+    """
+    restored = {}
+    for name, state in current.items():
+        entry = saved[name]
+        _require(
+            entry["layout"] == layout(state),
+            f"layer {name!r} has structures {entry['layout']}, expected {layout(state)}",
+        )
+        _require(
+            set(entry["factors"]) == set(entry["layout"]),
+            f"layer {name!r} factors {sorted(entry['factors'])} != {sorted(entry['layout'])}",
+        )
+        for factor, storage in entry["factors"].items():
+            check_factor_tensors(f"{name}.{factor}", storage)
+        restored[name] = restore(name, state, entry["factors"])
+    return restored
+
+
 def restore_groups(
     state_dict: dict[str, Any], current: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -143,8 +180,13 @@ def restore_groups(
     return groups
 
 
+#: The elementwise preconditioner's per-parameter state (singd.optim.elementwise).
+ELEMENTWISE_KEYS = ("elementwise_k", "elementwise_m")
+
+
 def check_param_state(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> None:
-    """Per-parameter state: momentum buffers shaped like their parameters.
+    """Per-parameter state: momentum buffers (AdamW: moments and step; elementwise layers: ``k``,
+    ``m``) shaped like their parameters.
 
     Torch's ``load_state_dict`` gives ``state[i]`` to the parameter at the
     position of ``i`` in the saved groups' ``params`` lists, so those lists
@@ -168,10 +210,18 @@ def check_param_state(state_dict: dict[str, Any], groups: list[dict[str, Any]]) 
     for index, entry in state.items():
         _require(index in param_of, f"state key {index!r} is not a parameter index")
         _require(isinstance(entry, dict), f"state[{index}] must be a dict")
-        buffer = entry.get("momentum_buffer")
-        _require(
-            isinstance(buffer, Tensor) and buffer.shape == param_of[index].shape,
-            f"state[{index}]['momentum_buffer'] must be a tensor of shape "
-            f"{tuple(param_of[index].shape)}",
-        )
-        check_factor_tensors(f"state[{index}]", {"momentum_buffer": buffer})
+        keys = ("exp_avg", "exp_avg_sq") if "exp_avg" in entry else ("momentum_buffer",)
+        keys += tuple(key for key in ELEMENTWISE_KEYS if key in entry)
+        if keys[0] == "exp_avg":  # an AdamW fallback parameter
+            step = entry.get("step")
+            _require(
+                isinstance(step, int) and not isinstance(step, bool) and step >= 1,
+                f"state[{index}]['step'] must be a positive int",
+            )
+        for key in keys:
+            buffer = entry.get(key)
+            _require(
+                isinstance(buffer, Tensor) and buffer.shape == param_of[index].shape,
+                f"state[{index}][{key!r}] must be a tensor of shape {tuple(param_of[index].shape)}",
+            )
+            check_factor_tensors(f"state[{index}]", {key: buffer})

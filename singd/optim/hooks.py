@@ -1,18 +1,20 @@
 """Collection of curvature statistics through hooks (SPEC §1.1, §1.5).
 
-Per supported layer a forward hook turns the layer input into ``A``
-(:mod:`singd.optim.statistics`) and hands it to the optimizer's
-``summarise_input`` (SINGD: ``H_K = Π̂((KᵀAᵀ)(KᵀAᵀ)ᵀ)``; KFAC: ``AᵀA``), so the
-input itself is not kept.  It then registers a hook on the layer's *output
-tensor*; that hook sees the output gradient even when an in-place activation
+Per Kronecker layer a forward hook turns the layer input into its kind's
+input statistic (``A``, or ``diag(AᵀA)`` for one-hot inputs;
+:mod:`singd.optim.kinds`) and hands it to the optimizer's ``summarise_input``
+(SINGD: ``H_K = Π̂((KᵀAᵀ)(KᵀAᵀ)ᵀ)``; KFAC: ``AᵀA``), so the input itself is
+not kept.  It then registers a hook on the layer's *output tensor*; that hook
+sees the output gradient even when an in-place activation
 (``nn.ReLU(inplace=True)``) rewrites the output afterwards, which module
-full-backward hooks do not survive.  The gradient becomes ``G``, scaled by a
-power of two ``2^k`` chosen from the gradient itself so that its Gram product
-cannot overflow (:func:`~singd.optim.statistics.normalised_grad_matrix`; SPEC
-§1.5 as amended in docs/SPEC.md), is handed to ``summarise_grad``, and the pair
-of summaries is added to the layer's pending sums together with the exponent
-``2k`` that the step removes.  A pass whose backward never runs therefore adds
-nothing.  No hook reads the host (an attached ``GradScaler``'s scale aside).
+full-backward hooks do not survive.  The gradient, in the kind's
+``[B, S, d_o]`` format, becomes ``G``, scaled by a power of two ``2^k`` chosen
+from the gradient itself so that its Gram product cannot overflow
+(:func:`~singd.optim.statistics.normalised_grad_matrix`; SPEC §1.5 as amended
+in docs/SPEC.md), is handed to ``summarise_grad``, and the pair of summaries
+is added to the layer's pending sums together with the exponent ``2k`` that
+the step removes.  A pass whose backward never runs therefore adds nothing.
+No hook reads the host (an attached ``GradScaler``'s scale aside).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from singd.optim import statistics
+from singd.optim import elementwise, statistics
+from singd.optim.kinds import InputStatistic, LayerKind
 
 
 class Summable(Protocol):
@@ -123,7 +126,8 @@ class CurvatureCollector:
             (called in the forward hook; training mode and grad mode are
             checked here).
         settings: the named layer's :class:`HookSettings`.
-        summarise_input: ``(name, A) → summary`` with ``A`` (n_A × d_i~).
+        summarise_input: ``(name, A) → summary`` with ``A`` (n_A × d_i~) or an
+            :class:`~singd.optim.kinds.InputGramDiagonal`.
         summarise_grad: ``(name, G) → summary`` with ``G`` (n_G × d_o).
         backward_scale: the scale the current backward's gradients carry if
             known now (an attached ``GradScaler``), else ``None``.
@@ -134,7 +138,7 @@ class CurvatureCollector:
         *,
         is_active: Callable[[str], bool],
         settings: Callable[[str], HookSettings],
-        summarise_input: Callable[[str, Tensor], Summable],
+        summarise_input: Callable[[str, InputStatistic], Summable],
         summarise_grad: Callable[[str, Tensor], Summable],
         backward_scale: Callable[[], float | None],
     ) -> None:
@@ -147,16 +151,17 @@ class CurvatureCollector:
         self._lock = threading.Lock()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def add_layer(self, name: str, module: nn.Module) -> None:
-        """Collect statistics of ``module`` under ``name`` from now on."""
+    def add_layer(self, name: str, module: nn.Module, kind: LayerKind) -> None:
+        """Collect statistics of ``module`` (of ``kind``) under ``name`` from now on."""
         self._handles.append(
-            module.register_forward_hook(partial(self._forward_hook, name), with_kwargs=True)
+            module.register_forward_hook(partial(self._forward_hook, name, kind), with_kwargs=True)
         )
 
     # -------------------------------------------------------------------- hooks
     def _forward_hook(
         self,
         name: str,
+        kind: LayerKind,
         module: nn.Module,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -168,23 +173,30 @@ class CurvatureCollector:
             return
         settings = self._settings(name)
         with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
-            # nn.Linear / nn.Conv2d take one argument, ``input``, maybe by keyword
-            x = (args[0] if args else kwargs["input"]).detach().to(settings.input_dtype)
-            A = statistics.layer_input_matrix(
-                module, x, approx=settings.approx, bias=settings.bias_column
+            x = kind.layer_input(args, kwargs).detach()
+            A = kind.input_statistic(
+                module,
+                x,
+                approx=settings.approx,
+                bias=settings.bias_column,
+                dtype=settings.input_dtype,
             )
             input_summary = self._summarise_input(name, A)
-        output.register_hook(partial(self._output_grad_hook, name, module, input_summary))
+        output.register_hook(partial(self._output_grad_hook, name, kind, module, input_summary))
 
     def _output_grad_hook(
-        self, name: str, module: nn.Module, input_summary: Summable, grad_output: Tensor
+        self,
+        name: str,
+        kind: LayerKind,
+        module: nn.Module,
+        input_summary: Summable,
+        grad_output: Tensor,
     ) -> None:
         settings = self._settings(name)
         scale = self._backward_scale()
         with torch.no_grad(), torch.autocast(grad_output.device.type, enabled=False):
             G, log2_factor = statistics.normalised_grad_matrix(
-                module,
-                grad_output,
+                kind.grad_shared(module, grad_output),
                 approx=settings.approx,
                 loss_average=settings.loss_average,
                 dtype=settings.grad_dtype,
@@ -229,6 +241,97 @@ class CurvatureCollector:
 
     def remove(self) -> None:
         """Remove every hook (the collector collects nothing afterwards)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class ElementwiseCollector:
+    """Hooks of the elementwise layers (:mod:`singd.optim.elementwise`) and their pending ``h``.
+
+    The forward hook recomputes ``x̂`` from the input and hooks the output
+    tensor; the output-gradient hook forms ``h`` of each parameter and adds it
+    to the layer's pending sum.  ``h`` carries ``s²`` of the backward's
+    gradient scale ``s`` unless the scale was known then (an attached
+    ``GradScaler``: divided out at once).
+
+    Args:
+        is_active: whether statistics are wanted now for the named layer.
+        settings: the named layer's ``(kfac_approx, loss_average)``.
+        backward_scale: the scale of the running backward if known now, else ``None``.
+    """
+
+    def __init__(
+        self,
+        *,
+        is_active: Callable[[str], bool],
+        settings: Callable[[str], tuple[statistics.Approx, statistics.LossAverage]],
+        backward_scale: Callable[[], float | None],
+    ) -> None:
+        self._is_active = is_active
+        self._settings = settings
+        self._backward_scale = backward_scale
+        self._pending: dict[str, tuple[list[Tensor], bool]] = {}
+        self._lock = threading.Lock()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def add_layer(self, name: str, module: nn.Module, has_bias: bool) -> None:
+        """Collect ``h`` of ``module``'s weight (and bias if ``has_bias``) under ``name``."""
+        hook = partial(self._forward_hook, name, has_bias)
+        self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def _forward_hook(
+        self,
+        name: str,
+        has_bias: bool,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Tensor,
+    ) -> None:
+        if not (module.training and torch.is_grad_enabled() and self._is_active(name)):
+            return
+        if not (isinstance(output, Tensor) and output.requires_grad):
+            return
+        with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
+            x_hat = elementwise.normalised_input(module, args[0] if args else kwargs["input"])
+        hook = partial(self._output_grad_hook, name, has_bias, len(module.normalized_shape), x_hat)
+        output.register_hook(hook)
+
+    def _output_grad_hook(
+        self, name: str, has_bias: bool, feature_dims: int, x_hat: Tensor, grad_output: Tensor
+    ) -> None:
+        approx, loss_average = self._settings(name)
+        scale = self._backward_scale()
+        with torch.no_grad(), torch.autocast(grad_output.device.type, enabled=False):
+            hs = elementwise.elementwise_statistics(
+                x_hat,
+                grad_output,
+                feature_dims=feature_dims,
+                has_bias=has_bias,
+                approx=approx,
+                loss_average=loss_average,
+            )
+            if scale is not None:
+                hs = [h / scale**2 for h in hs]
+        with self._lock:
+            pending = self._pending.get(name)
+            if pending is None:
+                self._pending[name] = (hs, scale is not None)
+            else:
+                self._pending[name] = (
+                    [a + b for a, b in zip(pending[0], hs, strict=True)],
+                    pending[1],
+                )
+
+    def pop_all(self) -> dict[str, tuple[list[Tensor], bool]]:
+        """Take every layer's pending ``([h_γ, (h_β)], scale_removed)`` (dropped here)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        return pending
+
+    def remove(self) -> None:
+        """Remove every hook."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

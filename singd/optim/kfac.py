@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from singd.optim.base import FactorStepInputs, KroneckerOptimizer, LayerState
 from singd.optim.hooks import PendingStatistics
+from singd.optim.kinds import LayerKind
 from singd.optim.layers import Layer
 from singd.optim.updates import kfac_factor_ema, kfac_precondition
 from singd.optim.validation import check_kfac_group
@@ -21,7 +22,9 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 class KFAC(KroneckerOptimizer):
     r"""KFAC with exponential moving averages of the Kronecker factors (SPEC §1.2).
 
-    For every ``nn.Linear``/``nn.Conv2d`` whose weight is optimised, with
+    For every layer of a registered kind (:mod:`singd.optim.kinds`; not one-hot kinds
+    such as Embedding, whose dense input factor would be vocab × vocab) whose weight is
+    optimised, with
     ``W~ = [W, b]`` (d_o × d_i~)::
 
         S_K = (1 − λ) I (d_i~ × d_i~),  S_C = (1 − λ) I (d_o × d_o)
@@ -32,7 +35,7 @@ class KFAC(KroneckerOptimizer):
                 S_K ← (1 − β1) S_K + β1 U;  S_C ← (1 − β1) S_C + β1 Gc
             ĝ = (S_C + λI)⁻¹ ∇W~ (S_K + λI)⁻¹      # two Cholesky solves
             ĝ += γ W~;  m_μ ← α2 m_μ + ĝ;  W~ ← W~ − β2 m_μ
-        other parameters: momentum SGD on the raw gradient, as in SINGD.
+        other parameters: the group's fallback (momentum SGD or AdamW), as in SINGD.
 
     Half precision: torch has no Cholesky in bfloat16/float16, and inverting
     a factor in such a narrow format is exactly what SINGD avoids.  A layer
@@ -49,7 +52,8 @@ class KFAC(KroneckerOptimizer):
 
     Args:
         model, params, lr, momentum, damping, weight_decay, T, loss_average,
-        lr_cov, kfac_approx, warn_unsupported: as for :class:`~singd.SINGD`
+        lr_cov, kfac_approx, warn_unsupported, fallback, fallback_betas,
+        fallback_eps: as for :class:`~singd.SINGD`
             (``damping`` ≤ 1 so that ``(1 − λ) I`` is positive semi-definite).
         preconditioner_dtype: dtype of ``S_K`` and ``S_C`` (``None``: the weight's).
         upcast_half: do half-precision factors' linear algebra in float32.
@@ -75,6 +79,9 @@ class KFAC(KroneckerOptimizer):
         warn_unsupported: bool = True,
         preconditioner_dtype: torch.dtype | None = None,
         upcast_half: bool = False,
+        fallback: str = "sgd",
+        fallback_betas: tuple[float, float] = (0.9, 0.999),
+        fallback_eps: float = 1e-8,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -87,12 +94,23 @@ class KFAC(KroneckerOptimizer):
             "kfac_approx": kfac_approx,
             "preconditioner_dtype": preconditioner_dtype,
             "upcast_half": upcast_half,
+            "fallback": fallback,
+            "fallback_betas": fallback_betas,
+            "fallback_eps": fallback_eps,
         }
         super().__init__(
             model, params, defaults, warn_unsupported=warn_unsupported, init_grad_scale=1.0
         )
 
     # ----------------------------------------------------------- subclass hooks
+    def _declines(self, kind: LayerKind) -> str | None:
+        if kind.input_structure is not None:
+            return (
+                f"KFAC keeps dense factors, and {kind.name}'s input factor would be a "
+                f"d_i × d_i matrix where only its {kind.input_structure} part is defined"
+            )
+        return None
+
     def _check_group(self, group: dict[str, Any]) -> None:
         check_kfac_group(group)
 

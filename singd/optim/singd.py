@@ -15,6 +15,7 @@ from singd.optim import updates
 from singd.optim.base import FactorStepInputs, KroneckerOptimizer, LayerState
 from singd.optim.compat import FactorView, ModuleNameView
 from singd.optim.hooks import PendingStatistics
+from singd.optim.kinds import InputGramDiagonal, InputStatistic, LayerKind
 from singd.optim.layers import Layer
 from singd.optim.updates import (
     HALF_DTYPES,
@@ -45,7 +46,8 @@ DEFAULT_FACTOR_GUARD = "compensated"
 class SINGD(KroneckerOptimizer):
     r"""Structured inverse-free natural gradient descent (Lin et al., ICML 2024).
 
-    For every ``nn.Linear``/``nn.Conv2d`` whose weight is optimised, with
+    For every layer of a registered kind (:mod:`singd.optim.kinds`: Linear, Conv1d/2d/3d,
+    Embedding; user kinds) whose weight is optimised, with
     ``W~ = [W, b]`` (d_o × d_i~) and structured factors ``K`` (d_i~ × d_i~),
     ``C`` (d_o × d_o) initialised to ``I``, momenta ``m_K = m_C = 0``::
 
@@ -64,8 +66,14 @@ class SINGD(KroneckerOptimizer):
                     # y = c − β1 K m; K' = K + y; c ← y − (K' − K)
             ĝ = C Cᵀ ∇W~ K Kᵀ                        # the just-updated factors
             ĝ += γ W~;  m_μ ← α2 m_μ + ĝ;  W~ ← W~ − β2 m_μ
-        other parameters (fallback, warned about once):
+        LayerNorm / RMSNorm weight and bias θ (SPEC-layers; singd.optim.elementwise):
+            if steps % T == 0:  h = N Σ_rows r² (r = g ⊙ x̂ for γ, g for β)
+                m ← α1 m + ½ (k² h + λ k² − 1);  k ← k (1 − β1 m)      # k = 1, m = 0 at first
+            ĝ = k² ∇θ, then weight decay, momentum and lr as above
+        other parameters (fallback, warned about once), fallback="sgd" (default):
             ĝ = ∇p + γ p;  m_μ ← α2 m_μ + ĝ;  p ← p − β2 m_μ
+        fallback="adamw": torch.optim.AdamW(lr=β2, betas=fallback_betas,
+            eps=fallback_eps, weight_decay=γ) on ∇p
 
     ``A``/``G`` are formed per SPEC §1.1 (``kfac_approx``, ``loss_average``)
     in the factors' dtypes (``preconditioner_dtype``: one per factor, ``None``
@@ -146,6 +154,13 @@ class SINGD(KroneckerOptimizer):
             entries that the step left unchanged (:meth:`telemetry`); off: no
             work at all.  One extra ``K m`` product per factor and step, no
             host sync.
+        fallback: optimizer of the parameters outside Kronecker layers:
+            ``"sgd"`` (default: momentum SGD with the group's ``lr``,
+            ``momentum``, ``weight_decay``, as the public singd package and
+            as the Kronecker layers' own update, so one ``lr`` serves both) or
+            ``"adamw"`` (``torch.optim.AdamW`` semantics; its ``lr`` usually
+            wants another scale: give those parameters their own group).
+        fallback_betas, fallback_eps: AdamW's ``betas`` and ``eps``.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -153,6 +168,9 @@ class SINGD(KroneckerOptimizer):
         >>> model(torch.randn(8, 4)).square().mean().backward()
         >>> opt.step()
     """
+
+    _DTYPE_SPECIFIC = tuple(COMPENSATIONS.values())
+    _ELEMENTWISE = True
 
     _STATISTIC_NAMES = (
         "H_K (curvature statistic of the layer inputs)",
@@ -180,6 +198,9 @@ class SINGD(KroneckerOptimizer):
         normalize_lr_cov: bool = False,
         factor_guard: str | None = DEFAULT_FACTOR_GUARD,
         telemetry: bool = False,
+        fallback: str = "sgd",
+        fallback_betas: tuple[float, float] = (0.9, 0.999),
+        fallback_eps: float = 1e-8,
     ) -> None:
         if not isinstance(telemetry, bool):
             raise TypeError(f"telemetry must be True or False, got {telemetry!r}")
@@ -202,6 +223,9 @@ class SINGD(KroneckerOptimizer):
             "preconditioner_dtype": preconditioner_dtype,
             "normalize_lr_cov": normalize_lr_cov,
             "factor_guard": factor_guard,
+            "fallback": fallback,
+            "fallback_betas": fallback_betas,
+            "fallback_eps": fallback_eps,
         }
         super().__init__(
             model,
@@ -252,7 +276,9 @@ class SINGD(KroneckerOptimizer):
         return (dtype_K or layer.weight.dtype, dtype_C or layer.weight.dtype)
 
     def _new_layer_state(self, layer: Layer, group: dict[str, Any]) -> LayerState:
-        structure_K, structure_C = (get_structure(name) for name in group["structures"])
+        name_K, name_C = group["structures"]
+        structure_K = get_structure(layer.kind.input_structure or name_K)
+        structure_C = get_structure(name_C)
         dtype_K, dtype_C = self._factor_dtypes(layer)
         guard = group["factor_guard"]
         device = layer.weight.device
@@ -322,7 +348,10 @@ class SINGD(KroneckerOptimizer):
 
         return step("K"), step("C")
 
-    def _summarise_input(self, name: str, A: Tensor) -> Any:
+    def _summarise_input(self, name: str, A: InputStatistic) -> Any:
+        if isinstance(A, InputGramDiagonal):  # K is diagonal: Π̂(KᵀUK) = diag(k² ⊙ diag U)
+            K = compute_copy(self._layer_states[name]["K"], A.diagonal.dtype)
+            return type(K).from_storage(K.dim, {"diag": K.storage["diag"].square() * A.diagonal})
         return compute_copy(self._layer_states[name]["K"], A.dtype).project_inner(A.T)
 
     def _summarise_grad(self, name: str, G: Tensor) -> Any:
@@ -462,9 +491,11 @@ class SINGD(KroneckerOptimizer):
         self, layer: Layer, state: LayerState, weight_grad: Tensor, bias_grad: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         """Diagonal ``K`` and ``C``: :func:`~singd.optim.updates.diagonal_precondition`
-        (same bits, no ``[∇W, ∇b]`` concatenation); other structures: the base's."""
+        (same bits, no ``[∇W, ∇b]`` concatenation) when ``W~`` is ``W`` flattened from
+        dim 1 (not an embedding's ``Wᵀ``); otherwise the base's."""
         K, C, _, _ = self._compute_state(layer, state)
-        if isinstance(K, Diagonal) and isinstance(C, Diagonal):
+        flattened = type(layer.kind).weight_matrix is LayerKind.weight_matrix
+        if flattened and isinstance(K, Diagonal) and isinstance(C, Diagonal):
             return diagonal_precondition(
                 K.storage["diag"], C.storage["diag"], weight_grad, bias_grad
             )

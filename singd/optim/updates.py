@@ -434,3 +434,30 @@ def momentum_parameter_updates(
     torch._foreach_mul_(momentum_buffers, alpha2)
     torch._foreach_add_(momentum_buffers, directions)
     torch._foreach_add_(params, momentum_buffers, alpha=-lr)
+
+
+def adamw_parameter_update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW (Loshchilov & Hutter), in place, as ``torch.optim.AdamW`` (single tensor, no amsgrad).
+
+    ``W ← (1 − β2·γ) W``; ``m ← β₁ m + (1 − β₁) g``; ``v ← β₂ v + (1 − β₂) g²``;
+    ``W ← W − β2/(1 − β₁ᵗ) · m / (sqrt(v)/sqrt(1 − β₂ᵗ) + ε)`` with ``t = step``
+    (from 1), the same operations in the same order as torch's kernel.
+    """
+    beta1, beta2 = betas
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)

@@ -144,6 +144,26 @@ def check_common(group: dict[str, Any]) -> None:
     group["lr_cov"] = check_lr_cov(group["lr_cov"])
     group["loss_average"] = check_loss_average(group["loss_average"])
     group["kfac_approx"] = check_kfac_approx(group["kfac_approx"])
+    check_fallback(group)
+
+
+#: The optimizers of parameters outside Kronecker layers (``fallback``).
+FALLBACKS = ("sgd", "adamw")
+
+
+def check_fallback(group: dict[str, Any]) -> None:
+    """``fallback`` ∈ :data:`FALLBACKS`, ``fallback_betas`` in ``[0, 1)²``, ``fallback_eps > 0``."""
+    if group["fallback"] not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {group['fallback']!r}")
+    betas = group["fallback_betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"fallback_betas must be a pair of numbers, got {betas!r}")
+    group["fallback_betas"] = tuple(
+        check_real(f"fallback_betas[{i}]", beta, low=0.0, high=1.0) for i, beta in enumerate(betas)
+    )
+    group["fallback_eps"] = check_real(
+        "fallback_eps", group["fallback_eps"], low=0.0, low_open=True
+    )
 
 
 def check_singd_group(group: dict[str, Any]) -> None:

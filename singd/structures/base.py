@@ -279,21 +279,6 @@ class StructuredMatrix(ABC):
     def add_diag_(self, value: float | Tensor) -> Self:
         """``K ← K + v I``."""
 
-    def all_reduce_(self, op: object = None, group: object = None) -> Self:
-        """All-reduce the storage across ranks (``torch.distributed``), in place.
-
-        ``op`` defaults to ``ReduceOp.SUM``.  A no-op if distribution is not
-        initialised.
-        """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        op = dist.ReduceOp.SUM if op is None else op
-        for t in self._storage.values():
-            dist.all_reduce(t, op=op, group=group)
-        return self
-
     # ------------------------------------------------------------------ helpers
     def _check_rows(self, other: Tensor) -> None:
         """Raise ``ValueError`` unless ``other`` is a dense ``dim × m`` matrix."""

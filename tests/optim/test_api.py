@@ -33,6 +33,9 @@ SINGD_SIGNATURE = [
     ("normalize_lr_cov", False),
     ("factor_guard", "compensated"),  # ours, after the public package's arguments
     ("telemetry", False),  # ours
+    ("fallback", "sgd"),
+    ("fallback_betas", (0.9, 0.999)),
+    ("fallback_eps", 1e-8),
 ]
 KFAC_SIGNATURE = [
     ("model", inspect.Parameter.empty),
@@ -48,6 +51,9 @@ KFAC_SIGNATURE = [
     ("warn_unsupported", True),
     ("preconditioner_dtype", None),
     ("upcast_half", False),
+    ("fallback", "sgd"),
+    ("fallback_betas", (0.9, 0.999)),
+    ("fallback_eps", 1e-8),
 ]
 
 

@@ -61,6 +61,11 @@ CASES: dict[str, tuple[Factory, str | None, bool]] = {
         False,
     ),
     "singd-batch+sequence": (_singd(("dense", "triu")), "batch+sequence", True),
+    "singd-layernorm-sum-loss": (  # the elementwise h of the LayerNorm is reduced as well
+        _singd(("dense", "dense"), kfac_like=True, alpha1=0.0, lr_cov=0.01),
+        None,
+        False,
+    ),
     "kfac": (
         lambda model, lr, loss_average: KFAC(
             model, lr=lr, T=1, lr_cov=0.1, loss_average=loss_average
@@ -71,9 +76,10 @@ CASES: dict[str, tuple[Factory, str | None, bool]] = {
 }
 
 
-def _model() -> nn.Module:
+def _model(norm: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
+    layers = [nn.Linear(5, 4), nn.LayerNorm(4)] if norm else [nn.Linear(5, 4)]
+    return nn.Sequential(*layers, nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
 
 
 def _batch(step: int, sequence: bool) -> torch.Tensor:
@@ -90,7 +96,7 @@ def _loss(output: torch.Tensor, loss_average: str | None) -> torch.Tensor:
 def _run(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     """Train case ``name`` on rank ``rank``'s share of every batch; its final tensors."""
     make, loss_average, sequence = CASES[name]
-    inner = _model()
+    inner = _model(norm="layernorm" in name)
     model, lr = inner, 0.05
     if world > 1:
         model = nn.parallel.DistributedDataParallel(inner)
@@ -107,6 +113,9 @@ def _run(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
         for factor, value in opt.layer_state(layer).items():
             dense = value if isinstance(value, torch.Tensor) else value.to_dense()
             tensors[f"{layer}.{factor}"] = dense.clone()
+    for key, p in inner.named_parameters():
+        if "elementwise_k" in opt.state[p]:
+            tensors[f"{key}.elementwise_k"] = opt.state[p]["elementwise_k"].clone()
     return tensors
 
 

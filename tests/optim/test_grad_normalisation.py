@@ -16,6 +16,7 @@ from torch import nn
 
 from singd import KFAC
 from singd.optim import statistics
+from singd.optim.kinds import kind_of, layer_grad_matrix
 from tests.tolerances import EPS, matmul_bound
 
 LAYERS = {
@@ -36,7 +37,10 @@ def test_largest_gram_diagonal_is_in_a_quarter_to_one(layer, approx, log2_scale)
     module, shape = LAYERS[layer]
     g = _grad(shape) * 2.0**log2_scale
     G, log2_factor = statistics.normalised_grad_matrix(
-        module, g, approx=approx, loss_average="batch", dtype=torch.float32
+        kind_of(module).grad_shared(module, g),
+        approx=approx,
+        loss_average="batch",
+        dtype=torch.float32,
     )
     largest = float(G.square().sum(dim=0).max())
     slack = matmul_bound(torch.float32, G.shape[0])  # rounding of the Gram diagonal
@@ -50,22 +54,24 @@ def test_scale_free_and_equal_to_the_usual_G_times_a_power_of_two(layer, dtype):
     module, shape = LAYERS[layer]
     g = _grad(shape, seed=1)
     G, log2_factor = statistics.normalised_grad_matrix(
-        module, g, approx="expand", loss_average="batch", dtype=dtype
+        kind_of(module).grad_shared(module, g), approx="expand", loss_average="batch", dtype=dtype
     )
     for j in (-12, 5, 16):  # scaled gradients: same bits, exponent shifted by exactly −2j
         G_scaled, log2_scaled = statistics.normalised_grad_matrix(
-            module, g * 2.0**j, approx="expand", loss_average="batch", dtype=dtype
+            kind_of(module).grad_shared(module, g * 2.0**j),
+            approx="expand",
+            loss_average="batch",
+            dtype=dtype,
         )
         assert torch.equal(G, G_scaled) and int(log2_scaled) == int(log2_factor) - 2 * j
-    usual = statistics.layer_grad_matrix(module, g.to(dtype), approx="expand", loss_average="batch")
+    usual = layer_grad_matrix(module, g.to(dtype), approx="expand", loss_average="batch")
     k = int(log2_factor) // 2  # exact: no entry of this G is subnormal or overflows in ``dtype``
     assert torch.equal(G, usual * 2.0**k)
 
 
 def test_empty_batch_gives_exponent_zero():
     G, log2_factor = statistics.normalised_grad_matrix(
-        nn.Linear(3, 2),
-        torch.zeros(0, 2),
+        torch.zeros(0, 1, 2),
         approx="expand",
         loss_average="batch",
         dtype=torch.float32,

@@ -119,7 +119,8 @@ def _poison_output_gradient(model: nn.Module, opt: Any) -> None:
     [
         ("singd", _poison_gradient, "non-finite gradients: layer '2': bias gradient non-finite"),
         ("kfac", _poison_gradient, "non-finite gradients: layer '2': bias gradient non-finite"),
-        ("singd", _poison_fallback_gradient, "parameter '3.weight' gradient non-finite"),
+        ("singd", _poison_fallback_gradient, "elementwise layer '3': weight gradient non-finite"),
+        ("kfac", _poison_fallback_gradient, "parameter '3.weight' gradient non-finite"),
         (
             "singd",
             _poison_statistics,

@@ -31,7 +31,8 @@ from torch import nn
 from reference.kfac import KFACHyperparameters
 from reference.updates import SINGDHyperparameters
 from singd import KFAC
-from singd.optim.statistics import layer_grad_matrix, layer_input_matrix
+from singd.optim.kinds import layer_grad_matrix
+from singd.optim.kinds import layer_input_statistic as layer_input_matrix
 from tests.tolerances import chain_bound
 from verification.arithmetic import Precision, precision_for
 from verification.comparison import (
@@ -46,11 +47,13 @@ from verification.grid import BLOCK
 from verification.recording import LayerPass, RecordedRun, record_run, to_numpy
 from verification.replay import layer_statistics, replay_kfac
 from verification.scenarios import (
+    EMBEDDING_PAIRS,
     FACTOR_GUARD,
     SCENARIOS,
     STRUCTURE_PAIRS,
     VARIANTS,
     Scenario,
+    any_structure,
     beta1_schedule,
     loss_function,
     mlp,
@@ -159,11 +162,21 @@ def _assert_within_bounds(
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("scenario", sorted(filter(any_structure, SCENARIOS)))
 def test_float64_trajectory_matches_oracle(scenario: str, variant: str) -> None:
     """float64 model and optimizer: 20 steps agree with the oracle within the float64 model."""
     case = SCENARIOS[scenario]
     run, oracle, hyper = run_and_replay(case, VARIANTS[variant])
+    _assert_within_bounds(run, oracle, hyper, torch.float64, case)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("scenario", sorted(name for name in SCENARIOS if not any_structure(name)))
+def test_float64_embedding_trajectory_matches_oracle(scenario: str, variant: str) -> None:
+    """Embeddings (K diagonal whatever the group names: the oracle is told so) in every mode."""
+    case = SCENARIOS[scenario]
+    overrides = {**VARIANTS[variant], "structures": EMBEDDING_PAIRS[0]}
+    run, oracle, hyper = run_and_replay(case, overrides)
     _assert_within_bounds(run, oracle, hyper, torch.float64, case)
 
 
@@ -211,7 +224,7 @@ def test_low_precision_trajectory_matches_oracle(
 
 
 @pytest.mark.parametrize("T", [1, 3])
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("scenario", sorted(filter(any_structure, SCENARIOS)))
 def test_kfac_trajectory_matches_oracle(scenario: str, T: int) -> None:
     """The KFAC baseline (float64) against the oracle's KFAC stepper (SPEC §1.2)."""
     case = SCENARIOS[scenario]

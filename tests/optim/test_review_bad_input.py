@@ -50,12 +50,12 @@ def test_failed_construction_leaves_no_hooks_on_the_model():
 
 
 def test_failed_construction_by_warning_as_error_leaves_no_hooks():
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.PReLU())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(UserWarning, match="momentum SGD"):
             SINGD(model)
-    assert _hook_counts(model) == [0, 0, 0]
+    assert _hook_counts(model) == [0, 0, 0, 0]
 
 
 def test_failed_add_param_group_registers_no_layer():

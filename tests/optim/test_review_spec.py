@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from singd import SINGD
-from singd.optim.statistics import layer_grad_matrix, layer_input_matrix
+from singd.optim.kinds import layer_grad_matrix
+from singd.optim.kinds import layer_input_statistic as layer_input_matrix
 from tests.tolerances import chain_bound, matmul_bound
 
 DTYPE = torch.float64

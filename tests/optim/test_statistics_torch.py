@@ -21,7 +21,8 @@ from torch import nn
 
 from reference.statistics import conv2d_statistics, kfac_factors, linear_statistics
 from singd import KFAC
-from singd.optim.statistics import layer_grad_matrix, layer_input_matrix
+from singd.optim.kinds import layer_grad_matrix
+from singd.optim.kinds import layer_input_statistic as layer_input_matrix
 from tests.tolerances import matmul_bound
 
 DTYPE = torch.float64

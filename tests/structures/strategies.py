@@ -58,7 +58,7 @@ class Case:
 
     @property
     def cls(self) -> type[StructuredMatrix]:
-        return structure_class(self.name)
+        return get_structure(self.name)
 
     def rng(self, stream: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, stream])
@@ -81,11 +81,6 @@ class Case:
     def dense(self, rows: int, cols: int, stream: int) -> tuple[torch.Tensor, np.ndarray]:
         """A standard-normal ``rows × cols`` matrix, rounded (torch) and exact (float64)."""
         return self.round(self.rng(stream).standard_normal((rows, cols)))
-
-
-def structure_class(name: str) -> type[StructuredMatrix]:
-    """The torch class for ``name`` (a missing or broken module fails the test, never skips it)."""
-    return get_structure(name)
 
 
 def cases(

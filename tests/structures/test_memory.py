@@ -30,8 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from reference.structures import get_structure as oracle_structure
-from singd.structures import STRUCTURE_NAMES, StructuredMatrix
-from tests.structures.strategies import structure_class
+from singd.structures import STRUCTURE_NAMES, StructuredMatrix, get_structure
 
 COLS = 32  # m: the width of X in K X, Π̂(Kᵀ X Xᵀ K)
 
@@ -113,7 +112,7 @@ STORAGE_ONLY = frozenset(
 
 def largest_temporary(name: str, operation: str, dim: int) -> tuple[int, str]:
     """Run ``operation`` on members of size ``dim``; the largest allocation and its op."""
-    cls = structure_class(name)
+    cls = get_structure(name)
     generator = torch.Generator().manual_seed(dim)
     sym = torch.randn(dim, dim, generator=generator)
     sym = sym + sym.T
@@ -152,7 +151,7 @@ def test_quadratic_structures_make_at_most_one_dense_matrix(
 @pytest.mark.parametrize("dim", [1, 256, 257, 1024])
 @pytest.mark.parametrize("name", STRUCTURE_NAMES)
 def test_storage_bytes_are_free_entries(name: str, dim: int, dtype: torch.dtype) -> None:
-    cls = structure_class(name)
+    cls = get_structure(name)
     member = cls.eye(dim, dtype=dtype)
     # exact: one stored number per free entry of the oracle's pattern
     assert member.nbytes == oracle_structure(name).num_free(dim) * dtype.itemsize

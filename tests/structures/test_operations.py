@@ -17,17 +17,15 @@ on the FFT path, against the normwise bounds of
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.distributed as dist
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from singd.structures import STRUCTURE_NAMES
+from singd.structures import STRUCTURE_NAMES, get_structure
 from singd.structures.toeplitz import FFT_MIN_DIM
 from tests.structures import fft_bounds
 from tests.structures.strategies import (
@@ -36,7 +34,6 @@ from tests.structures.strategies import (
     Case,
     assert_within,
     cases,
-    structure_class,
 )
 from tests.tolerances import chain_bound, matmul_bound
 
@@ -92,7 +89,7 @@ def test_dense_round_trip(name: str, data: st.DataObject) -> None:
 @pytest.mark.parametrize("dim", [1, 7, 31])
 def test_from_dense_reads_strided_views(name: str, dim: int) -> None:
     """Transposed, offset and step-2 views read the same entries as a contiguous copy."""
-    cls = structure_class(name)
+    cls = get_structure(name)
     generator = torch.Generator().manual_seed(dim)
     parent = torch.randn(2 * dim + 2, 2 * dim + 2, generator=generator, dtype=torch.float64)
     views = [parent[:dim, :dim].T, parent[1 : dim + 1, 2 : dim + 2], parent[::2, ::2][:dim, :dim]]
@@ -307,7 +304,7 @@ def test_in_place_ops(name: str, data: st.DataObject, scale: float, alpha: float
 @pytest.mark.parametrize("own", DTYPES)
 @pytest.mark.parametrize("operand", DTYPES)
 def test_mixed_dtypes_promote(name: str, own: torch.dtype, operand: torch.dtype) -> None:
-    cls = structure_class(name)
+    cls = get_structure(name)
     promoted = torch.promote_types(own, operand)
     member = cls.eye(5, dtype=own)
     x = torch.ones(5, 2, dtype=operand)
@@ -320,40 +317,16 @@ def test_mixed_dtypes_promote(name: str, own: torch.dtype, operand: torch.dtype)
 
 
 def test_to_changes_dtype(name: str) -> None:
-    member = structure_class(name).eye(4, dtype=torch.float32)
+    member = get_structure(name).eye(4, dtype=torch.float32)
     half = member.to(dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
     assert member.dtype == torch.float32
     np.testing.assert_array_equal(half.to_dense().double().numpy(), np.eye(4))  # exact
 
 
-def test_all_reduce_without_distribution_is_a_no_op(name: str) -> None:
-    member = structure_class(name).eye(3)
-    assert member.all_reduce_() is member
-    np.testing.assert_array_equal(member.to_dense().numpy(), np.eye(3))  # exact
-
-
-@pytest.fixture(scope="module")
-def single_process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A one-rank gloo process group (the all-reduce code path without a launcher)."""
-    store = tmp_path_factory.mktemp("dist") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.mark.usefixtures("single_process_group")
-def test_all_reduce_with_one_rank_keeps_the_storage(name: str) -> None:
-    member = structure_class(name).eye(3).mul_(2.0)
-    assert member.all_reduce_() is member  # SUM over one rank
-    np.testing.assert_array_equal(member.to_dense().numpy(), 2 * np.eye(3))  # exact
-    member.all_reduce_(op=dist.ReduceOp.MAX)
-    np.testing.assert_array_equal(member.to_dense().numpy(), 2 * np.eye(3))  # exact
-
-
 # ------------------------------------------------------------------- bad input
 def test_bad_input_raises(name: str) -> None:
-    cls = structure_class(name)
+    cls = get_structure(name)
     member = cls.eye(4)
     with pytest.raises(ValueError, match="square"):
         cls.from_dense(torch.zeros(3, 4))
@@ -379,7 +352,7 @@ def test_bad_input_raises(name: str) -> None:
 
 
 def test_other_structure_is_rejected(name: str) -> None:
-    cls = structure_class(name)
+    cls = get_structure(name)
     other = "diagonal" if name != "diagonal" else "dense"
     with pytest.raises(ValueError, match=f"expected a {name} matrix"):
-        cls.eye(4).add_(structure_class(other).eye(4))
+        cls.eye(4).add_(get_structure(other).eye(4))

@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 from reference.structures import STRUCTURE_NAMES as ORACLE_NAMES
 from singd.structures import STRUCTURE_NAMES, StructuredMatrix, get_structure
-from tests.structures.strategies import structure_class
 
 POSITIVE = st.integers(1, 10_000)
 
@@ -22,7 +21,7 @@ def test_names_match_the_oracle() -> None:
 
 @pytest.mark.parametrize("name", STRUCTURE_NAMES)
 def test_every_name_gives_its_class(name: str) -> None:
-    cls = structure_class(name)
+    cls = get_structure(name)
     assert issubclass(cls, StructuredMatrix)
     assert cls.name == name
     assert get_structure(name) is cls
