@@ -9,7 +9,6 @@ from torch import nn
 
 from singd import SINGD
 from singd.optim.base import KroneckerOptimizer
-from singd.optim.statistics import split_weight_matrix, weight_gradient_matrix
 from singd.optim.updates import diagonal_precondition, singd_precondition
 from singd.structures.diagonal import Diagonal
 
@@ -35,9 +34,12 @@ def test_fast_path_is_the_generic_path(dtypes, d_o, shape, bias, seed) -> None:
     d_i = weight_grad[0].numel() + bias
     k = (1 + torch.randn(d_i, generator=generator) / 3).to(k_dtype)
     c = (1 + torch.randn(d_o, generator=generator) / 3).to(c_dtype)
-    matrix = weight_gradient_matrix(weight_grad, bias_grad)
+    matrix = weight_grad.reshape(d_o, -1)  # ∇W~ = [∇W, ∇b] (SPEC §1)
+    if bias:
+        matrix = torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
     generic = singd_precondition(Diagonal(d_i, {"diag": k}), Diagonal(d_o, {"diag": c}), matrix)
-    want_w, want_b = split_weight_matrix(generic, weight_grad.shape, bias)
+    want_w = (generic[:, :-1] if bias else generic).reshape(weight_grad.shape)
+    want_b = generic[:, -1] if bias else None
     got_w, got_b = diagonal_precondition(k, c, weight_grad, bias_grad)
     torch.testing.assert_close(got_w, want_w, rtol=0, atol=0)  # same operations: same bits
     if bias:
