@@ -20,6 +20,7 @@ like ``m``, in ``γ``'s dtype, in the parameter's optimizer state
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -34,11 +35,19 @@ K_KEY, M_KEY = "elementwise_k", "elementwise_m"
 
 
 def is_elementwise(module: nn.Module) -> bool:
-    """Whether ``module`` is a LayerNorm/RMSNorm (exactly; its ``forward``) with affine params."""
+    """Whether ``module`` is a LayerNorm/RMSNorm (exactly; its ``forward``) with affine params.
+
+    Not for FSDP2-sharded parameters (``DTensor``): ``h`` is formed in full on
+    every rank, which the shards' ``k`` would need gathered; those fall back.
+    """
+    weight = getattr(module, "weight", None)
+    tensor = sys.modules.get("torch.distributed.tensor")  # not imported here: it is slow
+    sharded = tensor is not None and isinstance(weight, tensor.DTensor)
     return (
         type(module) in ELEMENTWISE_TYPES
-        and getattr(module, "weight", None) is not None
-        and module.weight.is_floating_point()
+        and weight is not None
+        and weight.is_floating_point()
+        and not sharded
     )
 
 

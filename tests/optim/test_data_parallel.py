@@ -1,7 +1,7 @@
 """Two gloo ranks: wrapped (DDP), unwrapped and FSDP2 models, sharded and unsharded factor work.
 
 Every case (SINGD with dense or diagonal factors, or KFAC; and an FSDP2
-model with a Conv2d and a LayerNorm) trains ``STEPS`` float64 steps in 2 processes
+model with a Conv2d and a GroupNorm) trains ``STEPS`` float64 steps in 2 processes
 on CPU, each rank with half of every batch, and compares every rank's
 parameters (gathered in full under FSDP2) and factors with a single-process
 full-batch run; drift checks run after every step of every case (no false
@@ -237,18 +237,19 @@ CONV_ROWS = BATCH * 4
 
 
 def _conv_run(rank: int, world: int) -> dict[str, torch.Tensor]:
-    """Conv2d, LayerNorm, Linear (FSDP2 on two ranks): 4-D weight shards, FSDPConv2d, and
-    fallback parameters that are DTensor shards (the LayerNorm's)."""
+    """Conv2d, GroupNorm, Linear (FSDP2 on two ranks): 4-D weight shards, FSDPConv2d, and
+    fallback parameters that are DTensor shards (the GroupNorm's; a LayerNorm would get
+    SINGD's elementwise rule unsharded and fall back sharded)."""
     torch.manual_seed(0)
     inner = nn.Sequential(
-        nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 3)
+        nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.GroupNorm(1, 16), nn.Linear(16, 3)
     ).to(DTYPE)
     if world > 1:
         for index in (0, 3, 4):
             fully_shard(inner[index])
         fully_shard(inner)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the LayerNorm's parameters fall back to SGD
+        warnings.simplefilter("ignore")  # the GroupNorm's parameters fall back to SGD
         opt = _optimizer(inner, 1, "dense", False)
     assert opt.layer_names() == ["0", "4"]
     for step in range(STEPS):
