@@ -379,7 +379,7 @@ def step_ratios_block(source: dict) -> list[str]:
     result = source["result"]
     ours, theirs = result["results"], (result["compared"] or {}).get("results")
     other = (result["compared"] or {}).get("singd", "the public package (not measured)")
-    keys = sorted({k.rsplit("/", 1)[0] for k in ours}, key=list(dict.fromkeys(ours)).index)
+    keys = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in ours))  # model/structure, in order
     rows = []
     for key in keys:
         model, structure = key.split("/")
