@@ -55,21 +55,10 @@ def layer_statistics(
         )
     inputs = numbers.asarray(to_numpy(layer_pass.inputs))
     bias = module.bias is not None
-    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
-        return conv_statistics(
-            inputs,
-            grads,
-            kernel_size=module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=bias,
-            approx=approx,
-            loss_average=loss_average,
-        )
-    if isinstance(module, nn.Conv2d):
-        return conv2d_statistics(
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        # Conv2d keeps the oracle's original 2-d patch code (its own check of the N-d one)
+        statistics = conv2d_statistics if isinstance(module, nn.Conv2d) else conv_statistics
+        return statistics(
             inputs,
             grads,
             kernel_size=module.kernel_size,

@@ -116,6 +116,17 @@ def _storage(summary: Summable) -> list[Tensor]:
     return [summary] if isinstance(summary, Tensor) else list(summary.storage.values())
 
 
+def _records(module: nn.Module, output: Any) -> bool:
+    """Whether a forward pass can feed statistics: training, grad enabled, and an
+    output tensor that backward will reach (so its gradient hook fires)."""
+    return (
+        module.training
+        and torch.is_grad_enabled()
+        and isinstance(output, Tensor)
+        and output.requires_grad
+    )
+
+
 class CurvatureCollector:
     """Registers the hooks on the supported layers and keeps the pending sums.
 
@@ -167,9 +178,7 @@ class CurvatureCollector:
         kwargs: dict[str, Any],
         output: Tensor,
     ) -> None:
-        if not (module.training and torch.is_grad_enabled() and self._is_active(name)):
-            return
-        if not (isinstance(output, Tensor) and output.requires_grad):
+        if not _records(module, output) or not self._is_active(name):
             return
         settings = self._settings(name)
         with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
@@ -289,9 +298,7 @@ class ElementwiseCollector:
         kwargs: dict[str, Any],
         output: Tensor,
     ) -> None:
-        if not (module.training and torch.is_grad_enabled() and self._is_active(name)):
-            return
-        if not (isinstance(output, Tensor) and output.requires_grad):
+        if not _records(module, output) or not self._is_active(name):
             return
         with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
             x_hat = elementwise.normalised_input(module, args[0] if args else kwargs["input"])

@@ -493,9 +493,9 @@ class SINGD(KroneckerOptimizer):
         """Diagonal ``K`` and ``C``: :func:`~singd.optim.updates.diagonal_precondition`
         (same bits, no ``[∇W, ∇b]`` concatenation) when ``W~`` is ``W`` flattened from
         dim 1 (not an embedding's ``Wᵀ``); otherwise the base's."""
-        K, C, _, _ = self._compute_state(layer, state)
         flattened = type(layer.kind).weight_matrix is LayerKind.weight_matrix
-        if flattened and isinstance(K, Diagonal) and isinstance(C, Diagonal):
+        if flattened and isinstance(state["K"], Diagonal) and isinstance(state["C"], Diagonal):
+            K, C, _, _ = self._compute_state(layer, state)  # once: the base's path forms its own
             return diagonal_precondition(
                 K.storage["diag"], C.storage["diag"], weight_grad, bias_grad
             )
