@@ -15,8 +15,7 @@ block sizes), ``X`` of width ``m = 32``.  ``to_dense`` is not checked: its
   ``d × d`` matrix; operations that need no dense form (scaling, sums, the
   diagonal, reductions, copies) stay within the storage size, and ``dense``
   multiplies ``X`` without copying ``K`` (``d × m``).  Measured: these bounds
-  are attained (``tril`` materialises ``L`` and a ``d × d`` mask per product
-  and projection).
+  are attained (``tril`` materialises ``L`` per product and projection).
 """
 
 from __future__ import annotations
