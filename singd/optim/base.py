@@ -135,6 +135,8 @@ class KroneckerOptimizer(Optimizer, ABC):
 
     #: How a skip warning names a pass's (input, gradient) statistics.
     _STATISTIC_NAMES: tuple[str, str] = ("input statistic", "gradient statistic")
+    #: Set by :func:`singd.optim.compiled.compile_parameter_updates`; ``None``: eager.
+    _compiled_parameter_updates: Callable[..., None] | None = None
 
     def __init__(
         self,
@@ -805,7 +807,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             # one foreach call per tensor type: DTensor shards (FSDP2) and plain tensors
             for kind in dict.fromkeys(type(p) for p in params):
                 same = [p for p in params if type(p) is kind]
-                momentum_parameter_updates(
+                (self._compiled_parameter_updates or momentum_parameter_updates)(
                     same,
                     [distributed.like_param(directions[id(p)], p) for p in same],
                     [self.state[p]["momentum_buffer"] for p in same],
