@@ -1,7 +1,11 @@
 """Training-step time of SINGD relative to AdamW, in one process (issue 9's measurement).
 
 Usage: ``python scripts/step_ratio.py [--structures dense diagonal ...] [--T 1 10]
-[--steps 30] [--threads 2] [--model mlp|cnn|transformer] [--json PATH]``.
+[--steps 30] [--threads 2] [--model mlp|cnn|transformer] [--compile-updates] [--json PATH]``.
+
+``--compile-updates`` measures every configuration a second time with SINGD's
+parameter update compiled (:mod:`singd.optim.compiled`) and stores those
+results under ``"compiled"`` (``null`` without it).
 
 Runs :func:`asv_benches/benchmarks/ratios.ratio` (models and protocol are
 described there) with this project's ``singd``, or with the public package:
@@ -31,7 +35,7 @@ EXTRA_MODELS = ("cnn", "transformer")
 EXTRA_STRUCTURES = ("diagonal", "dense")
 
 
-def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def measure(args: argparse.Namespace, compile_updates: bool = False) -> dict[str, dict[str, float]]:
     """``model/structure/T=…`` → :func:`ratio`'s result, printed as it goes."""
     torch.set_num_threads(args.threads)
     configurations = [("mlp", s, T) for T in args.T for s in args.structures]
@@ -41,10 +45,11 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         ]
     results = {}
     for model, structure, T in configurations:
-        result = ratio(model, structure, T, args.steps)
+        result = ratio(model, structure, T, args.steps, compile_updates)
         results[f"{model}/{structure}/T={T}"] = result
         print(
-            f"{model:>11} {structure:>18} T={T:<2}: {result['ratio']:6.2f}× AdamW "
+            f"{model:>11} {structure:>18} T={T:<2}{' compiled' if compile_updates else ''}: "
+            f"{result['ratio']:6.2f}× AdamW "
             f"({1e3 * result['singd_s']:.2f} ms vs {1e3 * result['adamw_s']:.2f} ms)",
             flush=True,
         )
@@ -71,15 +76,20 @@ def main(argv: list[str] | None = None) -> None:
         help="only the MLP (not the CNN and the transformer block)",
     )
     parser.add_argument("--compare-python", metavar="PY", default=None)
+    parser.add_argument("--compile-updates", action="store_true")
     parser.add_argument("--json", metavar="PATH", default=None)
     args = parser.parse_args(argv)
     results = measure(args)
+    # one compile worker: a pool of them would share the two cores with the timed steps
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    compiled = measure(args, compile_updates=True) if args.compile_updates else None
     compared = None
     if args.compare_python is not None:
         with tempfile.TemporaryDirectory() as work:
             out = Path(work) / "compared.json"
             forwarded = list(argv if argv is not None else sys.argv[1:])
             forwarded = _without_option(_without_option(forwarded, "--compare-python"), "--json")
+            forwarded = [a for a in forwarded if a != "--compile-updates"]  # ours only
             command = [args.compare_python, str(Path(__file__).resolve()), *forwarded]
             env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own singd
             subprocess.run([*command, "--json", str(out)], cwd=work, env=env, check=True)
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 "steps": args.steps,
                 "singd": _singd_version(),
                 "results": results,
+                "compiled": compiled,
                 "compared": compared,
             }
             json.dump(record, handle, indent=1)

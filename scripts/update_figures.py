@@ -19,6 +19,9 @@ JSON in ``verification-report/``):
 * ``optimizer-costs``: ``python scripts/optimizer_costs.py --json`` (the asv benchmark's code);
 * ``step-ratios``: ``python scripts/step_ratio.py [--compare-python $SINGD_PUBLIC_PYTHON] --json``
   (ratios to AdamW, beside the public package when ``SINGD_PUBLIC_PYTHON`` names its Python);
+* ``compiled-updates``: ``python scripts/step_ratio.py --no-extra --structures diagonal dense
+  triltoeplitz --steps 15 --threads 1 --compile-updates --json`` (the opt-in compiled
+  parameter update; one thread: less exposed to other work on a shared machine);
 * ``case3``: ``python -m verification.fixed_point --json`` (the IKFAC fixed point, before/after);
 * ``training``: ``python -m verification.training --json`` (digits, 1000 steps per precision);
 * ``layer-coverage``: ``python scripts/layer_coverage.py --json`` (which parameters of two
@@ -408,6 +411,27 @@ def step_ratios_block(source: dict) -> list[str]:
     return [*_table(header, rows), "", note, "", _source_stamp(source)]
 
 
+def compiled_updates_block(source: dict) -> list[str]:
+    """SINGD step / AdamW step with the eager and the compiled parameter update (ratios only)."""
+    result = source["result"]
+    eager, compiled = result["results"], result["compiled"]
+    rows = [
+        [
+            *key.split("/"),
+            _ratio_cell(eager, key),
+            _ratio_cell(compiled, key),
+            f"{compiled[key]['ratio'] / eager[key]['ratio']:.2f}",
+        ]
+        for key in eager
+    ]
+    header = ["model", "structure", "T", "eager", "compiled", "compiled / eager"]
+    note = (
+        f"_SINGD step / AdamW step, alternating (scripts/step_ratio.py); median of "
+        f"{result['steps']} windows, {result['threads']} thread(s)._"
+    )
+    return [*_table(header, rows), "", note, "", _source_stamp(source)]
+
+
 def case3_block(source: dict) -> list[str]:
     """The case-3 cells: residual per dtype, system and order (``verification.fixed_point``)."""
     rows = [
@@ -555,6 +579,7 @@ BLOCKS: dict[str, Block] = {
         "optimizer-costs", optimizer_costs_block, columns={"step time": TIMING}
     ),
     "step-ratios": Block("step-ratios", step_ratios_block, default=TIMING),
+    "compiled-updates": Block("compiled-updates", compiled_updates_block, default=TIMING),
     "case3": Block(
         "case3",
         case3_block,
@@ -608,6 +633,24 @@ SOURCES: dict[str, list[list[str]]] = {
             *(["--compare-python", PUBLIC_PYTHON] if PUBLIC_PYTHON else []),
             "--json",
             "{out}/step-ratios.json",
+        ]
+    ],
+    "compiled-updates": [
+        [
+            sys.executable,
+            "scripts/step_ratio.py",
+            "--no-extra",
+            "--structures",
+            "diagonal",
+            "dense",
+            "triltoeplitz",
+            "--steps",
+            "15",
+            "--threads",
+            "1",
+            "--compile-updates",
+            "--json",
+            "{out}/compiled-updates.json",
         ]
     ],
     "case3": [[sys.executable, "-m", "verification.fixed_point", "--json", "{out}/case3.json"]],

@@ -104,8 +104,13 @@ def _timed(step: Callable[[], None], count: int) -> float:
     return (time.perf_counter() - start) / count
 
 
-def ratio(kind: str, structure: str, T: int, steps: int) -> dict[str, float]:
+def ratio(
+    kind: str, structure: str, T: int, steps: int, compile_updates: bool = False
+) -> dict[str, float]:
     """Median SINGD and AdamW step seconds for one configuration, and their ratio.
+
+    ``compile_updates`` (this project's package only) runs SINGD's parameter update
+    through ``torch.compile`` (:mod:`singd.optim.compiled`; compiled in the warm-up).
 
     Subnormal numbers are flushed to zero while it runs (``torch.set_flush_denormal``):
     on the fixed batch the gradients shrink over the 300 steps of ``T = 10``,
@@ -115,16 +120,22 @@ def ratio(kind: str, structure: str, T: int, steps: int) -> dict[str, float]:
     """
     flushed = torch.set_flush_denormal(True)
     try:
-        return _ratio(kind, structure, T, steps)
+        return _ratio(kind, structure, T, steps, compile_updates)
     finally:
         if flushed:
             torch.set_flush_denormal(False)
 
 
-def _ratio(kind: str, structure: str, T: int, steps: int) -> dict[str, float]:
+def _ratio(
+    kind: str, structure: str, T: int, steps: int, compile_updates: bool
+) -> dict[str, float]:
     model, inputs, targets = _model_and_batch(kind)
     twin = copy.deepcopy(model)
     singd = SINGD(model, lr=1e-3, T=T, structures=(structure, structure), warn_unsupported=False)
+    if compile_updates:  # imported only then: the public package has no such module
+        from singd.optim.compiled import compile_parameter_updates
+
+        compile_parameter_updates(singd)
     adamw = torch.optim.AdamW(twin.parameters(), lr=1e-3)
     ours = _stepper(model, singd, inputs, targets)
     theirs = _stepper(twin, adamw, inputs, targets)
