@@ -88,7 +88,7 @@ def singd_self_inners(state: FactorState, damping: float) -> SelfInners:
     p = self_inner_scale(damping)
     if p == 1.0:
         return SelfInners(state.K.project_self_inner(), state.C.project_self_inner(), 1.0)
-    scaled_K, scaled_C = state.K.clone().mul_(p), state.C.clone().mul_(p)
+    scaled_K, scaled_C = state.K.mul(p), state.C.mul(p)
     return SelfInners(scaled_K.project_self_inner(), scaled_C.project_self_inner(), p * p)
 
 
@@ -143,17 +143,17 @@ def singd_factor_momenta(
     coef = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
     if kfac_like:
         weight = damping / inners.scale  # λ Π̂(KᵀK) = (λ/p²)·p²Π̂(KᵀK)
-        bracket_K = H_K.clone().add_(inners.K, alpha=weight).add_diag_(-1.0)
-        bracket_C = H_C.clone().mul_(grad_scale_correction).add_(inners.C, alpha=weight)
+        bracket_K = H_K.add(inners.K, alpha=weight).add_diag_(-1.0)
+        bracket_C = H_C.mul(grad_scale_correction).add_(inners.C, alpha=weight)
         bracket_C.add_diag_(-1.0)
         return bracket_K.mul_(coef), bracket_C.mul_(coef)
     trace_H_C = traces.H_C * grad_scale_correction
     trace_H_K = traces.H_K * grad_scale_correction
     c_sq = damping * traces.C_sq / inners.scale  # λ tr(CᵀC); dividing by p² is exact
     kappa_sq = damping * traces.K_sq / inners.scale
-    bracket_K = H_K.clone().mul_(trace_H_C).add_(inners.K, alpha=c_sq / inners.scale)
+    bracket_K = H_K.mul(trace_H_C).add_(inners.K, alpha=c_sq / inners.scale)
     bracket_K.add_diag_(-float(d_o))
-    bracket_C = H_C.clone().mul_(trace_H_K).add_(inners.C, alpha=kappa_sq / inners.scale)
+    bracket_C = H_C.mul(trace_H_K).add_(inners.C, alpha=kappa_sq / inners.scale)
     bracket_C.add_diag_(-float(d_i))
     new_m_K = bracket_K.mul_(coef / d_o).add_(m_K, alpha=alpha1)
     new_m_C = bracket_C.mul_(coef / d_i).add_(m_C, alpha=alpha1)
@@ -171,7 +171,7 @@ def singd_factor_step(
     factor: StructuredMatrix, momentum: StructuredMatrix, lr_cov: float
 ) -> StructuredMatrix:
     """``K ← K (I − β1 m) = K − β1 · K m`` (SPEC §1.3, first order, §1.4a)."""
-    return factor.clone().add_(factor @ momentum, alpha=-lr_cov)
+    return factor.add(factor @ momentum, alpha=-lr_cov)
 
 
 #: ``(factor, momentum, β1) → new factor``: one factor's ``K ← K − β1·K·m`` (SPEC §1.4a).
@@ -247,9 +247,9 @@ def compensated_factor_step(
     Returns:
         ``(K', c')``.
     """
-    increment = compensation.clone().add_(factor @ momentum, alpha=-lr_cov)
-    new = factor.clone().add_(increment)
-    applied = new.clone().add_(factor, alpha=-1.0)
+    increment = compensation.add(factor @ momentum, alpha=-lr_cov)
+    new = factor.add(increment)
+    applied = new.add(factor, alpha=-1.0)
     return new, increment.add_(applied, alpha=-1.0)
 
 
@@ -285,7 +285,7 @@ def stochastic_factor_step(
     :func:`stochastic_round`, so the expected update is the float32 one.
     """
     wide = factor.to(dtype=torch.float32)
-    exact = wide.clone().add_(wide @ momentum.to(dtype=torch.float32), alpha=-lr_cov)
+    exact = wide.add(wide @ momentum.to(dtype=torch.float32), alpha=-lr_cov)
     storage = {
         key: stochastic_round(tensor, factor.dtype, generator)
         for key, tensor in exact.storage.items()
@@ -306,7 +306,7 @@ def master_factor_step(
     in the promoted dtype of the two, then added to the master with one
     float32 rounding, ``K ← fl32(K + (−β1)·fl(compute m))``.
     """
-    return master.clone().add_(compute @ momentum, alpha=-lr_cov)
+    return master.add(compute @ momentum, alpha=-lr_cov)
 
 
 #: ``(K Kᵀ, C Cᵀ)`` kept between factor steps, each ``None`` where not kept.

@@ -255,6 +255,25 @@ class StructuredMatrix(ABC):
             return torch.zeros((), dtype=self.dtype, device=self.device)
         return torch.stack(maxima).max()
 
+    # ----------------------------------------------------------- out of place
+    def mul(self, scalar: float | Tensor) -> Self:
+        """``s K`` as a new matrix (one operator per storage tensor, no clone first)."""
+        check_scalar(scalar, f"{self.name}.mul")
+        return type(self)(self.dim, {k: t.mul(scalar) for k, t in self._storage.items()})
+
+    def add(self, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> Self:
+        """``K + α L`` as a new matrix, bitwise ``K.clone().add_(L, alpha)`` (same kernel)."""
+        self._check_same(other)
+        check_scalar(alpha, f"{self.name}.add alpha")
+        storage = {}
+        for key, t in self._storage.items():
+            addend = other._storage[key].to(t.dtype)
+            if isinstance(alpha, Tensor):  # torch's add takes only a number as alpha
+                storage[key] = t.add(addend * alpha)
+            else:
+                storage[key] = t.add(addend, alpha=alpha)
+        return type(self)(self.dim, storage)
+
     # ---------------------------------------------------------------- in place
     def mul_(self, scalar: float | Tensor) -> Self:
         """``K ← s K``."""

@@ -300,6 +300,31 @@ def test_in_place_ops(name: str, data: st.DataObject, scale: float, alpha: float
     np.testing.assert_array_equal(member.to_dense().double().numpy(), k)  # clones untouched
 
 
+@given(data=st.data(), scale=SCALARS, alpha=SCALARS)
+def test_out_of_place_ops_are_the_in_place_ones(
+    name: str, data: st.DataObject, scale: float, alpha: float
+) -> None:
+    """``K.mul(s)``, ``K.add(L, α)`` run the kernels of ``clone().mul_``/``clone().add_``.
+
+    Rule: bitwise (the same operator on the same operands), in the member's
+    dtype, also with a 0-dim tensor ``α`` (a float32 one beside a half member).
+    """
+    case = data.draw(cases(name))
+    (member, k), (other, _) = case.member(0), case.member(1)
+    tensor_alpha = torch.tensor(alpha, dtype=torch.float32)
+    pairs = [
+        (member.mul(scale), member.clone().mul_(scale)),
+        (member.mul(tensor_alpha), member.clone().mul_(tensor_alpha)),
+        (member.add(other, alpha=alpha), member.clone().add_(other, alpha=alpha)),
+        (member.add(other, alpha=tensor_alpha), member.clone().add_(other, alpha=tensor_alpha)),
+    ]
+    for out, reference in pairs:
+        assert out.dtype == case.dtype
+        for key, tensor in reference.storage.items():
+            assert torch.equal(out.storage[key], tensor), key
+    np.testing.assert_array_equal(member.to_dense().double().numpy(), k)  # operands untouched
+
+
 # ------------------------------------------------------------------ dtype rule
 @pytest.mark.parametrize("own", DTYPES)
 @pytest.mark.parametrize("operand", DTYPES)
@@ -314,6 +339,8 @@ def test_mixed_dtypes_promote(name: str, own: torch.dtype, operand: torch.dtype)
     assert (member @ cls.eye(5, dtype=operand)).dtype == promoted
     assert member.clone().add_(cls.eye(5, dtype=operand)).dtype == own  # in place keeps own
     assert member.clone().mul_(torch.tensor(2.0, dtype=operand)).dtype == own
+    assert member.add(cls.eye(5, dtype=operand)).dtype == own  # out of place too
+    assert member.mul(torch.tensor(2.0, dtype=operand)).dtype == own
 
 
 def test_to_changes_dtype(name: str) -> None:
