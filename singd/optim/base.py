@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from singd.optim import checkpoint, distributed, drift, scaling, sharded
+from singd.optim import checkpoint, distributed, drift, fallback, scaling, sharded
 from singd.optim.elementwise import (
     K_KEY,
     M_KEY,
@@ -55,7 +55,7 @@ from singd.optim.layers import (
     find_layers,
     unwrap_model,
 )
-from singd.optim.updates import adamw_parameter_update, momentum_parameter_updates
+from singd.optim.updates import momentum_parameter_updates
 from singd.optim.validation import check_bool, check_real, resolve_lr_cov
 
 LayerState = dict[str, Any]
@@ -95,26 +95,6 @@ def _follow_param(param: Tensor, state: dict[str, Any]) -> None:
     for key, value in state.items():
         if isinstance(value, Tensor) and (value.device, value.dtype) != (param.device, param.dtype):
             state[key] = value.to(device=param.device, dtype=param.dtype)
-
-
-def _adamw_step(param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """One AdamW step of a fallback parameter (``fallback="adamw"``); state made on first use."""
-    if "exp_avg" not in state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(param)
-        state["exp_avg_sq"] = torch.zeros_like(param)
-    state["step"] += 1
-    adamw_parameter_update(
-        param,
-        grad,
-        state["exp_avg"],
-        state["exp_avg_sq"],
-        step=state["step"],
-        lr=group["lr"],
-        betas=group["fallback_betas"],
-        eps=group["fallback_eps"],
-        weight_decay=group["weight_decay"],
-    )
 
 
 class KroneckerOptimizer(Optimizer, ABC):
@@ -568,76 +548,21 @@ class KroneckerOptimizer(Optimizer, ABC):
         """
         return float(layer.input_dim**3 + layer.output_dim**3)
 
-    def _owners(self) -> dict[str, int] | None:
-        """Layer → the rank computing its factor steps, or ``None`` (every rank computes all)."""
-        world = distributed.world_size()
-        if not (self._shard_factor_work and world > 1):
-            return None
-        costs = {name: self._factor_step_cost(layer) for name, layer in self._layers.items()}
-        return sharded.assign_owners(costs, world)
-
-    def _owned_layers(self, pending: dict[str, PendingStatistics]) -> list[str]:
-        """The layers of ``pending`` whose factor step this rank computes."""
-        owners = self._owners()
-        if owners is None:
-            return list(pending)
-        return [name for name in pending if owners[name] == distributed.rank()]
-
-    def _share_layer_states(
-        self, pending: dict[str, PendingStatistics], computed: dict[str, LayerState]
-    ) -> dict[str, LayerState]:
-        """Every rank's new states of ``pending``'s layers from their owners' ``computed``."""
-        owners = self._owners()
-        if owners is None:
-            return computed
-        storages = sharded.broadcast_storages(
-            {name: owners[name] for name in pending},
-            {name: self._state_to_storage(state) for name, state in computed.items()},
-            {name: self._state_to_storage(self._layer_states[name]) for name in pending},
-        )
-        return {
-            name: computed[name]
-            if name in computed
-            else self._state_from_storage(self._layers[name], self._layer_states[name], storage)
-            for name, storage in storages.items()
-        }
-
-    def _replicated_tensors(self) -> dict[str, list[Tensor]]:
-        """Label → the tensors every rank must hold bitwise equal (drift check).
-
-        Sharded (``DTensor``) parameters are each rank's own and not compared.
-        """
-        entries: dict[str, list[Tensor]] = {}
-        for name, layer in self._layers.items():
-            storage = self._state_to_storage(self._layer_states[name])
-            factors = [t for factor in storage.values() for t in factor.values()]
-            entries[f"layer {name!r}: factors"] = factors
-            entries[f"layer {name!r}: parameters"] = drift.replicated(layer.params())
+    def _replicated(self) -> dict[str, list[Tensor]]:
+        """The drift check's entries (:func:`singd.optim.drift.entries`)."""
         params = {id(p): p for group in self.param_groups for p in group["params"]}
-        for key, label in self._fallback.items():
-            entries[f"parameter {label!r}"] = drift.replicated([params[key]])
-        return entries
-
-    def _reduce_elementwise_across_ranks(
-        self, pending: dict[str, tuple[list[Tensor], bool]]
-    ) -> None:
-        """Full-batch ``h`` on every rank: weighted like gradient statistics, then summed.
-
-        ``h`` is a gradient-side statistic (``N Σ r²`` with ``g`` carrying ``1/N_r``):
-        averaged over ranks for a mean loss, summed for a sum loss
-        (:func:`singd.optim.distributed.rank_weights`).  One ``all_reduce`` per layer,
-        in module order (every rank collects the same layers in the same steps).
-        """
-        world = distributed.world_size()
-        if world == 1:
-            return
-        for name, (hs, _) in pending.items():
-            group = self.param_groups[self._elementwise[name].group_index]
-            _, weight = distributed.rank_weights(group["loss_average"], world)
-            flat = torch.cat([h.reshape(-1) for h in hs]) * weight
-            torch.distributed.all_reduce(flat)
-            for h, chunk in zip(hs, flat.split([h.numel() for h in hs]), strict=True):
-                h.copy_(chunk.view_as(h))
+        layers = {
+            name: (
+                [
+                    t
+                    for f in self._state_to_storage(self._layer_states[name]).values()
+                    for t in f.values()
+                ],
+                layer.params(),
+            )
+            for name, layer in self._layers.items()
+        }
+        return drift.entries(layers, {label: params[key] for key, label in self._fallback.items()})
 
     def _new_layer_states(
         self,
@@ -726,10 +651,22 @@ class KroneckerOptimizer(Optimizer, ABC):
             self._skip_for_inf_gradients()
             return loss
         grads = self._reduce_across_ranks(pending, self._unscaled_grads(amp.grad_scale))
-        self._reduce_elementwise_across_ranks(pending_elementwise)
+        distributed.reduce_elementwise_(
+            pending_elementwise,
+            {
+                name: self.param_groups[layer.group_index]["loss_average"]
+                for name, layer in self._elementwise.items()
+                if name in pending_elementwise
+            },
+        )
+        owners = sharded.owners(
+            self._shard_factor_work,
+            self._layers,
+            lambda name: self._factor_step_cost(self._layers[name]),
+        )
         prepared = {
             name: self._prepare_factor_step(self._layers[name], pending[name])
-            for name in self._owned_layers(pending)
+            for name in sharded.owned(owners, pending)
         }
         param_labels = self._param_labels()
         grad_labels = [f"{param_labels.get(key, 'a parameter')} gradient" for key in grads]
@@ -762,7 +699,15 @@ class KroneckerOptimizer(Optimizer, ABC):
         except ValueError:
             scaling.clear_amp_attributes(self)
             raise
-        new_states = self._share_layer_states(pending, new_states)
+        new_states = sharded.share_states(
+            owners,
+            new_states,
+            {name: self._layer_states[name] for name in pending},
+            to_storage=self._state_to_storage,
+            from_storage=lambda name, current, storage: self._state_from_storage(
+                self._layers[name], current, storage
+            ),
+        )
         states = {**self._layer_states, **new_states}
         directions = self._directions(grads, states)
         elementwise_directions, new_elementwise = self._elementwise_directions(
@@ -797,7 +742,7 @@ class KroneckerOptimizer(Optimizer, ABC):
                 if id(param) in new_elementwise:
                     state[K_KEY], state[M_KEY] = new_elementwise[id(param)]
                 if id(param) in self._fallback and group["fallback"] == "adamw":
-                    _adamw_step(param, directions[id(param)], state, group)
+                    fallback.adamw_step(param, directions[id(param)], state, group)
                     continue
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(param)
@@ -817,7 +762,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             self._grad_scale_prev = amp.backward_scale
         self.steps += 1
         if drift.due(self._drift_check_every, self.steps):
-            drift.check_replicas(self._replicated_tensors())
+            drift.check_replicas(self._replicated())
         return loss
 
     # -------------------------------------------------------------- checkpoints
@@ -849,23 +794,20 @@ class KroneckerOptimizer(Optimizer, ABC):
         """
         for name in self._layers:
             self._follow_weight(name)  # restore into factors placed like the weights now
-        entry = checkpoint.unpack(state_dict, self.layer_names())
-        groups = checkpoint.restore_groups(state_dict, self.param_groups)
-        for group in groups:
-            self._check_group(group)
-        checkpoint.check_param_state(state_dict, self.param_groups)
-        new_states = checkpoint.restore_layer_states(
-            entry.layers,
-            self._layer_states,
+        loaded = checkpoint.validate(
+            state_dict,
+            param_groups=self.param_groups,
+            check_group=self._check_group,
+            current=self._layer_states,
             layout=self._layout,
             restore=lambda name, current, factors: self._state_from_storage(
                 self._layers[name], current, factors
             ),
         )
         torch_state = {k: v for k, v in state_dict.items() if k != checkpoint.KEY}
-        super().load_state_dict({**torch_state, "param_groups": groups})
-        self._layer_states.update(new_states)
-        self.steps = entry.steps
-        self._grad_scale_prev = entry.grad_scale_prev
+        super().load_state_dict({**torch_state, "param_groups": loaded.groups})
+        self._layer_states.update(loaded.layer_states)
+        self.steps = loaded.entry.steps
+        self._grad_scale_prev = loaded.entry.grad_scale_prev
         self._collector.pop_all()
         self._elementwise_collector.pop_all()
