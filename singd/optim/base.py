@@ -21,18 +21,17 @@ first (:mod:`.distributed`).
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from singd.optim import checkpoint, distributed, drift, fallback, scaling, sharded
+from singd.optim import checkpoint, distributed, drift, fallback, plan, scaling, sharded
 from singd.optim.elementwise import (
     K_KEY,
     M_KEY,
@@ -55,13 +54,20 @@ from singd.optim.layers import (
     find_layers,
     unwrap_model,
 )
+from singd.optim.plan import Skip, StepPlan
 from singd.optim.updates import momentum_parameter_updates
 from singd.optim.validation import check_bool, check_real, resolve_lr_cov
 
 LayerState = dict[str, Any]
 
-#: A skip warning names at most this many non-finite tensors.
-MAX_NAMED = 5
+
+class Gathered(NamedTuple):
+    """A step's inputs after :meth:`KroneckerOptimizer._gather` (full-batch, unscaled)."""
+
+    amp: scaling.AmpStepInfo
+    pending: dict[str, PendingStatistics]
+    pending_elementwise: dict[str, tuple[list[Tensor], bool]]
+    grads: dict[int, Tensor]
 
 
 class FactorStepInputs(NamedTuple):
@@ -75,19 +81,6 @@ class FactorStepInputs(NamedTuple):
 
     tensors: Any
     reads: list[Tensor]
-
-
-def _culprits(labels: list[str], flags: Iterable[float]) -> list[str]:
-    """The labels whose finiteness flag (read to the host) is false, each named once."""
-    culprits = [label for label, ok in zip(labels, flags, strict=True) if not ok]
-    return list(dict.fromkeys(culprits))
-
-
-def _host_values(scalars: list[Tensor]) -> list[float]:
-    """The values of 0-dim tensors as Python floats, read with one host sync."""
-    if not scalars:
-        return []
-    return torch.stack([scalar.to(torch.float64) for scalar in scalars]).tolist()
 
 
 def _follow_param(param: Tensor, state: dict[str, Any]) -> None:
@@ -449,17 +442,9 @@ class KroneckerOptimizer(Optimizer, ABC):
         return None
 
     # -------------------------------------------------------------------- step
-    def _skip(self, reason: str, culprits: list[str] | None = None) -> None:
-        """Warn that the step is skipped; ``culprits`` name the non-finite tensors."""
-        detail = ""
-        if culprits:
-            shown = "; ".join(f"{label} non-finite" for label in culprits[:MAX_NAMED])
-            more = len(culprits) - MAX_NAMED
-            detail = f": {shown}" + (f"; and {more} more" if more > 0 else "")
-        warnings.warn(
-            f"{type(self).__name__}: step skipped ({reason}{detail}); no state was changed",
-            stacklevel=3,
-        )
+    def _skip(self, skip: Skip) -> None:
+        """Warn (at ``step``'s caller) that the step is skipped, naming the non-finite tensors."""
+        warnings.warn(plan.skip_message(type(self).__name__, skip), stacklevel=3)
 
     def _param_labels(self) -> dict[int, str]:
         """``id(param)`` → how a skip warning names it (layer and weight/bias, or fallback)."""
@@ -489,8 +474,8 @@ class KroneckerOptimizer(Optimizer, ABC):
                 tensors += parts
         return labels, finite_flags(tensors)
 
-    def _skip_for_inf_gradients(self) -> None:
-        """The scaler found inf/NaN gradients: skip, naming them (one extra host sync)."""
+    def _inf_gradients_skip(self) -> Skip:
+        """The scaler found inf/NaN gradients: the skip, naming them (one extra host sync)."""
         labels = self._param_labels()
         grads = [
             (labels.get(id(p), "a parameter"), p.grad)
@@ -498,9 +483,10 @@ class KroneckerOptimizer(Optimizer, ABC):
             for p in group["params"]
             if p.grad is not None
         ]
-        flags = _host_values(finite_flags([grad for _, grad in grads]))
-        culprits = _culprits([f"{label} gradient" for label, _ in grads], flags)
-        self._skip("the GradScaler found inf/NaN gradients", culprits)
+        culprits = plan.nonfinite(
+            [f"{label} gradient" for label, _ in grads], [g for _, g in grads]
+        )
+        return Skip("the GradScaler found inf/NaN gradients", culprits)
 
     def _check_dense_grads(self) -> None:
         """Raise ``ValueError`` (before any state changes) if a gradient is sparse."""
@@ -568,13 +554,12 @@ class KroneckerOptimizer(Optimizer, ABC):
         self,
         pending: dict[str, PendingStatistics],
         prepared: dict[str, FactorStepInputs],
-        reads: Iterator[float],
+        reads: dict[str, plan.LayerReads],
         amp: scaling.AmpStepInfo,
     ) -> dict[str, LayerState]:
         """The factors after this statistics step (SPEC §1.3/§1.2), one new state per layer.
 
-        ``reads`` yields, per layer of ``pending`` in order, the exponent of
-        the hook's normalisation, then the values of ``prepared[name].reads``.
+        ``reads`` holds each layer's host values (:func:`singd.optim.plan.read_host`).
         The gradient statistic's correction ``2^(−log2_factor) / s²`` is exact
         in float64 (SPEC §1.5, docs/SPEC.md).
         """
@@ -582,14 +567,13 @@ class KroneckerOptimizer(Optimizer, ABC):
         for name, stats in pending.items():
             layer = self._layers[name]
             group = self.param_groups[layer.group_index]
-            log2_factor = int(next(reads))
             correction = math.ldexp(
-                scaling.statistics_correction(stats.grad_scale, amp, name), -log2_factor
+                scaling.statistics_correction(stats.grad_scale, amp, name),
+                -reads[name].log2_factor,
             )
             lr_cov = resolve_lr_cov(group["lr_cov"], self.steps)
-            values = list(itertools.islice(reads, len(prepared[name].reads)))
             new_states[name] = self._updated_layer_state(
-                layer, group, stats, prepared[name], values, correction, lr_cov
+                layer, group, stats, prepared[name], reads[name].values, correction, lr_cov
             )
         return new_states
 
@@ -629,11 +613,25 @@ class KroneckerOptimizer(Optimizer, ABC):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step (SPEC §1.4a order); see the class docstring."""
+        """One optimizer step (SPEC §1.4a order): gather, plan, then commit or skip."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        gathered = self._gather()
+        planned = gathered if isinstance(gathered, Skip) else self._plan(gathered)
+        if isinstance(planned, Skip):
+            self._skip(planned)
+            return loss
+        self._commit(planned)
+        return loss
+
+    def _gather(self) -> Gathered | Skip:
+        """This step's inputs: statistics popped and reduced across ranks, gradients unscaled.
+
+        A skip when the ``GradScaler`` found inf/NaN gradients; the pending
+        statistics are dropped either way.
+        """
         self._check_dense_grads()
         for name in self._layers:
             self._follow_weight(name)
@@ -648,8 +646,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         pending = self._collector.pop_all()
         pending_elementwise = self._elementwise_collector.pop_all()
         if amp.found_inf:
-            self._skip_for_inf_gradients()
-            return loss
+            return self._inf_gradients_skip()
         grads = self._reduce_across_ranks(pending, self._unscaled_grads(amp.grad_scale))
         distributed.reduce_elementwise_(
             pending_elementwise,
@@ -659,6 +656,15 @@ class KroneckerOptimizer(Optimizer, ABC):
                 if name in pending_elementwise
             },
         )
+        return Gathered(amp, pending, pending_elementwise, grads)
+
+    def _plan(self, gathered: Gathered) -> Skip | StepPlan:
+        """Everything the step writes, or why it is skipped; changes no state.
+
+        Host reads: :func:`singd.optim.plan.read_host` (flags of gradients and
+        statistics, each factor step's scalars) and the results' finiteness.
+        """
+        amp, pending, grads = gathered.amp, gathered.pending, gathered.grads
         owners = sharded.owners(
             self._shard_factor_work,
             self._layers,
@@ -670,32 +676,24 @@ class KroneckerOptimizer(Optimizer, ABC):
         }
         param_labels = self._param_labels()
         grad_labels = [f"{param_labels.get(key, 'a parameter')} gradient" for key in grads]
-        grad_flags = finite_flags(list(grads.values()))
         stats_labels, stats_flags = self._statistic_flags(pending)
-        values = iter(
-            _host_values(
-                [
-                    *grad_flags,
-                    *stats_flags,
-                    *(
-                        r
-                        for name, inputs in prepared.items()
-                        for r in (pending[name].grad_scale.log2_factor, *inputs.reads)
-                    ),
-                ]
-            )
+        reads = plan.read_host(
+            finite_flags(list(grads.values())),
+            stats_flags,
+            {
+                name: [pending[name].grad_scale.log2_factor, *inputs.reads]
+                for name, inputs in prepared.items()
+            },
         )
-        grad_ok = list(itertools.islice(values, len(grad_flags)))
-        if not all(grad_ok):
-            self._skip("non-finite gradients", _culprits(grad_labels, grad_ok))
-            return loss
-        stats_ok = list(itertools.islice(values, len(stats_flags)))
-        if not all(stats_ok):
-            self._skip("non-finite curvature statistics", _culprits(stats_labels, stats_ok))
-            return loss
+        if not all(reads.grad_ok):
+            return Skip("non-finite gradients", plan.culprits(grad_labels, reads.grad_ok))
+        if not all(reads.stats_ok):
+            return Skip(
+                "non-finite curvature statistics", plan.culprits(stats_labels, reads.stats_ok)
+            )
         try:
             owned = {name: pending[name] for name in prepared}
-            new_states = self._new_layer_states(owned, prepared, values, amp)
+            new_states = self._new_layer_states(owned, prepared, reads.layers, amp)
         except ValueError:
             scaling.clear_amp_attributes(self)
             raise
@@ -708,10 +706,9 @@ class KroneckerOptimizer(Optimizer, ABC):
                 self._layers[name], current, storage
             ),
         )
-        states = {**self._layer_states, **new_states}
-        directions = self._directions(grads, states)
+        directions = self._directions(grads, {**self._layer_states, **new_states})
         elementwise_directions, new_elementwise = self._elementwise_directions(
-            grads, pending_elementwise, amp
+            grads, gathered.pending_elementwise, amp
         )
         directions.update(elementwise_directions)
         result_labels, results = [], []
@@ -724,14 +721,19 @@ class KroneckerOptimizer(Optimizer, ABC):
                 results += storage.values()
         result_labels += [f"{param_labels.get(key, 'a parameter')} update" for key in directions]
         results += directions.values()
-        result_ok = _host_values(finite_flags(results))
-        if not all(result_ok):
-            self._skip(
-                "non-finite factors or update after the factor step",
-                _culprits(result_labels, result_ok),
-            )
-            return loss
-        self._layer_states.update(new_states)
+        culprits = plan.nonfinite(result_labels, results)
+        if culprits:
+            return Skip("non-finite factors or update after the factor step", culprits)
+        return StepPlan(new_states, new_elementwise, directions, amp.backward_scale)
+
+    def _commit(self, planned: StepPlan) -> None:
+        """Write a planned step: factors, elementwise ``(k, m)``, parameters (SPEC §1.4), ``steps``.
+
+        Per group, the momentum-SGD parameters share one foreach update per
+        tensor type; ``fallback="adamw"`` parameters take their own step.
+        """
+        directions = planned.directions
+        self._layer_states.update(planned.layer_states)
         for group in self.param_groups:
             params = []
             for param in group["params"]:
@@ -739,8 +741,8 @@ class KroneckerOptimizer(Optimizer, ABC):
                     continue
                 state = self.state[param]
                 _follow_param(param, state)
-                if id(param) in new_elementwise:
-                    state[K_KEY], state[M_KEY] = new_elementwise[id(param)]
+                if id(param) in planned.elementwise:
+                    state[K_KEY], state[M_KEY] = planned.elementwise[id(param)]
                 if id(param) in self._fallback and group["fallback"] == "adamw":
                     fallback.adamw_step(param, directions[id(param)], state, group)
                     continue
@@ -758,12 +760,11 @@ class KroneckerOptimizer(Optimizer, ABC):
                     momentum=group["momentum"],
                     weight_decay=group["weight_decay"],
                 )
-        if amp.backward_scale is not None:
-            self._grad_scale_prev = amp.backward_scale
+        if planned.backward_scale is not None:
+            self._grad_scale_prev = planned.backward_scale
         self.steps += 1
         if drift.due(self._drift_check_every, self.steps):
             drift.check_replicas(self._replicated())
-        return loss
 
     # -------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

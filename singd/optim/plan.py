@@ -1,0 +1,119 @@
+"""What a step will write, decided before anything is written (SPEC §1.4a).
+
+A step is planned in full — new factors, new elementwise ``(k, m)`` and every
+parameter's update direction — and then either committed or skipped.  Its
+host reads happen at two named points: :func:`read_host` (every finiteness
+flag of the gradients and statistics, and the scalars each layer's factor
+step needs as Python floats, in one sync) and :func:`nonfinite` on the
+planned results (a second).  A skip carries the reason and the labels of the
+non-finite tensors for its warning (:func:`skip_message`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from singd.optim.finiteness import finite_flags
+
+#: A skip warning names at most this many non-finite tensors.
+MAX_NAMED = 5
+
+
+class Skip(NamedTuple):
+    """A step that is not taken: why, and the labels of the non-finite tensors."""
+
+    reason: str
+    culprits: list[str]
+
+
+class StepPlan(NamedTuple):
+    """Everything a taken step writes.
+
+    Attributes:
+        layer_states: layer name → its state after the factor step (layers with
+            statistics only).
+        elementwise: ``id(param)`` → its new ``(k, m)`` (elementwise parameters
+            with statistics only).
+        directions: ``id(param)`` → its update direction ``ĝ`` (before weight decay).
+        backward_scale: the scale of this step's backward passes, if known (kept
+            as the checkpoints' ``grad_scale_prev``, SPEC §1.5).
+    """
+
+    layer_states: dict[str, Any]
+    elementwise: dict[int, tuple[Tensor, Tensor]]
+    directions: dict[int, Tensor]
+    backward_scale: float | None
+
+
+class LayerReads(NamedTuple):
+    """One layer's host values for its factor step.
+
+    Attributes:
+        log2_factor: the exponent of the hook's power-of-two normalisation of ``G``.
+        values: the values of the preconditioner's ``FactorStepInputs.reads``.
+    """
+
+    log2_factor: int
+    values: list[float]
+
+
+class HostReads(NamedTuple):
+    """The step's first host sync, by meaning (flags: 1.0 finite, 0.0 not)."""
+
+    grad_ok: list[float]
+    stats_ok: list[float]
+    layers: dict[str, LayerReads]
+
+
+def host_values(scalars: list[Tensor]) -> list[float]:
+    """The values of 0-dim tensors as Python floats, read with one host sync."""
+    if not scalars:
+        return []
+    return torch.stack([scalar.to(torch.float64) for scalar in scalars]).tolist()
+
+
+def read_host(
+    grad_flags: list[Tensor], stats_flags: list[Tensor], layers: dict[str, list[Tensor]]
+) -> HostReads:
+    """:class:`HostReads` of the given 0-dim tensors, in one host sync.
+
+    Args:
+        grad_flags: the gradients' finiteness flags.
+        stats_flags: the pending statistics' finiteness flags.
+        layers: layer name → ``[log2_factor, *reads]`` of its factor step.
+    """
+    scalars = [*grad_flags, *stats_flags, *(r for reads in layers.values() for r in reads)]
+    values = host_values(scalars)
+    grads_end = len(grad_flags)
+    stats_end = grads_end + len(stats_flags)
+    by_layer, start = {}, stats_end
+    for name, reads in layers.items():
+        own = values[start : start + len(reads)]
+        by_layer[name] = LayerReads(int(own[0]), own[1:])
+        start += len(reads)
+    return HostReads(values[:grads_end], values[grads_end:stats_end], by_layer)
+
+
+def culprits(labels: list[str], flags: Iterable[float]) -> list[str]:
+    """The labels whose finiteness flag (read to the host) is false, each named once."""
+    named = [label for label, ok in zip(labels, flags, strict=True) if not ok]
+    return list(dict.fromkeys(named))
+
+
+def nonfinite(labels: list[str], tensors: list[Tensor]) -> list[str]:
+    """The labels of the non-finite ``tensors`` (one host sync; none for no tensors)."""
+    return culprits(labels, host_values(finite_flags(tensors)))
+
+
+def skip_message(optimizer: str, skip: Skip) -> str:
+    """The warning of a skipped step (at most :data:`MAX_NAMED` culprits named)."""
+    detail = ""
+    if skip.culprits:
+        shown = "; ".join(f"{label} non-finite" for label in skip.culprits[:MAX_NAMED])
+        more = len(skip.culprits) - MAX_NAMED
+        detail = f": {shown}" + (f"; and {more} more" if more > 0 else "")
+    return f"{optimizer}: step skipped ({skip.reason}{detail}); no state was changed"
