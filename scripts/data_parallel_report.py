@@ -15,7 +15,7 @@ Spawns 2 gloo processes on CPU (one torch thread each) and prints:
    reducer is not seen and is listed separately as the parameter bytes).
 3. **Factor-step time per rank**: a float32 MLP of ``--layers`` dense
    ``width × width`` layers, T = 1; the seconds of the factor work
-   (``_prepare_factor_step`` and ``_new_layer_states``) and of the sharded
+   (``prepare_factor_step`` and ``_new_layer_states``) and of the sharded
    broadcast per step, median over ``--repeats`` steps after one warm-up,
    for 1 rank, 2 ranks unsharded and 2 ranks sharded.
 
@@ -67,9 +67,9 @@ def _communication(wrapper: str, shard: bool, rank: int) -> list[list[tuple[str,
     return per_step
 
 
-def _timed(opt: SINGD, name: str, totals: dict[str, float]) -> None:
-    """Accumulate the seconds spent in ``opt.<name>`` into ``totals["factor"]``."""
-    original = getattr(opt, name)
+def _timed(owner: object, name: str, totals: dict[str, float]) -> None:
+    """Accumulate the seconds spent in ``owner.<name>`` into ``totals["factor"]``."""
+    original = getattr(owner, name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -77,7 +77,7 @@ def _timed(opt: SINGD, name: str, totals: dict[str, float]) -> None:
         totals["factor"] += time.perf_counter() - start
         return result
 
-    setattr(opt, name, timed)
+    setattr(owner, name, timed)
 
 
 def factor_step_times(
@@ -91,7 +91,7 @@ def factor_step_times(
     opt = SINGD(model, lr=1e-3, T=1, lr_cov=1e-2)
     opt.configure_distributed(shard_factor_work=shard)
     totals = {"factor": 0.0, "broadcast": 0.0}
-    _timed(opt, "_prepare_factor_step", totals)
+    _timed(opt._preconditioner, "prepare_factor_step", totals)
     _timed(opt, "_new_layer_states", totals)
     original_broadcast = sharded.broadcast_storages
 

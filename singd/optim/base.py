@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,7 +44,6 @@ from singd.optim.hooks import (
     HookSettings,
     PendingStatistics,
 )
-from singd.optim.kinds import LayerKind
 from singd.optim.layers import (
     ElementwiseLayer,
     Layer,
@@ -55,6 +53,7 @@ from singd.optim.layers import (
     unwrap_model,
 )
 from singd.optim.plan import Skip, StepPlan
+from singd.optim.preconditioner import FactorStepInputs, Preconditioner
 from singd.optim.updates import momentum_parameter_updates
 from singd.optim.validation import check_bool, check_real, resolve_lr_cov
 
@@ -70,19 +69,6 @@ class Gathered(NamedTuple):
     grads: dict[int, Tensor]
 
 
-class FactorStepInputs(NamedTuple):
-    """A layer's work before its factor step.
-
-    Attributes:
-        tensors: whatever the subclass computes once and uses in the step.
-        reads: 0-dim tensors the step needs as Python floats; the base reads
-            those of every layer, and every finiteness flag, in one host sync.
-    """
-
-    tensors: Any
-    reads: list[Tensor]
-
-
 def _follow_param(param: Tensor, state: dict[str, Any]) -> None:
     """Move a parameter's buffers to its device and dtype (``model.to`` after construction)."""
     for key, value in state.items():
@@ -90,7 +76,7 @@ def _follow_param(param: Tensor, state: dict[str, Any]) -> None:
             state[key] = value.to(device=param.device, dtype=param.dtype)
 
 
-class KroneckerOptimizer(Optimizer, ABC):
+class KroneckerOptimizer(Optimizer):
     """Base of :class:`~singd.SINGD` and :class:`~singd.KFAC` (plumbing only).
 
     Args:
@@ -98,6 +84,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         params: parameters or param groups; ``None`` → every parameter of
             ``model`` that requires grad.
         defaults: default hyper-parameters of a group.
+        preconditioner: the per-layer maths (:mod:`singd.optim.preconditioner`).
         warn_unsupported: warn once, naming them, about fallback parameters.
         init_grad_scale: accepted (validated) for the public singd package's
             API; no effect, the statistics are scale-free (SPEC §1.5, docs/SPEC.md).
@@ -106,18 +93,17 @@ class KroneckerOptimizer(Optimizer, ABC):
     #: ``GradScaler`` calls ``step`` itself and passes ``grad_scale``/``found_inf``.
     _step_supports_amp_scaling = True
 
-    #: How a skip warning names a pass's (input, gradient) statistics.
-    _STATISTIC_NAMES: tuple[str, str] = ("input statistic", "gradient statistic")
-
     def __init__(
         self,
         model: nn.Module,
         params: Any,
         defaults: dict[str, Any],
+        preconditioner: Preconditioner[Any],
         *,
         warn_unsupported: bool,
         init_grad_scale: float,
     ) -> None:
+        self._preconditioner = preconditioner
         self._wrapper_averages_grads = distributed.wrapper_averages_gradients(model)
         self._model = unwrap_model(model)
         self._shard_factor_work = False
@@ -141,8 +127,12 @@ class KroneckerOptimizer(Optimizer, ABC):
         self._collector = CurvatureCollector(
             is_active=self._collects,
             settings=self._hook_settings,
-            summarise_input=self._summarise_input,
-            summarise_grad=self._summarise_grad,
+            summarise_input=lambda name, A: self._preconditioner.summarise_input(
+                self._layer_states[name], A
+            ),
+            summarise_grad=lambda name, G: self._preconditioner.summarise_grad(
+                self._layer_states[name], G
+            ),
             backward_scale=self._backward_scale,
         )
         self._elementwise: dict[str, ElementwiseLayer] = {}
@@ -159,81 +149,6 @@ class KroneckerOptimizer(Optimizer, ABC):
             self._collector.remove()  # the model must not keep hooks of a dead optimizer
             self._elementwise_collector.remove()
             raise
-
-    # ------------------------------------------------------------ subclass API
-    #: Whether LayerNorm/RMSNorm parameters get the elementwise preconditioner
-    #: (:mod:`singd.optim.elementwise`) instead of the fallback.
-    _ELEMENTWISE = False
-
-    def _declines(self, kind: LayerKind) -> str | None:
-        """Why this optimizer does not precondition layers of ``kind`` (``None``: it does)."""
-        return None
-
-    #: State entries that hold rounding residues of the factors' dtype (SINGD's
-    #: compensations): reset, not converted, when the factors change dtype.
-    _DTYPE_SPECIFIC: tuple[str, ...] = ()
-
-    @abstractmethod
-    def _check_group(self, group: dict[str, Any]) -> None:
-        """Validate (and normalise) one param group's hyper-parameters in place."""
-
-    @abstractmethod
-    def _new_layer_state(self, layer: Layer, group: dict[str, Any]) -> LayerState:
-        """The initial factors of ``layer``."""
-
-    @abstractmethod
-    def _factor_dtypes(self, layer: Layer) -> tuple[torch.dtype, torch.dtype]:
-        """Dtypes in which ``A`` and ``G`` are formed (input factor, grad factor)."""
-
-    @abstractmethod
-    def _summarise_input(self, name: str, A: Tensor) -> Any:
-        """A pass's input summary from ``A`` (n_A × d_i~)."""
-
-    @abstractmethod
-    def _summarise_grad(self, name: str, G: Tensor) -> Any:
-        """A pass's gradient summary from ``G`` (n_G × d_o)."""
-
-    @abstractmethod
-    def _prepare_factor_step(self, layer: Layer, pending: PendingStatistics) -> FactorStepInputs:
-        """What a statistics step needs besides the statistics, without a host sync."""
-
-    @abstractmethod
-    def _updated_layer_state(
-        self,
-        layer: Layer,
-        group: dict[str, Any],
-        pending: PendingStatistics,
-        prepared: FactorStepInputs,
-        reads: list[float],
-        correction: float,
-        lr_cov: float,
-    ) -> LayerState:
-        """The factors after a statistics step (a new object; the old one is untouched).
-
-        ``reads`` holds the values of ``prepared.reads``, read for all layers at once.
-        """
-
-    @abstractmethod
-    def _precondition(self, layer: Layer, state: LayerState, grad: Tensor) -> Tensor:
-        """The preconditioned ``∇W~`` (d_o × d_i~) with the factors in ``state``."""
-
-    @abstractmethod
-    def _state_to_storage(self, state: LayerState) -> dict[str, dict[str, Tensor]]:
-        """Plain tensors of a layer state: factor name → storage dict."""
-
-    @abstractmethod
-    def _layout(self, state: LayerState) -> dict[str, str]:
-        """Factor name → structure name (what a checkpoint must agree on)."""
-
-    @abstractmethod
-    def _state_from_storage(
-        self, layer: Layer, current: LayerState, storage: dict[str, dict[str, Tensor]]
-    ) -> LayerState:
-        """The inverse of :meth:`_state_to_storage`, shaped and placed like ``current``.
-
-        ``storage`` holds exactly the factors of :meth:`_layout` (checked by
-        the caller); raises ``ValueError`` on any other mismatch.
-        """
 
     # --------------------------------------------------------------- public API
     def layer_names(self) -> list[str]:
@@ -283,7 +198,7 @@ class KroneckerOptimizer(Optimizer, ABC):
 
         Args:
             shard_factor_work: each rank computes the factor steps of the layers
-                it owns (balanced by :meth:`_factor_step_cost`) and broadcasts
+                it owns (balanced by ``Preconditioner.factor_step_cost``) and broadcasts
                 the new factors (:mod:`singd.optim.sharded`).
             drift_check_every: every this many steps, compare checksums of every
                 layer's factors and parameters across ranks and raise
@@ -303,7 +218,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         """Add a group (validated first; its supported layers get factors)."""
         super().add_param_group(param_group)
         try:
-            self._check_group(self.param_groups[-1])
+            self._preconditioner.check_group(self.param_groups[-1])
             if hasattr(self, "_collector"):
                 self._refresh_layers(stacklevel=3)
         except ValueError:
@@ -317,14 +232,16 @@ class KroneckerOptimizer(Optimizer, ABC):
         Every new layer's factors are made before any is registered, so a
         layer that is rejected (``ValueError``) leaves no state or hook behind.
         """
-        layers, declined = find_layers(self._model, self.param_groups, self._declines)
+        layers, declined = find_layers(
+            self._model, self.param_groups, self._preconditioner.declines
+        )
         new_states = {
-            layer.name: self._new_layer_state(layer, self.param_groups[layer.group_index])
+            layer.name: self._preconditioner.new_state(layer, self._group(layer))
             for layer in layers
             if layer.name not in self._layers
         }
         elementwise = []
-        if self._ELEMENTWISE:
+        if self._preconditioner.elementwise:
             elementwise = find_elementwise_layers(self._model, self.param_groups)
             taken = {id(p) for layer in layers for p in layer.params()}
             elementwise = [e for e in elementwise if not taken & {id(p) for p in e.params}]
@@ -353,17 +270,17 @@ class KroneckerOptimizer(Optimizer, ABC):
             )
 
     def _collects(self, name: str) -> bool:
-        group = self.param_groups[self._layers[name].group_index]
+        group = self._group(self._layers[name])
         if self.steps % group["T"] != 0:
             return False
         self._follow_weight(name)  # the hook's summaries use the factors
         return True
 
     def _collects_elementwise(self, name: str) -> bool:
-        return self.steps % self.param_groups[self._elementwise[name].group_index]["T"] == 0
+        return self.steps % self._group(self._elementwise[name])["T"] == 0
 
     def _elementwise_settings(self, name: str) -> tuple[str, str | None]:
-        group = self.param_groups[self._elementwise[name].group_index]
+        group = self._group(self._elementwise[name])
         return group["kfac_approx"], group["loss_average"]
 
     def _elementwise_directions(
@@ -380,7 +297,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         """
         directions, new = {}, {}
         for name, layer in self._elementwise.items():
-            group = self.param_groups[layer.group_index]
+            group = self._group(layer)
             hs, scale_removed = pending.get(name, (None, True))
             for index, param in enumerate(layer.params):
                 state = self.state[param]
@@ -409,28 +326,29 @@ class KroneckerOptimizer(Optimizer, ABC):
         The state is rebuilt as the layer's fresh state (so dtypes follow the
         same rules as at construction, e.g. ``preconditioner_dtype=None`` → the
         weight's) filled with the old factors' values; entries of
-        :data:`_DTYPE_SPECIFIC` start afresh when the dtype changes.
+        ``Preconditioner.dtype_specific`` start afresh when the dtype changes.
         """
         layer = self._layers[name]
         placement = (layer.weight.device, layer.weight.dtype)
         if self._placements[name] == placement:
             return
-        fresh = self._new_layer_state(layer, self.param_groups[layer.group_index])
-        old = self._state_to_storage(self._layer_states[name])
+        preconditioner = self._preconditioner
+        fresh = preconditioner.new_state(layer, self._group(layer))
+        old = preconditioner.to_storage(self._layer_states[name])
         dtype_changed = self._placements[name][1] != placement[1]
         storage = {
             factor: new
-            if factor not in old or (dtype_changed and factor in self._DTYPE_SPECIFIC)
+            if factor not in old or (dtype_changed and factor in preconditioner.dtype_specific)
             else old[factor]
-            for factor, new in self._state_to_storage(fresh).items()
+            for factor, new in preconditioner.to_storage(fresh).items()
         }
-        self._layer_states[name] = self._state_from_storage(layer, fresh, storage)
+        self._layer_states[name] = self._restore(name, fresh, storage)
         self._placements[name] = placement
 
     def _hook_settings(self, name: str) -> HookSettings:
         layer = self._layers[name]
-        group = self.param_groups[layer.group_index]
-        input_dtype, grad_dtype = self._factor_dtypes(layer)
+        group = self._group(layer)
+        input_dtype, grad_dtype = self._preconditioner.factor_dtypes(layer, group)
         return HookSettings(
             group["kfac_approx"], group["loss_average"], input_dtype, grad_dtype, layer.has_bias
         )
@@ -468,7 +386,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         labels, tensors = [], []
         for name, stats in pending.items():
             for statistic, parts in zip(
-                self._STATISTIC_NAMES, stats.summary_tensors(), strict=True
+                self._preconditioner.statistic_names, stats.summary_tensors(), strict=True
             ):
                 labels += [f"layer {name!r}: {statistic}"] * len(parts)
                 tensors += parts
@@ -515,7 +433,7 @@ class KroneckerOptimizer(Optimizer, ABC):
     ) -> dict[int, Tensor]:
         """Full-batch statistics (in place) and gradients on every rank (:mod:`.distributed`)."""
         layers = [
-            (pending[name], self.param_groups[layer.group_index]["loss_average"])
+            (pending[name], self._group(layer)["loss_average"])
             for name, layer in self._layers.items()
             if name in pending
         ]
@@ -527,12 +445,14 @@ class KroneckerOptimizer(Optimizer, ABC):
         """The device of the first optimised parameter (where flags are reduced)."""
         return self.param_groups[0]["params"][0].device
 
-    def _factor_step_cost(self, layer: Layer) -> float:
-        """Relative cost of ``layer``'s factor step, to balance sharded factor work.
+    def _group(self, layer: Layer | ElementwiseLayer) -> dict[str, Any]:
+        """The param group holding ``layer``'s parameters."""
+        return self.param_groups[layer.group_index]
 
-        Dense ``d × d`` factors: ``d_i³ + d_o³`` (products, factorisations).
-        """
-        return float(layer.input_dim**3 + layer.output_dim**3)
+    def _restore(self, name: str, current: LayerState, storage: sharded.Storage) -> LayerState:
+        """Layer ``name``'s state from plain tensors, shaped and placed like ``current``."""
+        layer = self._layers[name]
+        return self._preconditioner.from_storage(layer, self._group(layer), current, storage)
 
     def _replicated(self) -> dict[str, list[Tensor]]:
         """The drift check's entries (:func:`singd.optim.drift.entries`)."""
@@ -541,7 +461,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             name: (
                 [
                     t
-                    for f in self._state_to_storage(self._layer_states[name]).values()
+                    for f in self._preconditioner.to_storage(self._layer_states[name]).values()
                     for t in f.values()
                 ],
                 layer.params(),
@@ -566,23 +486,24 @@ class KroneckerOptimizer(Optimizer, ABC):
         new_states = {}
         for name, stats in pending.items():
             layer = self._layers[name]
-            group = self.param_groups[layer.group_index]
+            group = self._group(layer)
             correction = math.ldexp(
                 scaling.statistics_correction(stats.grad_scale, amp, name),
                 -reads[name].log2_factor,
             )
             lr_cov = resolve_lr_cov(group["lr_cov"], self.steps)
-            new_states[name] = self._updated_layer_state(
-                layer, group, stats, prepared[name], reads[name].values, correction, lr_cov
+            new_states[name] = self._preconditioner.updated_state(
+                layer,
+                group,
+                self._layer_states[name],
+                stats,
+                prepared[name],
+                reads[name].values,
+                correction=correction,
+                lr_cov=lr_cov,
+                steps=self.steps,
             )
         return new_states
-
-    def _layer_directions(
-        self, layer: Layer, state: LayerState, weight_grad: Tensor, bias_grad: Tensor | None
-    ) -> tuple[Tensor, Tensor | None]:
-        """``ĝ`` of ``W`` and ``b``: ``∇W~ = [∇W, ∇b]`` preconditioned, split back (SPEC §1.4)."""
-        matrix = layer.gradient_matrix(weight_grad, bias_grad)
-        return layer.split(self._precondition(layer, state, matrix))
 
     def _directions(
         self, grads: dict[int, Tensor], states: dict[str, LayerState]
@@ -602,8 +523,8 @@ class KroneckerOptimizer(Optimizer, ABC):
                 weight_grad = torch.zeros_like(layer.weight)
             if layer.bias is not None and bias_grad is None:
                 bias_grad = torch.zeros_like(layer.bias)
-            weight_dir, bias_dir = self._layer_directions(
-                layer, states[name], weight_grad, bias_grad
+            weight_dir, bias_dir = self._preconditioner.directions(
+                layer, self._group(layer), states[name], weight_grad, bias_grad
             )
             if id(layer.weight) in grads:
                 directions[id(layer.weight)] = weight_dir
@@ -651,7 +572,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         distributed.reduce_elementwise_(
             pending_elementwise,
             {
-                name: self.param_groups[layer.group_index]["loss_average"]
+                name: self._group(layer)["loss_average"]
                 for name, layer in self._elementwise.items()
                 if name in pending_elementwise
             },
@@ -668,10 +589,17 @@ class KroneckerOptimizer(Optimizer, ABC):
         owners = sharded.owners(
             self._shard_factor_work,
             self._layers,
-            lambda name: self._factor_step_cost(self._layers[name]),
+            lambda name: self._preconditioner.factor_step_cost(
+                self._layers[name], self._layer_states[name]
+            ),
         )
         prepared = {
-            name: self._prepare_factor_step(self._layers[name], pending[name])
+            name: self._preconditioner.prepare_factor_step(
+                self._layers[name],
+                self._group(self._layers[name]),
+                self._layer_states[name],
+                pending[name],
+            )
             for name in sharded.owned(owners, pending)
         }
         param_labels = self._param_labels()
@@ -701,10 +629,8 @@ class KroneckerOptimizer(Optimizer, ABC):
             owners,
             new_states,
             {name: self._layer_states[name] for name in pending},
-            to_storage=self._state_to_storage,
-            from_storage=lambda name, current, storage: self._state_from_storage(
-                self._layers[name], current, storage
-            ),
+            to_storage=self._preconditioner.to_storage,
+            from_storage=self._restore,
         )
         directions = self._directions(grads, {**self._layer_states, **new_states})
         elementwise_directions, new_elementwise = self._elementwise_directions(
@@ -716,7 +642,7 @@ class KroneckerOptimizer(Optimizer, ABC):
             result_labels.append(f"{param_labels.get(key, 'a parameter')} k after the factor step")
             results.append(k)
         for name, state in new_states.items():
-            for factor, storage in self._state_to_storage(state).items():
+            for factor, storage in self._preconditioner.to_storage(state).items():
                 result_labels += [f"layer {name!r}: {factor} after the factor step"] * len(storage)
                 results += storage.values()
         result_labels += [f"{param_labels.get(key, 'a parameter')} update" for key in directions]
@@ -780,7 +706,10 @@ class KroneckerOptimizer(Optimizer, ABC):
             steps=self.steps,
             grad_scale_prev=self._grad_scale_prev,
             layers={
-                name: {"layout": self._layout(s), "factors": self._state_to_storage(s)}
+                name: {
+                    "layout": self._preconditioner.layout(s),
+                    "factors": self._preconditioner.to_storage(s),
+                }
                 for name, s in self._layer_states.items()
             },
         )
@@ -798,12 +727,10 @@ class KroneckerOptimizer(Optimizer, ABC):
         loaded = checkpoint.validate(
             state_dict,
             param_groups=self.param_groups,
-            check_group=self._check_group,
+            check_group=self._preconditioner.check_group,
             current=self._layer_states,
-            layout=self._layout,
-            restore=lambda name, current, factors: self._state_from_storage(
-                self._layers[name], current, factors
-            ),
+            layout=self._preconditioner.layout,
+            restore=self._restore,
         )
         torch_state = {k: v for k, v in state_dict.items() if k != checkpoint.KEY}
         super().load_state_dict({**torch_state, "param_groups": loaded.groups})

@@ -10,7 +10,7 @@ compute per rank thus falls with the number of ranks; the statistics'
 all-reduce and the preconditioning (every step, every layer) are unchanged.
 
 Owners are assigned once per step from the layers' factor-step costs
-(:meth:`~singd.optim.base.KroneckerOptimizer._factor_step_cost`), greedily:
+(:meth:`~singd.optim.preconditioner.Preconditioner.factor_step_cost`), greedily:
 the costliest layer first, each to the least-loaded rank (ties: the lowest
 rank), which is within 4/3 of the best balance (Graham's LPT bound).  Every
 rank computes the same assignment from the same layers.
