@@ -44,16 +44,10 @@ from singd.optim.hooks import (
     HookSettings,
     PendingStatistics,
 )
-from singd.optim.layers import (
-    ElementwiseLayer,
-    Layer,
-    fallback_params,
-    find_elementwise_layers,
-    find_layers,
-    unwrap_model,
-)
+from singd.optim.layers import ElementwiseLayer, Layer, unwrap_model
 from singd.optim.plan import Skip, StepPlan
 from singd.optim.preconditioner import FactorStepInputs, Preconditioner
+from singd.optim.table import LayerTable
 from singd.optim.updates import momentum_parameter_updates
 from singd.optim.validation import check_bool, check_real, resolve_lr_cov
 
@@ -117,10 +111,7 @@ class KroneckerOptimizer(Optimizer):
         self._grad_scaler: Any = None
         self._declared_grad_scale: float | None = None
         self.steps = 0
-        self._layers: dict[str, Layer] = {}
-        self._layer_states: dict[str, LayerState] = {}
-        #: ``(device, dtype)`` of each layer's weight when its state was made or last moved
-        self._placements: dict[str, tuple[torch.device, torch.dtype]] = {}
+        self._table = LayerTable()
         if params is None:
             params = [p for p in self._model.parameters() if p.requires_grad]
         super().__init__(params, defaults)
@@ -135,13 +126,11 @@ class KroneckerOptimizer(Optimizer):
             ),
             backward_scale=self._backward_scale,
         )
-        self._elementwise: dict[str, ElementwiseLayer] = {}
         self._elementwise_collector = ElementwiseCollector(
             is_active=self._collects_elementwise,
             settings=self._elementwise_settings,
             backward_scale=self._backward_scale,
         )
-        self._fallback: dict[int, str] = {}
         self._warn_unsupported = warn_unsupported
         try:
             self._refresh_layers(stacklevel=4)
@@ -227,47 +216,42 @@ class KroneckerOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ layers
     def _refresh_layers(self, stacklevel: int) -> None:
-        """Give factors and hooks to newly optimised layers; warn about new fallbacks.
-
-        Every new layer's factors are made before any is registered, so a
-        layer that is rejected (``ValueError``) leaves no state or hook behind.
-        """
-        layers, declined = find_layers(
-            self._model, self.param_groups, self._preconditioner.declines
-        )
-        new_states = {
-            layer.name: self._preconditioner.new_state(layer, self._group(layer))
-            for layer in layers
-            if layer.name not in self._layers
-        }
-        elementwise = []
-        if self._preconditioner.elementwise:
-            elementwise = find_elementwise_layers(self._model, self.param_groups)
-            taken = {id(p) for layer in layers for p in layer.params()}
-            elementwise = [e for e in elementwise if not taken & {id(p) for p in e.params}]
-        for layer in layers:
-            if layer.name in new_states:
-                self._layer_states[layer.name] = new_states[layer.name]
-                self._placements[layer.name] = (layer.weight.device, layer.weight.dtype)
-                self._layers[layer.name] = layer
-                self._collector.add_layer(layer.name, layer.module, layer.kind)
-        for layer in elementwise:
-            if layer.name not in self._elementwise:
-                self._elementwise[layer.name] = layer
-                self._elementwise_collector.add_layer(
-                    layer.name, layer.module, len(layer.params) == 2
-                )
-        new_fallback = fallback_params(self._model, self.param_groups, layers, elementwise)
-        unseen = [name for key, name in new_fallback.items() if key not in self._fallback]
-        self._fallback = new_fallback
-        if unseen and self._warn_unsupported:
-            why = "".join(f"; {name!r} falls back: {reason}" for name, reason in declined.items())
+        """Give factors and hooks to newly optimised layers; warn about new fallbacks."""
+        added = self._table.refresh(self._model, self.param_groups, self._preconditioner)
+        for layer in added.layers:
+            self._collector.add_layer(layer.name, layer.module, layer.kind)
+        for layer in added.elementwise:
+            self._elementwise_collector.add_layer(layer.name, layer.module, len(layer.params) == 2)
+        if added.unseen and self._warn_unsupported:
+            why = "".join(
+                f"; {name!r} falls back: {reason}" for name, reason in added.declined.items()
+            )
             warnings.warn(
                 f"{type(self).__name__}: parameters outside Kronecker layers (singd.optim.kinds) "
                 "get their group's fallback on their raw gradient (momentum SGD, or AdamW with "
-                f"fallback='adamw'): {', '.join(unseen)}{why}",
+                f"fallback='adamw'): {', '.join(added.unseen)}{why}",
                 stacklevel=stacklevel,
             )
+
+    @property
+    def _layers(self) -> dict[str, Layer]:
+        """The Kronecker layers (the layer table's), in module order."""
+        return self._table.layers
+
+    @property
+    def _layer_states(self) -> dict[str, LayerState]:
+        """Layer name → its live state (the layer table's)."""
+        return self._table.states
+
+    @property
+    def _elementwise(self) -> dict[str, ElementwiseLayer]:
+        """The elementwise layers (the layer table's)."""
+        return self._table.elementwise
+
+    @property
+    def _fallback(self) -> dict[int, str]:
+        """``id(param)`` → name of every fallback parameter (the layer table's)."""
+        return self._table.fallback
 
     def _collects(self, name: str) -> bool:
         group = self._group(self._layers[name])
@@ -321,29 +305,8 @@ class KroneckerOptimizer(Optimizer):
         return directions, new
 
     def _follow_weight(self, name: str) -> None:
-        """Move layer ``name``'s state to its weight's device and dtype if ``model.to`` moved it.
-
-        The state is rebuilt as the layer's fresh state (so dtypes follow the
-        same rules as at construction, e.g. ``preconditioner_dtype=None`` → the
-        weight's) filled with the old factors' values; entries of
-        ``Preconditioner.dtype_specific`` start afresh when the dtype changes.
-        """
-        layer = self._layers[name]
-        placement = (layer.weight.device, layer.weight.dtype)
-        if self._placements[name] == placement:
-            return
-        preconditioner = self._preconditioner
-        fresh = preconditioner.new_state(layer, self._group(layer))
-        old = preconditioner.to_storage(self._layer_states[name])
-        dtype_changed = self._placements[name][1] != placement[1]
-        storage = {
-            factor: new
-            if factor not in old or (dtype_changed and factor in preconditioner.dtype_specific)
-            else old[factor]
-            for factor, new in preconditioner.to_storage(fresh).items()
-        }
-        self._layer_states[name] = self._restore(name, fresh, storage)
-        self._placements[name] = placement
+        """Move layer ``name``'s state with its weight (:meth:`LayerTable.follow_weight`)."""
+        self._table.follow_weight(name, self._group(self._layers[name]), self._preconditioner)
 
     def _hook_settings(self, name: str) -> HookSettings:
         layer = self._layers[name]
@@ -364,37 +327,9 @@ class KroneckerOptimizer(Optimizer):
         """Warn (at ``step``'s caller) that the step is skipped, naming the non-finite tensors."""
         warnings.warn(plan.skip_message(type(self).__name__, skip), stacklevel=3)
 
-    def _param_labels(self) -> dict[int, str]:
-        """``id(param)`` → how a skip warning names it (layer and weight/bias, or fallback)."""
-        labels = {key: f"parameter {name!r}" for key, name in self._fallback.items()}
-        for name, layer in self._elementwise.items():
-            for param, role in zip(layer.params, ("weight", "bias"), strict=False):
-                labels[id(param)] = f"elementwise layer {name!r}: {role}"
-        for name, layer in self._layers.items():
-            labels[id(layer.weight)] = f"layer {name!r}: weight"
-            if layer.bias is not None:
-                labels[id(layer.bias)] = f"layer {name!r}: bias"
-        return labels
-
-    def _statistic_flags(
-        self, pending: dict[str, PendingStatistics]
-    ) -> tuple[list[str], list[Tensor]]:
-        """Labels and finiteness flags of the tensors of every layer's two pending statistics.
-
-        A statistic stored in several tensors has one flag (and its label) per tensor.
-        """
-        labels, tensors = [], []
-        for name, stats in pending.items():
-            for statistic, parts in zip(
-                self._preconditioner.statistic_names, stats.summary_tensors(), strict=True
-            ):
-                labels += [f"layer {name!r}: {statistic}"] * len(parts)
-                tensors += parts
-        return labels, finite_flags(tensors)
-
     def _inf_gradients_skip(self) -> Skip:
         """The scaler found inf/NaN gradients: the skip, naming them (one extra host sync)."""
-        labels = self._param_labels()
+        labels = self._table.param_labels()
         grads = [
             (labels.get(id(p), "a parameter"), p.grad)
             for group in self.param_groups
@@ -602,9 +537,11 @@ class KroneckerOptimizer(Optimizer):
             )
             for name in sharded.owned(owners, pending)
         }
-        param_labels = self._param_labels()
+        param_labels = self._table.param_labels()
         grad_labels = [f"{param_labels.get(key, 'a parameter')} gradient" for key in grads]
-        stats_labels, stats_flags = self._statistic_flags(pending)
+        stats_labels, stats_flags = plan.statistic_flags(
+            pending, self._preconditioner.statistic_names
+        )
         reads = plan.read_host(
             finite_flags(list(grads.values())),
             stats_flags,
@@ -637,17 +574,12 @@ class KroneckerOptimizer(Optimizer):
             grads, gathered.pending_elementwise, amp
         )
         directions.update(elementwise_directions)
-        result_labels, results = [], []
-        for key, (k, _) in new_elementwise.items():
-            result_labels.append(f"{param_labels.get(key, 'a parameter')} k after the factor step")
-            results.append(k)
-        for name, state in new_states.items():
-            for factor, storage in self._preconditioner.to_storage(state).items():
-                result_labels += [f"layer {name!r}: {factor} after the factor step"] * len(storage)
-                results += storage.values()
-        result_labels += [f"{param_labels.get(key, 'a parameter')} update" for key in directions]
-        results += directions.values()
-        culprits = plan.nonfinite(result_labels, results)
+        culprits = plan.result_culprits(
+            param_labels,
+            new_elementwise,
+            {name: self._preconditioner.to_storage(state) for name, state in new_states.items()},
+            directions,
+        )
         if culprits:
             return Skip("non-finite factors or update after the factor step", culprits)
         return StepPlan(new_states, new_elementwise, directions, amp.backward_scale)

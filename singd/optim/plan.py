@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from singd.optim.finiteness import finite_flags
+from singd.optim.hooks import PendingStatistics
+from singd.optim.sharded import Storage
 
 #: A skip warning names at most this many non-finite tensors.
 MAX_NAMED = 5
@@ -117,3 +119,46 @@ def skip_message(optimizer: str, skip: Skip) -> str:
         more = len(skip.culprits) - MAX_NAMED
         detail = f": {shown}" + (f"; and {more} more" if more > 0 else "")
     return f"{optimizer}: step skipped ({skip.reason}{detail}); no state was changed"
+
+
+def statistic_flags(
+    pending: dict[str, PendingStatistics], names: tuple[str, str]
+) -> tuple[list[str], list[Tensor]]:
+    """Labels and finiteness flags of the tensors of every layer's two pending statistics.
+
+    ``names`` says how a label names the (input, gradient) statistic.  A
+    statistic stored in several tensors has one flag (and its label) per tensor.
+    """
+    labels, tensors = [], []
+    for name, stats in pending.items():
+        for statistic, parts in zip(names, stats.summary_tensors(), strict=True):
+            labels += [f"layer {name!r}: {statistic}"] * len(parts)
+            tensors += parts
+    return labels, finite_flags(tensors)
+
+
+def result_culprits(
+    param_labels: dict[int, str],
+    elementwise: dict[int, tuple[Tensor, Tensor]],
+    factors: dict[str, Storage],
+    directions: dict[int, Tensor],
+) -> list[str]:
+    """The labels of the planned results that are not finite (the step's second host sync).
+
+    Args:
+        param_labels: ``id(param)`` → its name in a warning.
+        elementwise: ``id(param)`` → new ``(k, m)`` (``k`` is checked).
+        factors: layer name → its new factors' storage.
+        directions: ``id(param)`` → update direction.
+    """
+    labels, results = [], []
+    for key, (k, _) in elementwise.items():
+        labels.append(f"{param_labels.get(key, 'a parameter')} k after the factor step")
+        results.append(k)
+    for name, storages in factors.items():
+        for factor, storage in storages.items():
+            labels += [f"layer {name!r}: {factor} after the factor step"] * len(storage)
+            results += storage.values()
+    labels += [f"{param_labels.get(key, 'a parameter')} update" for key in directions]
+    results += directions.values()
+    return nonfinite(labels, results)
