@@ -1,43 +1,42 @@
-"""Plumbing shared by SINGD and KFAC: param groups, hooks, the guarded step, checkpoints.
+"""The optimizer shared by SINGD and KFAC: param groups, hooks, the step, checkpoints.
 
-:class:`KroneckerOptimizer` owns everything that is not an update equation.
-A subclass says how a layer's state is made, what a pass contributes
-(``summarise_input``/``summarise_grad``), how the factors move at a
-statistics step and how a gradient is preconditioned; the equations
-themselves live in :mod:`singd.optim.updates`.
+:class:`KroneckerOptimizer` holds the state and is the one place that writes
+it.  The rest lives beside it: the per-layer maths in a
+:class:`~singd.optim.preconditioner.Preconditioner` (SINGD's, KFAC's; the
+equations in :mod:`singd.optim.updates`), the layers, their states and the
+fallback parameters in a :class:`~singd.optim.table.LayerTable`, the planning
+of a step in :mod:`singd.optim.plan` and its checks in
+:mod:`singd.optim.checks`, the AdamW fallback in :mod:`singd.optim.fallback`,
+checkpoint validation in :mod:`singd.optim.checkpoint`, the ranks in
+:mod:`.distributed`, :mod:`.sharded` and :mod:`.drift`.
 
-A step is computed in full before anything is written: new factors and every
-parameter's update direction are checked to be finite, then committed.  A
-step with inf/NaN gradients, statistics or results is skipped with a warning
-that names the layers and tensors at fault, and leaves every piece of state
+A step (SPEC §1.4a) gathers its inputs (pops the statistics, combines them
+and the gradients across ranks, unscales the gradients), plans
+(:func:`~singd.optim.plan.plan_step`: new factors and every parameter's
+update direction, checked to be finite) and commits the plan.  A step with
+inf/NaN gradients, statistics or results is skipped with a warning that
+names the layers and tensors at fault, and leaves every piece of state
 (parameters, buffers, factors, ``steps``) untouched; its pending statistics
 are dropped.  The finiteness flags of the gradients and statistics, the
 exponents of the hooks' power-of-two normalisation (SPEC §1.5, docs/SPEC.md)
 and every scalar a factor step needs as a Python float (SINGD's traces) are
-read in one host sync; the results' finiteness in a second (a skipped step
-may read once more, to name the culprits).  Ranks' statistics are combined
-first (:mod:`.distributed`).
+read in one host sync; the results' finiteness in a second (a step the
+``GradScaler`` skips reads once, to name the culprits).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from singd.optim import checkpoint, distributed, drift, fallback, plan, scaling, sharded
-from singd.optim.elementwise import (
-    K_KEY,
-    M_KEY,
-    elementwise_factor_step,
-    elementwise_precondition,
-)
-from singd.optim.finiteness import finite_flags
+from singd.optim import checkpoint, checks, distributed, drift, fallback, plan, scaling
+from singd.optim.checks import Skip
+from singd.optim.elementwise import K_KEY, M_KEY
 from singd.optim.hooks import (
     CurvatureCollector,
     ElementwiseCollector,
@@ -45,22 +44,13 @@ from singd.optim.hooks import (
     PendingStatistics,
 )
 from singd.optim.layers import ElementwiseLayer, Layer, unwrap_model
-from singd.optim.plan import Skip, StepPlan
-from singd.optim.preconditioner import FactorStepInputs, Preconditioner
+from singd.optim.plan import Gathered, StepContext, StepPlan
+from singd.optim.preconditioner import Preconditioner
 from singd.optim.table import LayerTable
 from singd.optim.updates import momentum_parameter_updates
-from singd.optim.validation import check_bool, check_real, resolve_lr_cov
+from singd.optim.validation import check_bool, check_real
 
 LayerState = dict[str, Any]
-
-
-class Gathered(NamedTuple):
-    """A step's inputs after :meth:`KroneckerOptimizer._gather` (full-batch, unscaled)."""
-
-    amp: scaling.AmpStepInfo
-    pending: dict[str, PendingStatistics]
-    pending_elementwise: dict[str, tuple[list[Tensor], bool]]
-    grads: dict[int, Tensor]
 
 
 def _follow_param(param: Tensor, state: dict[str, Any]) -> None:
@@ -119,10 +109,10 @@ class KroneckerOptimizer(Optimizer):
             is_active=self._collects,
             settings=self._hook_settings,
             summarise_input=lambda name, A: self._preconditioner.summarise_input(
-                self._layer_states[name], A
+                self._table.states[name], A
             ),
             summarise_grad=lambda name, G: self._preconditioner.summarise_grad(
-                self._layer_states[name], G
+                self._table.states[name], G
             ),
             backward_scale=self._backward_scale,
         )
@@ -142,13 +132,13 @@ class KroneckerOptimizer(Optimizer):
     # --------------------------------------------------------------- public API
     def layer_names(self) -> list[str]:
         """Qualified names of the Kronecker-preconditioned layers, in module order."""
-        return list(self._layers)
+        return list(self._table.layers)
 
     def layer_state(self, name: str) -> LayerState:
         """The live factors of layer ``name`` (see the subclass for the keys)."""
-        if name not in self._layer_states:
+        if name not in self._table.states:
             raise ValueError(f"no Kronecker-preconditioned layer named {name!r}")
-        return self._layer_states[name]
+        return self._table.states[name]
 
     def attach_grad_scaler(self, scaler: Any) -> None:
         """Let the hooks read ``scaler``'s scale at backward time (SPEC §1.5).
@@ -233,83 +223,26 @@ class KroneckerOptimizer(Optimizer):
                 stacklevel=stacklevel,
             )
 
-    @property
-    def _layers(self) -> dict[str, Layer]:
-        """The Kronecker layers (the layer table's), in module order."""
-        return self._table.layers
-
-    @property
-    def _layer_states(self) -> dict[str, LayerState]:
-        """Layer name → its live state (the layer table's)."""
-        return self._table.states
-
-    @property
-    def _elementwise(self) -> dict[str, ElementwiseLayer]:
-        """The elementwise layers (the layer table's)."""
-        return self._table.elementwise
-
-    @property
-    def _fallback(self) -> dict[int, str]:
-        """``id(param)`` → name of every fallback parameter (the layer table's)."""
-        return self._table.fallback
-
     def _collects(self, name: str) -> bool:
-        group = self._group(self._layers[name])
+        group = self._group(self._table.layers[name])
         if self.steps % group["T"] != 0:
             return False
         self._follow_weight(name)  # the hook's summaries use the factors
         return True
 
     def _collects_elementwise(self, name: str) -> bool:
-        return self.steps % self._group(self._elementwise[name])["T"] == 0
+        return self.steps % self._group(self._table.elementwise[name])["T"] == 0
 
     def _elementwise_settings(self, name: str) -> tuple[str, str | None]:
-        group = self._group(self._elementwise[name])
+        group = self._group(self._table.elementwise[name])
         return group["kfac_approx"], group["loss_average"]
-
-    def _elementwise_directions(
-        self,
-        grads: dict[int, Tensor],
-        pending: dict[str, tuple[list[Tensor], bool]],
-        amp: scaling.AmpStepInfo,
-    ) -> tuple[dict[int, Tensor], dict[int, tuple[Tensor, Tensor]]]:
-        """``ĝ = k² ∇θ`` of the elementwise parameters and their new ``(k, m)`` (SPEC-layers).
-
-        With statistics pending, ``k`` moves first (``elementwise_factor_step``)
-        and ``ĝ`` uses the new one; ``h`` still carrying the backward's ``s²``
-        is divided by it here.
-        """
-        directions, new = {}, {}
-        for name, layer in self._elementwise.items():
-            group = self._group(layer)
-            hs, scale_removed = pending.get(name, (None, True))
-            for index, param in enumerate(layer.params):
-                state = self.state[param]
-                k = state.get(K_KEY, torch.ones_like(param)).to(param)
-                m = state.get(M_KEY, torch.zeros_like(param)).to(param)
-                if hs is not None:
-                    h = hs[index].to(param.device)
-                    if not scale_removed and amp.backward_scale is not None:
-                        h = h / amp.backward_scale**2
-                    k, m = elementwise_factor_step(
-                        k,
-                        m,
-                        h,
-                        lr_cov=resolve_lr_cov(group["lr_cov"], self.steps),
-                        damping=group["damping"],
-                        alpha1=group["alpha1"],
-                    )
-                    new[id(param)] = (k, m)
-                if id(param) in grads:
-                    directions[id(param)] = elementwise_precondition(k, grads[id(param)])
-        return directions, new
 
     def _follow_weight(self, name: str) -> None:
         """Move layer ``name``'s state with its weight (:meth:`LayerTable.follow_weight`)."""
-        self._table.follow_weight(name, self._group(self._layers[name]), self._preconditioner)
+        self._table.follow_weight(name, self._group(self._table.layers[name]), self._preconditioner)
 
     def _hook_settings(self, name: str) -> HookSettings:
-        layer = self._layers[name]
+        layer = self._table.layers[name]
         group = self._group(layer)
         input_dtype, grad_dtype = self._preconditioner.factor_dtypes(layer, group)
         return HookSettings(
@@ -325,7 +258,7 @@ class KroneckerOptimizer(Optimizer):
     # -------------------------------------------------------------------- step
     def _skip(self, skip: Skip) -> None:
         """Warn (at ``step``'s caller) that the step is skipped, naming the non-finite tensors."""
-        warnings.warn(plan.skip_message(type(self).__name__, skip), stacklevel=3)
+        warnings.warn(checks.skip_message(type(self).__name__, skip), stacklevel=3)
 
     def _inf_gradients_skip(self) -> Skip:
         """The scaler found inf/NaN gradients: the skip, naming them (one extra host sync)."""
@@ -336,7 +269,7 @@ class KroneckerOptimizer(Optimizer):
             for p in group["params"]
             if p.grad is not None
         ]
-        culprits = plan.nonfinite(
+        culprits = checks.nonfinite(
             [f"{label} gradient" for label, _ in grads], [g for _, g in grads]
         )
         return Skip("the GradScaler found inf/NaN gradients", culprits)
@@ -346,7 +279,7 @@ class KroneckerOptimizer(Optimizer):
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is not None and param.grad.layout != torch.strided:
-                    name = self._fallback.get(id(param), "a Kronecker layer's parameter")
+                    name = self._table.fallback.get(id(param), "a Kronecker layer's parameter")
                     scaling.clear_amp_attributes(self)  # GradScaler skips this when step raises
                     raise ValueError(
                         f"{type(self).__name__}: {param.grad.layout} (sparse) gradient of "
@@ -369,7 +302,7 @@ class KroneckerOptimizer(Optimizer):
         """Full-batch statistics (in place) and gradients on every rank (:mod:`.distributed`)."""
         layers = [
             (pending[name], self._group(layer)["loss_average"])
-            for name, layer in self._layers.items()
+            for name, layer in self._table.layers.items()
             if name in pending
         ]
         return distributed.reduce_step_(
@@ -384,11 +317,6 @@ class KroneckerOptimizer(Optimizer):
         """The param group holding ``layer``'s parameters."""
         return self.param_groups[layer.group_index]
 
-    def _restore(self, name: str, current: LayerState, storage: sharded.Storage) -> LayerState:
-        """Layer ``name``'s state from plain tensors, shaped and placed like ``current``."""
-        layer = self._layers[name]
-        return self._preconditioner.from_storage(layer, self._group(layer), current, storage)
-
     def _replicated(self) -> dict[str, list[Tensor]]:
         """The drift check's entries (:func:`singd.optim.drift.entries`)."""
         params = {id(p): p for group in self.param_groups for p in group["params"]}
@@ -396,76 +324,16 @@ class KroneckerOptimizer(Optimizer):
             name: (
                 [
                     t
-                    for f in self._preconditioner.to_storage(self._layer_states[name]).values()
+                    for f in self._preconditioner.to_storage(self._table.states[name]).values()
                     for t in f.values()
                 ],
                 layer.params(),
             )
-            for name, layer in self._layers.items()
+            for name, layer in self._table.layers.items()
         }
-        return drift.entries(layers, {label: params[key] for key, label in self._fallback.items()})
-
-    def _new_layer_states(
-        self,
-        pending: dict[str, PendingStatistics],
-        prepared: dict[str, FactorStepInputs],
-        reads: dict[str, plan.LayerReads],
-        amp: scaling.AmpStepInfo,
-    ) -> dict[str, LayerState]:
-        """The factors after this statistics step (SPEC §1.3/§1.2), one new state per layer.
-
-        ``reads`` holds each layer's host values (:func:`singd.optim.plan.read_host`).
-        The gradient statistic's correction ``2^(−log2_factor) / s²`` is exact
-        in float64 (SPEC §1.5, docs/SPEC.md).
-        """
-        new_states = {}
-        for name, stats in pending.items():
-            layer = self._layers[name]
-            group = self._group(layer)
-            correction = math.ldexp(
-                scaling.statistics_correction(stats.grad_scale, amp, name),
-                -reads[name].log2_factor,
-            )
-            lr_cov = resolve_lr_cov(group["lr_cov"], self.steps)
-            new_states[name] = self._preconditioner.updated_state(
-                layer,
-                group,
-                self._layer_states[name],
-                stats,
-                prepared[name],
-                reads[name].values,
-                correction=correction,
-                lr_cov=lr_cov,
-                steps=self.steps,
-            )
-        return new_states
-
-    def _directions(
-        self, grads: dict[int, Tensor], states: dict[str, LayerState]
-    ) -> dict[int, Tensor]:
-        """Every parameter's update direction ``ĝ`` (before weight decay, SPEC §1.4).
-
-        Only parameters with a gradient get one: if just one of ``W``, ``b``
-        has a gradient, the other enters ``∇W~`` as zeros but is not moved.
-        """
-        directions = {key: grad for key, grad in grads.items() if key in self._fallback}
-        for name, layer in self._layers.items():
-            weight_grad = grads.get(id(layer.weight))
-            bias_grad = None if layer.bias is None else grads.get(id(layer.bias))
-            if weight_grad is None and bias_grad is None:
-                continue
-            if weight_grad is None:
-                weight_grad = torch.zeros_like(layer.weight)
-            if layer.bias is not None and bias_grad is None:
-                bias_grad = torch.zeros_like(layer.bias)
-            weight_dir, bias_dir = self._preconditioner.directions(
-                layer, self._group(layer), states[name], weight_grad, bias_grad
-            )
-            if id(layer.weight) in grads:
-                directions[id(layer.weight)] = weight_dir
-            if layer.bias is not None and id(layer.bias) in grads:
-                directions[id(layer.bias)] = bias_dir
-        return directions
+        return drift.entries(
+            layers, {label: params[key] for key, label in self._table.fallback.items()}
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -489,7 +357,7 @@ class KroneckerOptimizer(Optimizer):
         statistics are dropped either way.
         """
         self._check_dense_grads()
-        for name in self._layers:
+        for name in self._table.layers:
             self._follow_weight(name)
         amp = scaling.read_amp_attributes(self, self._declared_grad_scale)
         if amp.via_scaler:  # each rank's scaler saw its own (or its shard's) gradients
@@ -508,81 +376,30 @@ class KroneckerOptimizer(Optimizer):
             pending_elementwise,
             {
                 name: self._group(layer)["loss_average"]
-                for name, layer in self._elementwise.items()
+                for name, layer in self._table.elementwise.items()
                 if name in pending_elementwise
             },
         )
         return Gathered(amp, pending, pending_elementwise, grads)
 
-    def _plan(self, gathered: Gathered) -> Skip | StepPlan:
-        """Everything the step writes, or why it is skipped; changes no state.
-
-        Host reads: :func:`singd.optim.plan.read_host` (flags of gradients and
-        statistics, each factor step's scalars) and the results' finiteness.
-        """
-        amp, pending, grads = gathered.amp, gathered.pending, gathered.grads
-        owners = sharded.owners(
+    def _context(self) -> StepContext:
+        """This optimizer's state as a step is planned from it."""
+        return StepContext(
+            self._table,
+            self.param_groups,
+            self._preconditioner,
+            self.state,
+            self.steps,
             self._shard_factor_work,
-            self._layers,
-            lambda name: self._preconditioner.factor_step_cost(
-                self._layers[name], self._layer_states[name]
-            ),
         )
-        prepared = {
-            name: self._preconditioner.prepare_factor_step(
-                self._layers[name],
-                self._group(self._layers[name]),
-                self._layer_states[name],
-                pending[name],
-            )
-            for name in sharded.owned(owners, pending)
-        }
-        param_labels = self._table.param_labels()
-        grad_labels = [f"{param_labels.get(key, 'a parameter')} gradient" for key in grads]
-        stats_labels, stats_flags = plan.statistic_flags(
-            pending, self._preconditioner.statistic_names
-        )
-        reads = plan.read_host(
-            finite_flags(list(grads.values())),
-            stats_flags,
-            {
-                name: [pending[name].grad_scale.log2_factor, *inputs.reads]
-                for name, inputs in prepared.items()
-            },
-        )
-        if not all(reads.grad_ok):
-            return Skip("non-finite gradients", plan.culprits(grad_labels, reads.grad_ok))
-        if not all(reads.stats_ok):
-            return Skip(
-                "non-finite curvature statistics", plan.culprits(stats_labels, reads.stats_ok)
-            )
+
+    def _plan(self, gathered: Gathered) -> Skip | StepPlan:
+        """:func:`singd.optim.plan.plan_step` of this optimizer's state."""
         try:
-            owned = {name: pending[name] for name in prepared}
-            new_states = self._new_layer_states(owned, prepared, reads.layers, amp)
+            return plan.plan_step(self._context(), gathered)
         except ValueError:
-            scaling.clear_amp_attributes(self)
+            scaling.clear_amp_attributes(self)  # GradScaler skips this when step raises
             raise
-        new_states = sharded.share_states(
-            owners,
-            new_states,
-            {name: self._layer_states[name] for name in pending},
-            to_storage=self._preconditioner.to_storage,
-            from_storage=self._restore,
-        )
-        directions = self._directions(grads, {**self._layer_states, **new_states})
-        elementwise_directions, new_elementwise = self._elementwise_directions(
-            grads, gathered.pending_elementwise, amp
-        )
-        directions.update(elementwise_directions)
-        culprits = plan.result_culprits(
-            param_labels,
-            new_elementwise,
-            {name: self._preconditioner.to_storage(state) for name, state in new_states.items()},
-            directions,
-        )
-        if culprits:
-            return Skip("non-finite factors or update after the factor step", culprits)
-        return StepPlan(new_states, new_elementwise, directions, amp.backward_scale)
 
     def _commit(self, planned: StepPlan) -> None:
         """Write a planned step: factors, elementwise ``(k, m)``, parameters (SPEC §1.4), ``steps``.
@@ -591,7 +408,7 @@ class KroneckerOptimizer(Optimizer):
         tensor type; ``fallback="adamw"`` parameters take their own step.
         """
         directions = planned.directions
-        self._layer_states.update(planned.layer_states)
+        self._table.states.update(planned.layer_states)
         for group in self.param_groups:
             params = []
             for param in group["params"]:
@@ -601,7 +418,7 @@ class KroneckerOptimizer(Optimizer):
                 _follow_param(param, state)
                 if id(param) in planned.elementwise:
                     state[K_KEY], state[M_KEY] = planned.elementwise[id(param)]
-                if id(param) in self._fallback and group["fallback"] == "adamw":
+                if id(param) in self._table.fallback and group["fallback"] == "adamw":
                     fallback.adamw_step(param, directions[id(param)], state, group)
                     continue
                 if "momentum_buffer" not in state:
@@ -642,7 +459,7 @@ class KroneckerOptimizer(Optimizer):
                     "layout": self._preconditioner.layout(s),
                     "factors": self._preconditioner.to_storage(s),
                 }
-                for name, s in self._layer_states.items()
+                for name, s in self._table.states.items()
             },
         )
         return state
@@ -654,19 +471,19 @@ class KroneckerOptimizer(Optimizer):
         missing/extra layers, shape, structure or type mismatches and
         corrupted entries, leaving the optimizer unchanged.
         """
-        for name in self._layers:
+        for name in self._table.layers:
             self._follow_weight(name)  # restore into factors placed like the weights now
         loaded = checkpoint.validate(
             state_dict,
             param_groups=self.param_groups,
             check_group=self._preconditioner.check_group,
-            current=self._layer_states,
+            current=self._table.states,
             layout=self._preconditioner.layout,
-            restore=self._restore,
+            restore=self._context().restore,
         )
         torch_state = {k: v for k, v in state_dict.items() if k != checkpoint.KEY}
         super().load_state_dict({**torch_state, "param_groups": loaded.groups})
-        self._layer_states.update(loaded.layer_states)
+        self._table.states.update(loaded.layer_states)
         self.steps = loaded.entry.steps
         self._grad_scale_prev = loaded.entry.grad_scale_prev
         self._collector.pop_all()

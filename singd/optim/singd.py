@@ -232,31 +232,31 @@ class SINGD(KroneckerOptimizer):
     @property
     def Ks(self) -> FactorView:
         """Layer name → ``K``: a live read-only view (:mod:`singd.optim.compat`)."""
-        return FactorView("SINGD.Ks", self._layer_states, "K", _every_layer)
+        return FactorView("SINGD.Ks", self._table.states, "K", _every_layer)
 
     @property
     def Cs(self) -> FactorView:
         """Layer name → ``C``: a live read-only view (:mod:`singd.optim.compat`)."""
-        return FactorView("SINGD.Cs", self._layer_states, "C", _every_layer)
+        return FactorView("SINGD.Cs", self._table.states, "C", _every_layer)
 
     @property
     def m_Ks(self) -> FactorView:
         """Layer name → ``m_K`` for the layers of groups with ``alpha1 != 0`` (live, read-only)."""
-        return FactorView("SINGD.m_Ks", self._layer_states, "m_K", self._has_momenta)
+        return FactorView("SINGD.m_Ks", self._table.states, "m_K", self._has_momenta)
 
     @property
     def m_Cs(self) -> FactorView:
         """Layer name → ``m_C`` for the layers of groups with ``alpha1 != 0`` (live, read-only)."""
-        return FactorView("SINGD.m_Cs", self._layer_states, "m_C", self._has_momenta)
+        return FactorView("SINGD.m_Cs", self._table.states, "m_C", self._has_momenta)
 
     @property
     def module_names(self) -> ModuleNameView:
         """Kronecker-preconditioned module → its name in ``Ks`` (live, read-only)."""
-        return ModuleNameView("SINGD.module_names", self._layers)
+        return ModuleNameView("SINGD.module_names", self._table.layers)
 
     def _has_momenta(self, name: str) -> bool:
         """Whether layer ``name`` keeps ``m_K``/``m_C`` (its group's ``alpha1 != 0``)."""
-        return self.param_groups[self._layers[name].group_index]["alpha1"] != 0.0
+        return self._group(self._table.layers[name])["alpha1"] != 0.0
 
     # ------------------------------------------------------------------ telemetry
     def telemetry(
@@ -277,15 +277,15 @@ class SINGD(KroneckerOptimizer):
             ValueError: ``statistics`` names a layer the optimizer does not have.
         """
         statistics = statistics or {}
-        unknown = sorted(set(statistics) - set(self._layers))
+        unknown = sorted(set(statistics) - set(self._table.layers))
         if unknown:
             raise ValueError(f"telemetry: no layer named {unknown} (layers: {self.layer_names()})")
         report = {}
         for name in self.layer_names():
-            state = self._layer_states[name]
+            state = self._table.states[name]
             record = self._preconditioner.taken_record(name, state)
             stuck = (None, None) if record is None else tuple(float(x) for x in record.stuck)
-            damping = self.param_groups[self._layers[name].group_index]["damping"]
+            damping = self._group(self._table.layers[name])["damping"]
             u, gc = statistics.get(name, (None, None))
             report[name] = LayerTelemetry(
                 rounded_to_nothing_K=stuck[0],
