@@ -260,20 +260,6 @@ class KroneckerOptimizer(Optimizer):
         """Warn (at ``step``'s caller) that the step is skipped, naming the non-finite tensors."""
         warnings.warn(checks.skip_message(type(self).__name__, skip), stacklevel=3)
 
-    def _inf_gradients_skip(self) -> Skip:
-        """The scaler found inf/NaN gradients: the skip, naming them (one extra host sync)."""
-        labels = self._table.param_labels()
-        grads = [
-            (labels.get(id(p), "a parameter"), p.grad)
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
-        culprits = checks.nonfinite(
-            [f"{label} gradient" for label, _ in grads], [g for _, g in grads]
-        )
-        return Skip("the GradScaler found inf/NaN gradients", culprits)
-
     def _check_dense_grads(self) -> None:
         """Raise ``ValueError`` (before any state changes) if a gradient is sparse."""
         for group in self.param_groups:
@@ -370,7 +356,8 @@ class KroneckerOptimizer(Optimizer):
         pending = self._collector.pop_all()
         pending_elementwise = self._elementwise_collector.pop_all()
         if amp.found_inf:
-            return self._inf_gradients_skip()
+            params = [p for group in self.param_groups for p in group["params"]]
+            return checks.inf_gradients_skip(self._table.param_labels(), params)
         grads = self._reduce_across_ranks(pending, self._unscaled_grads(amp.grad_scale))
         distributed.reduce_elementwise_(
             pending_elementwise,

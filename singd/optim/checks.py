@@ -91,6 +91,16 @@ def nonfinite(labels: list[str], tensors: list[Tensor]) -> list[str]:
     return culprits(labels, host_values(finite_flags(tensors)))
 
 
+def inf_gradients_skip(param_labels: dict[int, str], params: list[Tensor]) -> Skip:
+    """The skip of a step whose ``GradScaler`` found inf/NaN gradients, naming them.
+
+    One host sync (:func:`nonfinite` of every gradient of ``params``).
+    """
+    grads = [(param_labels.get(id(p), "a parameter"), p.grad) for p in params if p.grad is not None]
+    culprits = nonfinite([f"{label} gradient" for label, _ in grads], [g for _, g in grads])
+    return Skip("the GradScaler found inf/NaN gradients", culprits)
+
+
 def skip_message(optimizer: str, skip: Skip) -> str:
     """The warning of a skipped step (at most :data:`MAX_NAMED` culprits named)."""
     detail = ""
