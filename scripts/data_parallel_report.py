@@ -15,7 +15,7 @@ Spawns 2 gloo processes on CPU (one torch thread each) and prints:
    reducer is not seen and is listed separately as the parameter bytes).
 3. **Factor-step time per rank**: a float32 MLP of ``--layers`` dense
    ``width × width`` layers, T = 1; the seconds of the factor work
-   (``_prepare_factor_step`` and ``_new_layer_states``) and of the sharded
+   (``prepare_factor_step`` and ``plan.new_layer_states``) and of the sharded
    broadcast per step, median over ``--repeats`` steps after one warm-up,
    for 1 rank, 2 ranks unsharded and 2 ranks sharded.
 
@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from singd import SINGD
-from singd.optim import sharded
+from singd.optim import plan, sharded
 from tests.optim import test_data_parallel as cases
 from tests.optim.collectives import count_collectives
 
@@ -67,9 +68,12 @@ def _communication(wrapper: str, shard: bool, rank: int) -> list[list[tuple[str,
     return per_step
 
 
-def _timed(opt: SINGD, name: str, totals: dict[str, float]) -> None:
-    """Accumulate the seconds spent in ``opt.<name>`` into ``totals["factor"]``."""
-    original = getattr(opt, name)
+def _timed(owner: object, name: str, totals: dict[str, float]) -> Callable[[], None]:
+    """Accumulate the seconds spent in ``owner.<name>`` into ``totals["factor"]``.
+
+    Returns the call that puts the original back.
+    """
+    original = getattr(owner, name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -77,7 +81,8 @@ def _timed(opt: SINGD, name: str, totals: dict[str, float]) -> None:
         totals["factor"] += time.perf_counter() - start
         return result
 
-    setattr(opt, name, timed)
+    setattr(owner, name, timed)
+    return lambda: setattr(owner, name, original)
 
 
 def factor_step_times(
@@ -91,8 +96,8 @@ def factor_step_times(
     opt = SINGD(model, lr=1e-3, T=1, lr_cov=1e-2)
     opt.configure_distributed(shard_factor_work=shard)
     totals = {"factor": 0.0, "broadcast": 0.0}
-    _timed(opt, "_prepare_factor_step", totals)
-    _timed(opt, "_new_layer_states", totals)
+    _timed(opt._preconditioner, "prepare_factor_step", totals)
+    untime = _timed(plan, "new_layer_states", totals)
     original_broadcast = sharded.broadcast_storages
 
     def broadcast(*args: Any) -> Any:
@@ -119,6 +124,7 @@ def factor_step_times(
                 samples["broadcast"].append(totals["broadcast"])
     finally:
         sharded.broadcast_storages = original_broadcast
+        untime()
     return {key: statistics.median(values) for key, values in samples.items()}
 
 

@@ -81,12 +81,12 @@ def roles(model: nn.Module) -> dict[str, str]:
         optimizer = SINGD(model)
     role_of = {
         id(param): "elementwise k²"
-        for layer in optimizer._elementwise.values()
+        for layer in optimizer._table.elementwise.values()
         for param in layer.params
     }
     for name in optimizer.layer_names():
         diagonal = optimizer.layer_state(name)["K"].name == "diagonal"
-        for param in optimizer._layers[name].params():
+        for param in optimizer._table.layers[name].params():
             role_of[id(param)] = "Kronecker, diagonal K" if diagonal else "Kronecker"
     return {name: role_of.get(id(p), "fallback") for name, p in model.named_parameters()}
 

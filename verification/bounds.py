@@ -753,7 +753,7 @@ def _precondition(
 
 
 #: Structures whose ``F Fᵀ`` SINGD keeps between factor steps when ``T > 1``
-#: (``SINGD._outers``: closed under ``F Fᵀ``; the diagonal always forms ``f ⊙ f``).
+#: (``SingdPreconditioner.outers``: closed under ``F Fᵀ``; the diagonal always forms ``f ⊙ f``).
 _KEPT_OUTERS = ("dense", "block")
 
 

@@ -251,7 +251,7 @@ _input_matrix = statistics.input_matrix
 _accumulate = hooks.CurvatureCollector._accumulate
 _pop_all = hooks.CurvatureCollector.pop_all
 _unscaled_grads = base.KroneckerOptimizer._unscaled_grads
-_summarise_input = singd_module.SINGD._summarise_input
+_summarise_input = singd_module.SingdPreconditioner.summarise_input
 _conv_input_shared = kinds.ConvKind.input_shared
 _embedding_input_statistic = kinds.EmbeddingKind.input_statistic
 
@@ -382,12 +382,13 @@ def _stale_factor_mutants() -> Replacements:
     }
 
 
-_outers = singd_module.SINGD._outers
+_outers = singd_module.SingdPreconditioner.outers
 
 
 def _outers_never_refreshed(
-    self: singd_module.SINGD,
+    self: singd_module.SingdPreconditioner,
     layer: Layer,
+    group: dict[str, Any],
     state: dict[str, StructuredMatrix],
     K: StructuredMatrix,
     C: StructuredMatrix,
@@ -396,7 +397,7 @@ def _outers_never_refreshed(
     cached = self._outer_cache.get(layer.name)
     if cached is not None:
         return cached[2], cached[3]
-    return _outers(self, layer, state, K, C)
+    return _outers(self, layer, group, state, K, C)
 
 
 # --- statistics (SPEC §1.1)
@@ -606,14 +607,16 @@ def scaled_precondition(delta: float, config: RunConfig | None = None) -> Mutant
 def scaled_input_statistics(delta: float, config: RunConfig | None = None) -> Mutant:
     """``H_K × (1 + δ)`` (each stored number rounded once to the factor dtype)."""
 
-    def summarise(self: singd_module.SINGD, name: str, A: Tensor) -> StructuredMatrix:
-        return _scaled_structured(_summarise_input(self, name, A), 1.0 + delta)
+    def summarise(
+        self: singd_module.SingdPreconditioner, state: dict[str, StructuredMatrix], A: Tensor
+    ) -> StructuredMatrix:
+        return _scaled_structured(_summarise_input(self, state, A), 1.0 + delta)
 
     return Mutant(
         f"H_K-x(1+{delta:.3g})",
         f"H_K × (1 + {delta:.3g})",
-        ("singd.optim.singd:SINGD._summarise_input",),
-        lambda: {"singd.optim.singd:SINGD._summarise_input": summarise},
+        ("singd.optim.singd:SingdPreconditioner.summarise_input",),
+        lambda: {"singd.optim.singd:SingdPreconditioner.summarise_input": summarise},
         config or RunConfig(),
     )
 
@@ -678,8 +681,8 @@ def _catalogue() -> dict[str, Mutant]:
         Mutant(
             "kept-outer-stale",
             "T > 1: the kept K Kᵀ, C Cᵀ are not refreshed after a factor step",
-            ("singd.optim.singd:SINGD._outers",),
-            _single("singd.optim.singd:SINGD._outers", _outers_never_refreshed),
+            ("singd.optim.singd:SingdPreconditioner.outers",),
+            _single("singd.optim.singd:SingdPreconditioner.outers", _outers_never_refreshed),
             RunConfig(variant="T3", steps=8),
         ),
         Mutant(

@@ -34,6 +34,14 @@ class Entry(NamedTuple):
     layers: dict[str, dict[str, Any]]
 
 
+class Loaded(NamedTuple):
+    """A checkpoint validated in full, ready to be written into an optimizer."""
+
+    entry: Entry
+    groups: list[dict[str, Any]]
+    layer_states: dict[str, Any]
+
+
 def pack(
     *, steps: int, grad_scale_prev: float, layers: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
@@ -225,3 +233,35 @@ def check_param_state(state_dict: dict[str, Any], groups: list[dict[str, Any]]) 
                 f"state[{index}][{key!r}] must be a tensor of shape {tuple(param_of[index].shape)}",
             )
             check_factor_tensors(f"state[{index}]", {key: buffer})
+
+
+def validate(
+    state_dict: Any,
+    *,
+    param_groups: list[dict[str, Any]],
+    check_group: Callable[[dict[str, Any]], None],
+    current: dict[str, Any],
+    layout: Callable[[Any], dict[str, str]],
+    restore: Callable[[str, Any, dict[str, dict[str, Tensor]]], Any],
+) -> Loaded:
+    """Everything ``load_state_dict`` writes, validated in full before anything changes.
+
+    Args:
+        state_dict: the checkpoint (``state_dict()``'s format).
+        param_groups: the loading optimizer's groups.
+        check_group: validates (and normalises) one restored group in place.
+        current: layer name → the live layer state (see :func:`restore_layer_states`).
+        layout, restore: as for :func:`restore_layer_states`.
+
+    Raises:
+        ValueError: on anything :func:`unpack`, :func:`restore_groups`,
+            ``check_group``, :func:`check_param_state` or
+            :func:`restore_layer_states` rejects; nothing is changed then.
+    """
+    entry = unpack(state_dict, list(current))
+    groups = restore_groups(state_dict, param_groups)
+    for group in groups:
+        check_group(group)
+    check_param_state(state_dict, param_groups)
+    layer_states = restore_layer_states(entry.layers, current, layout=layout, restore=restore)
+    return Loaded(entry, groups, layer_states)

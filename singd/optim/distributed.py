@@ -286,3 +286,28 @@ def reduce_step_(
         target.copy_(value)
     averaged = dict(zip(local_keys, reduced[len(statistics) :], strict=True))
     return full_gradients({**grads, **averaged})
+
+
+def reduce_elementwise_(
+    pending: dict[str, tuple[list[Tensor], bool]], loss_averages: dict[str, LossAverage]
+) -> None:
+    """Full-batch ``h`` on every rank (in place): weighted like gradient statistics, then summed.
+
+    ``h`` is a gradient-side statistic (``N Σ r²`` with ``g`` carrying ``1/N_r``):
+    averaged over ranks for a mean loss, summed for a sum loss
+    (:func:`rank_weights`).  One ``all_reduce`` per layer, in module order (every
+    rank collects the same layers in the same steps).
+
+    Args:
+        pending: elementwise layer → its pending ``([h_γ, (h_β)], scale_removed)``.
+        loss_averages: elementwise layer → its group's ``loss_average``.
+    """
+    world = world_size()
+    if world == 1:
+        return
+    for name, (hs, _) in pending.items():
+        _, weight = rank_weights(loss_averages[name], world)
+        flat = torch.cat([h.reshape(-1) for h in hs]) * weight
+        dist.all_reduce(flat)
+        for h, chunk in zip(hs, flat.split([h.numel() for h in hs]), strict=True):
+            h.copy_(chunk.view_as(h))

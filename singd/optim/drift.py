@@ -41,6 +41,26 @@ def replicated(tensors: list[Tensor]) -> list[Tensor]:
     return [t for t in tensors if not distributed.is_dtensor(t)]
 
 
+def entries(
+    layers: dict[str, tuple[list[Tensor], list[Tensor]]], fallback: dict[str, Tensor]
+) -> dict[str, list[Tensor]]:
+    """Label → the tensors every rank must hold bitwise equal (drift check).
+
+    Args:
+        layers: layer name → (its factors' tensors, its parameters).
+        fallback: label → fallback parameter.
+
+    Sharded (``DTensor``) parameters are each rank's own and not compared.
+    """
+    labelled: dict[str, list[Tensor]] = {}
+    for name, (factors, params) in layers.items():
+        labelled[f"layer {name!r}: factors"] = factors
+        labelled[f"layer {name!r}: parameters"] = replicated(params)
+    for label, param in fallback.items():
+        labelled[f"parameter {label!r}"] = replicated([param])
+    return labelled
+
+
 def checksum(tensors: list[Tensor], device: torch.device) -> Tensor:
     """0-dim int64 on ``device``: the wrap-around sum of the bit patterns of every entry."""
     total = torch.zeros((), dtype=torch.int64, device=device)

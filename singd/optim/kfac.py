@@ -8,10 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from singd.optim.base import FactorStepInputs, KroneckerOptimizer, LayerState
+from singd.optim.base import KroneckerOptimizer
 from singd.optim.hooks import PendingStatistics
 from singd.optim.kinds import LayerKind
 from singd.optim.layers import Layer
+from singd.optim.preconditioner import FactorStepInputs, Preconditioner
+from singd.optim.sharded import Storage
 from singd.optim.updates import kfac_factor_ema, kfac_precondition
 from singd.optim.validation import check_kfac_group
 
@@ -59,11 +61,6 @@ class KFAC(KroneckerOptimizer):
         upcast_half: do half-precision factors' linear algebra in float32.
     """
 
-    _STATISTIC_NAMES = (
-        "U (curvature statistic of the layer inputs)",
-        "Gc (curvature statistic of the output gradients)",
-    )
-
     def __init__(
         self,
         model: nn.Module,
@@ -99,11 +96,28 @@ class KFAC(KroneckerOptimizer):
             "fallback_eps": fallback_eps,
         }
         super().__init__(
-            model, params, defaults, warn_unsupported=warn_unsupported, init_grad_scale=1.0
+            model,
+            params,
+            defaults,
+            KfacPreconditioner(),
+            warn_unsupported=warn_unsupported,
+            init_grad_scale=1.0,
         )
 
-    # ----------------------------------------------------------- subclass hooks
-    def _declines(self, kind: LayerKind) -> str | None:
+
+#: KFAC's layer state: ``"S_K"``, ``"S_C"`` → dense factor.
+KfacState = dict[str, Tensor]
+
+
+class KfacPreconditioner(Preconditioner[KfacState]):
+    """KFAC's per-layer maths (SPEC §1.2): EMA factors and two Cholesky solves."""
+
+    statistic_names = (
+        "U (curvature statistic of the layer inputs)",
+        "Gc (curvature statistic of the output gradients)",
+    )
+
+    def declines(self, kind: LayerKind) -> str | None:
         if kind.input_structure is not None:
             return (
                 f"KFAC keeps dense factors, and {kind.name}'s input factor would be a "
@@ -111,11 +125,11 @@ class KFAC(KroneckerOptimizer):
             )
         return None
 
-    def _check_group(self, group: dict[str, Any]) -> None:
+    def check_group(self, group: dict[str, Any]) -> None:
         check_kfac_group(group)
 
-    def _factor_dtype(self, layer: Layer) -> torch.dtype:
-        group = self.param_groups[layer.group_index]
+    def _factor_dtype(self, layer: Layer, group: dict[str, Any]) -> torch.dtype:
+        """The factors' dtype (float32 for a half one with ``upcast_half``)."""
         dtype = group["preconditioner_dtype"] or layer.weight.dtype
         if dtype in HALF_DTYPES:
             if not group["upcast_half"]:
@@ -127,57 +141,63 @@ class KFAC(KroneckerOptimizer):
             return torch.float32
         return dtype
 
-    def _factor_dtypes(self, layer: Layer) -> tuple[torch.dtype, torch.dtype]:
-        dtype = self._factor_dtype(layer)
+    def factor_dtypes(self, layer: Layer, group: dict[str, Any]) -> tuple[torch.dtype, torch.dtype]:
+        dtype = self._factor_dtype(layer, group)
         return dtype, dtype
 
-    def _new_layer_state(self, layer: Layer, group: dict[str, Any]) -> LayerState:
-        dtype, device = self._factor_dtype(layer), layer.weight.device
+    def new_state(self, layer: Layer, group: dict[str, Any]) -> KfacState:
+        dtype, device = self._factor_dtype(layer, group), layer.weight.device
         scale = 1.0 - group["damping"]
         return {
             "S_K": scale * torch.eye(layer.input_dim, dtype=dtype, device=device),
             "S_C": scale * torch.eye(layer.output_dim, dtype=dtype, device=device),
         }
 
-    def _summarise_input(self, name: str, A: Tensor) -> Tensor:
+    def summarise_input(self, state: KfacState, A: Tensor) -> Tensor:
         return A.T @ A
 
-    def _summarise_grad(self, name: str, G: Tensor) -> Tensor:
+    def summarise_grad(self, state: KfacState, G: Tensor) -> Tensor:
         return G.T @ G
 
-    def _prepare_factor_step(self, layer: Layer, pending: PendingStatistics) -> FactorStepInputs:
+    def prepare_factor_step(
+        self, layer: Layer, group: dict[str, Any], state: KfacState, pending: PendingStatistics
+    ) -> FactorStepInputs:
         return FactorStepInputs(None, [])
 
-    def _updated_layer_state(
+    def updated_state(
         self,
         layer: Layer,
         group: dict[str, Any],
+        state: KfacState,
         pending: PendingStatistics,
         prepared: FactorStepInputs,
         reads: list[float],
+        *,
         correction: float,
         lr_cov: float,
-    ) -> LayerState:
-        state = self._layer_states[layer.name]
+        steps: int,
+    ) -> KfacState:
         return {
             "S_K": kfac_factor_ema(state["S_K"], pending.input_summary, lr_cov),
             "S_C": kfac_factor_ema(state["S_C"], pending.grad_summary * correction, lr_cov),
         }
 
-    def _precondition(self, layer: Layer, state: LayerState, grad: Tensor) -> Tensor:
-        damping = self.param_groups[layer.group_index]["damping"]
+    def precondition(
+        self, layer: Layer, group: dict[str, Any], state: KfacState, grad: Tensor
+    ) -> Tensor:
+        damping = group["damping"]
         S_K, S_C = state["S_K"], state["S_C"]
         return kfac_precondition(S_K, S_C, grad, damping, compute_dtype=S_K.dtype)
 
-    def _layout(self, state: LayerState) -> dict[str, str]:
+    def layout(self, state: KfacState) -> dict[str, str]:
         return {factor: "dense" for factor in FACTORS}
 
-    def _state_to_storage(self, state: LayerState) -> dict[str, dict[str, Tensor]]:
+    def to_storage(self, state: KfacState) -> Storage:
         return {factor: {"matrix": state[factor]} for factor in FACTORS}
 
-    def _state_from_storage(
-        self, layer: Layer, current: LayerState, storage: dict[str, dict[str, Tensor]]
-    ) -> LayerState:
+    def from_storage(
+        self, layer: Layer, group: dict[str, Any], current: KfacState, storage: Storage
+    ) -> KfacState:
         restored = {}
         for factor in FACTORS:
             like = current[factor]
@@ -190,7 +210,7 @@ class KFAC(KroneckerOptimizer):
             matrix = saved["matrix"].to(dtype=like.dtype, device=like.device, copy=True)
             # the step factorises S + λI: an indefinite S would fail there on every step
             # (λ of this optimizer's group; a checkpoint normally carries the same one)
-            damping = self.param_groups[layer.group_index]["damping"]
+            damping = group["damping"]
             eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
             if torch.linalg.cholesky_ex(matrix + damping * eye).info.item() != 0:
                 raise ValueError(

@@ -10,7 +10,7 @@ compute per rank thus falls with the number of ranks; the statistics'
 all-reduce and the preconditioning (every step, every layer) are unchanged.
 
 Owners are assigned once per step from the layers' factor-step costs
-(:meth:`~singd.optim.base.KroneckerOptimizer._factor_step_cost`), greedily:
+(:meth:`~singd.optim.preconditioner.Preconditioner.factor_step_cost`), greedily:
 the costliest layer first, each to the least-loaded rank (ties: the lowest
 rank), which is within 4/3 of the best balance (Graham's LPT bound).  Every
 rank computes the same assignment from the same layers.
@@ -18,12 +18,20 @@ rank computes the same assignment from the same layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from singd.optim import distributed
+
 #: A layer's factors as plain tensors: factor name → storage key → tensor.
 Storage = dict[str, dict[str, Tensor]]
+
+#: A layer's state (the optimizer's own type).
+State = TypeVar("State")
 
 
 def assign_owners(costs: dict[str, float], world: int) -> dict[str, int]:
@@ -77,3 +85,53 @@ def broadcast_storages(
                 for tensor, chunk in zip(tensors, chunks, strict=True):
                     tensor.copy_(chunk.view_as(tensor))
     return {name: computed[name] if owners[name] == me else received[name] for name in owners}
+
+
+def owners(
+    enabled: bool, layers: Iterable[str], cost: Callable[[str], float]
+) -> dict[str, int] | None:
+    """Layer → the rank computing its factor steps, or ``None`` (every rank computes all).
+
+    ``None`` unless ``enabled`` (``shard_factor_work``) on a world of more than one rank.
+    """
+    world = distributed.world_size()
+    if not (enabled and world > 1):
+        return None
+    return assign_owners({name: cost(name) for name in layers}, world)
+
+
+def owned(owners: dict[str, int] | None, layers: Iterable[str]) -> list[str]:
+    """The ``layers`` whose factor step this rank computes."""
+    if owners is None:
+        return list(layers)
+    return [name for name in layers if owners[name] == distributed.rank()]
+
+
+def share_states(
+    owners: dict[str, int] | None,
+    computed: dict[str, State],
+    current: dict[str, State],
+    *,
+    to_storage: Callable[[State], Storage],
+    from_storage: Callable[[str, State, Storage], State],
+) -> dict[str, State]:
+    """Every rank's new states of ``current``'s layers from their owners' ``computed``.
+
+    Args:
+        owners: :func:`owners` (``None``: ``computed`` already holds every layer).
+        computed: this rank's new states of the layers it owns.
+        current: the live state of every layer taking a factor step (the templates).
+        to_storage: a state → its plain tensors.
+        from_storage: ``(layer, template state, storage) → state``.
+    """
+    if owners is None:
+        return computed
+    storages = broadcast_storages(
+        {name: owners[name] for name in current},
+        {name: to_storage(state) for name, state in computed.items()},
+        {name: to_storage(state) for name, state in current.items()},
+    )
+    return {
+        name: computed[name] if name in computed else from_storage(name, current[name], storage)
+        for name, storage in storages.items()
+    }

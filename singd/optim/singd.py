@@ -12,11 +12,13 @@ from torch import Tensor, nn
 
 from singd.optim import telemetry as telemetry_math
 from singd.optim import updates
-from singd.optim.base import FactorStepInputs, KroneckerOptimizer, LayerState
+from singd.optim.base import KroneckerOptimizer
 from singd.optim.compat import FactorView, ModuleNameView
 from singd.optim.hooks import PendingStatistics
 from singd.optim.kinds import InputGramDiagonal, InputStatistic, LayerKind
 from singd.optim.layers import Layer
+from singd.optim.preconditioner import FactorStepInputs, Preconditioner
+from singd.optim.sharded import Storage
 from singd.optim.updates import (
     HALF_DTYPES,
     FactorState,
@@ -169,13 +171,7 @@ class SINGD(KroneckerOptimizer):
         >>> opt.step()
     """
 
-    _DTYPE_SPECIFIC = tuple(COMPENSATIONS.values())
-    _ELEMENTWISE = True
-
-    _STATISTIC_NAMES = (
-        "H_K (curvature statistic of the layer inputs)",
-        "H_C (curvature statistic of the output gradients)",
-    )
+    _preconditioner: SingdPreconditioner
 
     def __init__(
         self,
@@ -204,10 +200,6 @@ class SINGD(KroneckerOptimizer):
     ) -> None:
         if not isinstance(telemetry, bool):
             raise TypeError(f"telemetry must be True or False, got {telemetry!r}")
-        self._telemetry = telemetry
-        #: Layer name → the last factor step's record, and the last one known to be taken.
-        self._telemetry_pending: dict[str, _TelemetryRecord] = {}
-        self._telemetry_taken: dict[str, _TelemetryRecord] = {}
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -231,208 +223,42 @@ class SINGD(KroneckerOptimizer):
             model,
             params,
             defaults,
+            SingdPreconditioner(telemetry=telemetry),
             warn_unsupported=warn_unsupported,
             init_grad_scale=init_grad_scale,
         )
-        #: layer name → (K, C, K Kᵀ, C Cᵀ): see :meth:`_outers`.
-        self._outer_cache: dict[str, tuple[Any, ...]] = {}
 
     # ------------------------------------- the public singd package's attributes
     @property
     def Ks(self) -> FactorView:
         """Layer name → ``K``: a live read-only view (:mod:`singd.optim.compat`)."""
-        return FactorView("SINGD.Ks", self._layer_states, "K", _every_layer)
+        return FactorView("SINGD.Ks", self._table.states, "K", _every_layer)
 
     @property
     def Cs(self) -> FactorView:
         """Layer name → ``C``: a live read-only view (:mod:`singd.optim.compat`)."""
-        return FactorView("SINGD.Cs", self._layer_states, "C", _every_layer)
+        return FactorView("SINGD.Cs", self._table.states, "C", _every_layer)
 
     @property
     def m_Ks(self) -> FactorView:
         """Layer name → ``m_K`` for the layers of groups with ``alpha1 != 0`` (live, read-only)."""
-        return FactorView("SINGD.m_Ks", self._layer_states, "m_K", self._has_momenta)
+        return FactorView("SINGD.m_Ks", self._table.states, "m_K", self._has_momenta)
 
     @property
     def m_Cs(self) -> FactorView:
         """Layer name → ``m_C`` for the layers of groups with ``alpha1 != 0`` (live, read-only)."""
-        return FactorView("SINGD.m_Cs", self._layer_states, "m_C", self._has_momenta)
+        return FactorView("SINGD.m_Cs", self._table.states, "m_C", self._has_momenta)
 
     @property
     def module_names(self) -> ModuleNameView:
         """Kronecker-preconditioned module → its name in ``Ks`` (live, read-only)."""
-        return ModuleNameView("SINGD.module_names", self._layers)
+        return ModuleNameView("SINGD.module_names", self._table.layers)
 
     def _has_momenta(self, name: str) -> bool:
         """Whether layer ``name`` keeps ``m_K``/``m_C`` (its group's ``alpha1 != 0``)."""
-        return self.param_groups[self._layers[name].group_index]["alpha1"] != 0.0
+        return self._group(self._table.layers[name])["alpha1"] != 0.0
 
-    # ----------------------------------------------------------- subclass hooks
-    def _check_group(self, group: dict[str, Any]) -> None:
-        check_singd_group(group)
-
-    def _factor_dtypes(self, layer: Layer) -> tuple[torch.dtype, torch.dtype]:
-        dtype_K, dtype_C = self.param_groups[layer.group_index]["preconditioner_dtype"]
-        return (dtype_K or layer.weight.dtype, dtype_C or layer.weight.dtype)
-
-    def _new_layer_state(self, layer: Layer, group: dict[str, Any]) -> LayerState:
-        name_K, name_C = group["structures"]
-        structure_K = get_structure(layer.kind.input_structure or name_K)
-        structure_C = get_structure(name_C)
-        dtype_K, dtype_C = self._factor_dtypes(layer)
-        guard = group["factor_guard"]
-        device = layer.weight.device
-        d_i, d_o = layer.input_dim, layer.output_dim
-        state = {
-            "K": structure_K.eye(d_i, dtype=_stored_dtype(guard, dtype_K), device=device),
-            "C": structure_C.eye(d_o, dtype=_stored_dtype(guard, dtype_C), device=device),
-            "m_K": structure_K.zeros(d_i, dtype=dtype_K, device=device),
-            "m_C": structure_C.zeros(d_o, dtype=dtype_C, device=device),
-        }
-        if guard == "compensated":
-            if dtype_K in HALF_DTYPES:
-                state["c_K"] = structure_K.zeros(d_i, dtype=dtype_K, device=device)
-            if dtype_C in HALF_DTYPES:
-                state["c_C"] = structure_C.zeros(d_o, dtype=dtype_C, device=device)
-        return state
-
-    def _compute_state(self, layer: Layer, state: LayerState) -> FactorState:
-        """The factors as the products use them: in their ``preconditioner_dtype``.
-
-        Only ``factor_guard="master"`` stores ``K``/``C`` in another dtype
-        (float32); elsewhere this is the state itself (no copy).
-        """
-        dtype_K, dtype_C = self._factor_dtypes(layer)
-        K, C = state["K"], state["C"]  # compute_copy looked up at call time (scripts patch it)
-        return FactorState(
-            compute_copy(K, dtype_K),
-            compute_copy(C, dtype_C),
-            state["m_K"],
-            state["m_C"],
-        )
-
-    def _factor_steps(
-        self, layer: Layer, group: dict[str, Any], state: LayerState, new: dict[str, Any]
-    ) -> tuple[FactorStep, FactorStep] | None:
-        """The guarded ``K ← K − β1·K·m`` of each factor, or ``None`` (no guard active).
-
-        ``new`` receives the guard's new state entries (the compensations).
-        """
-        guard = group["factor_guard"]
-        dtypes = dict(zip(("K", "C"), self._factor_dtypes(layer), strict=True))
-        if guard is None or not any(dtype in HALF_DTYPES for dtype in dtypes.values()):
-            return None
-
-        def step(factor_name: str) -> FactorStep:
-            dtype = dtypes[factor_name]
-            if dtype not in HALF_DTYPES:  # looked up at call time (verification patches it)
-                return lambda factor, momentum, lr_cov: updates.singd_factor_step(
-                    factor, momentum, lr_cov
-                )
-            if guard == "compensated":
-                key = COMPENSATIONS[factor_name]
-
-                def compensated(factor: Any, momentum: Any, lr_cov: float) -> Any:
-                    result, new[key] = compensated_factor_step(factor, momentum, lr_cov, state[key])
-                    return result
-
-                return compensated
-            if guard == "stochastic":
-                generator = _rounding_generator(layer.name, factor_name, self.steps, state)
-                return lambda factor, momentum, lr_cov: stochastic_factor_step(
-                    factor, momentum, lr_cov, generator
-                )
-            return lambda factor, momentum, lr_cov: master_factor_step(
-                factor, momentum, lr_cov, compute_copy(factor, dtype)
-            )
-
-        return step("K"), step("C")
-
-    def _summarise_input(self, name: str, A: InputStatistic) -> Any:
-        if isinstance(A, InputGramDiagonal):  # K is diagonal: Π̂(KᵀUK) = diag(k² ⊙ diag U)
-            K = compute_copy(self._layer_states[name]["K"], A.diagonal.dtype)
-            return type(K).from_storage(K.dim, {"diag": K.storage["diag"].square() * A.diagonal})
-        return compute_copy(self._layer_states[name]["K"], A.dtype).project_inner(A.T)
-
-    def _summarise_grad(self, name: str, G: Tensor) -> Any:
-        return compute_copy(self._layer_states[name]["C"], G.dtype).project_inner(G.T)
-
-    def _prepare_factor_step(self, layer: Layer, pending: PendingStatistics) -> FactorStepInputs:
-        damping = self.param_groups[layer.group_index]["damping"]
-        state = self._compute_state(layer, self._layer_states[layer.name])
-        inners = singd_self_inners(state, damping)
-        reads = singd_trace_terms(pending.input_summary, pending.grad_summary, inners)
-        return FactorStepInputs(inners, reads)
-
-    def _updated_layer_state(
-        self,
-        layer: Layer,
-        group: dict[str, Any],
-        pending: PendingStatistics,
-        prepared: FactorStepInputs,
-        reads: list[float],
-        correction: float,
-        lr_cov: float,
-    ) -> LayerState:
-        state = self._layer_states[layer.name]
-        guard_entries: dict[str, StructuredMatrix] = {}
-        new = singd_update_factors(
-            _factor_state(state),
-            pending.input_summary,
-            pending.grad_summary,
-            inners=prepared.tensors,
-            traces=Traces(*reads),
-            lr_cov=lr_cov,
-            damping=group["damping"],
-            alpha1=group["alpha1"],
-            kfac_like=group["kfac_like"],
-            normalize_lr_cov=group["normalize_lr_cov"],
-            grad_scale_correction=correction,
-            factor_steps=self._factor_steps(layer, group, state, guard_entries),
-        )
-        if self._telemetry:
-            self._record_telemetry(layer, state, new)
-        keep_momenta = group["alpha1"] != 0.0
-        return {
-            **state,
-            "K": new.K,
-            "C": new.C,
-            "m_K": new.m_K if keep_momenta else state["m_K"],
-            "m_C": new.m_C if keep_momenta else state["m_C"],
-            **guard_entries,
-        }
-
-    def _factor_step_cost(self, layer: Layer) -> float:
-        """``s_K²/d_i + s_C²/d_o``, ``s`` a factor's stored entries: its structured products.
-
-        ``d³`` dense, ``d`` diagonal, ``d·b²`` block-diagonal (block size ``b``).
-        """
-        state = self._layer_states[layer.name]
-        return sum(
-            type(state[factor]).storage_numel(dim) ** 2 / dim
-            for factor, dim in (("K", layer.input_dim), ("C", layer.output_dim))
-        )
-
-    def _record_telemetry(self, layer: Layer, state: LayerState, new: FactorState) -> None:
-        """Keep the share of entries this factor step rounded away (0-dim tensors, no sync).
-
-        A step may still be skipped after this (non-finite results): a record
-        counts as taken once the live factors are the ones it describes.
-        """
-        name = layer.name
-        previous = self._telemetry_pending.get(name)
-        if previous is not None and self._layer_states[name]["K"] is previous.K:
-            self._telemetry_taken[name] = previous
-        compute = self._compute_state(layer, state)
-        stuck = tuple(
-            telemetry_math.rounded_to_nothing(state[factor], after, computed @ momentum)
-            for factor, after, computed, momentum in (
-                ("K", new.K, compute.K, new.m_K),
-                ("C", new.C, compute.C, new.m_C),
-            )
-        )
-        self._telemetry_pending[name] = _TelemetryRecord(new.K, new.C, stuck)
-
+    # ------------------------------------------------------------------ telemetry
     def telemetry(
         self, statistics: dict[str, tuple[Tensor | None, Tensor | None]] | None = None
     ) -> dict[str, LayerTelemetry]:
@@ -451,17 +277,15 @@ class SINGD(KroneckerOptimizer):
             ValueError: ``statistics`` names a layer the optimizer does not have.
         """
         statistics = statistics or {}
-        unknown = sorted(set(statistics) - set(self._layers))
+        unknown = sorted(set(statistics) - set(self._table.layers))
         if unknown:
             raise ValueError(f"telemetry: no layer named {unknown} (layers: {self.layer_names()})")
         report = {}
         for name in self.layer_names():
-            state = self._layer_states[name]
-            record = self._telemetry_pending.get(name)
-            if record is None or state["K"] is not record.K:
-                record = self._telemetry_taken.get(name)
+            state = self._table.states[name]
+            record = self._preconditioner.taken_record(name, state)
             stuck = (None, None) if record is None else tuple(float(x) for x in record.stuck)
-            damping = self.param_groups[self._layers[name].group_index]["damping"]
+            damping = self._group(self._table.layers[name])["damping"]
             u, gc = statistics.get(name, (None, None))
             report[name] = LayerTelemetry(
                 rounded_to_nothing_K=stuck[0],
@@ -480,29 +304,255 @@ class SINGD(KroneckerOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As :class:`KroneckerOptimizer`'s; the telemetry of the old factors is dropped."""
         super().load_state_dict(state_dict)
+        self._preconditioner.clear_telemetry()
+
+
+#: SINGD's layer state: ``"K"``, ``"C"``, ``"m_K"``, ``"m_C"`` (and the compensations
+#: ``"c_K"``, ``"c_C"`` of ``factor_guard="compensated"``) → structured factor.
+SingdState = dict[str, StructuredMatrix]
+
+
+class SingdPreconditioner(Preconditioner[SingdState]):
+    """SINGD's per-layer maths (SPEC §1.3, §1.4): inverse-free factor steps, ``C Cᵀ ∇W~ K Kᵀ``.
+
+    Args:
+        telemetry: record each factor step's swamped share (:meth:`SINGD.telemetry`).
+    """
+
+    dtype_specific = tuple(COMPENSATIONS.values())
+    elementwise = True
+    statistic_names = (
+        "H_K (curvature statistic of the layer inputs)",
+        "H_C (curvature statistic of the output gradients)",
+    )
+
+    def __init__(self, *, telemetry: bool) -> None:
+        self.telemetry = telemetry
+        #: Layer name → the last factor step's record, and the last one known to be taken.
+        self._telemetry_pending: dict[str, _TelemetryRecord] = {}
+        self._telemetry_taken: dict[str, _TelemetryRecord] = {}
+        #: layer name → (K, C, K Kᵀ, C Cᵀ): see :meth:`outers`.
+        self._outer_cache: dict[str, tuple[Any, ...]] = {}
+
+    def taken_record(self, name: str, state: SingdState) -> _TelemetryRecord | None:
+        """The telemetry of the last factor step taken by layer ``name`` (live ``state``)."""
+        record = self._telemetry_pending.get(name)
+        if record is None or state["K"] is not record.K:
+            record = self._telemetry_taken.get(name)
+        return record
+
+    def clear_telemetry(self) -> None:
+        """Drop every record (the factors they describe were replaced)."""
         self._telemetry_pending.clear()
         self._telemetry_taken.clear()
 
-    def _precondition(self, layer: Layer, state: LayerState, grad: Tensor) -> Tensor:
-        K, C, _, _ = self._compute_state(layer, state)
-        return singd_precondition(K, C, grad, self._outers(layer, state, K, C))
+    def check_group(self, group: dict[str, Any]) -> None:
+        check_singd_group(group)
 
-    def _layer_directions(
-        self, layer: Layer, state: LayerState, weight_grad: Tensor, bias_grad: Tensor | None
+    def factor_dtypes(self, layer: Layer, group: dict[str, Any]) -> tuple[torch.dtype, torch.dtype]:
+        dtype_K, dtype_C = group["preconditioner_dtype"]
+        return (dtype_K or layer.weight.dtype, dtype_C or layer.weight.dtype)
+
+    def new_state(self, layer: Layer, group: dict[str, Any]) -> SingdState:
+        name_K, name_C = group["structures"]
+        structure_K = get_structure(layer.kind.input_structure or name_K)
+        structure_C = get_structure(name_C)
+        dtype_K, dtype_C = self.factor_dtypes(layer, group)
+        guard = group["factor_guard"]
+        device = layer.weight.device
+        d_i, d_o = layer.input_dim, layer.output_dim
+        state: SingdState = {
+            "K": structure_K.eye(d_i, dtype=_stored_dtype(guard, dtype_K), device=device),
+            "C": structure_C.eye(d_o, dtype=_stored_dtype(guard, dtype_C), device=device),
+            "m_K": structure_K.zeros(d_i, dtype=dtype_K, device=device),
+            "m_C": structure_C.zeros(d_o, dtype=dtype_C, device=device),
+        }
+        if guard == "compensated":
+            if dtype_K in HALF_DTYPES:
+                state["c_K"] = structure_K.zeros(d_i, dtype=dtype_K, device=device)
+            if dtype_C in HALF_DTYPES:
+                state["c_C"] = structure_C.zeros(d_o, dtype=dtype_C, device=device)
+        return state
+
+    def compute_state(self, layer: Layer, group: dict[str, Any], state: SingdState) -> FactorState:
+        """The factors as the products use them: in their ``preconditioner_dtype``.
+
+        Only ``factor_guard="master"`` stores ``K``/``C`` in another dtype
+        (float32); elsewhere this is the state itself (no copy).
+        """
+        dtype_K, dtype_C = self.factor_dtypes(layer, group)
+        K, C = state["K"], state["C"]  # compute_copy looked up at call time (scripts patch it)
+        return FactorState(
+            compute_copy(K, dtype_K),
+            compute_copy(C, dtype_C),
+            state["m_K"],
+            state["m_C"],
+        )
+
+    def _factor_steps(
+        self,
+        layer: Layer,
+        group: dict[str, Any],
+        state: SingdState,
+        new: dict[str, Any],
+        steps: int,
+    ) -> tuple[FactorStep, FactorStep] | None:
+        """The guarded ``K ← K − β1·K·m`` of each factor, or ``None`` (no guard active).
+
+        ``new`` receives the guard's new state entries (the compensations);
+        ``steps`` seeds the stochastic rounding.
+        """
+        guard = group["factor_guard"]
+        dtypes = dict(zip(("K", "C"), self.factor_dtypes(layer, group), strict=True))
+        if guard is None or not any(dtype in HALF_DTYPES for dtype in dtypes.values()):
+            return None
+
+        def step(factor_name: str) -> FactorStep:
+            dtype = dtypes[factor_name]
+            if dtype not in HALF_DTYPES:  # looked up at call time (verification patches it)
+                return lambda factor, momentum, lr_cov: updates.singd_factor_step(
+                    factor, momentum, lr_cov
+                )
+            if guard == "compensated":
+                key = COMPENSATIONS[factor_name]
+
+                def compensated(factor: Any, momentum: Any, lr_cov: float) -> Any:
+                    result, new[key] = compensated_factor_step(factor, momentum, lr_cov, state[key])
+                    return result
+
+                return compensated
+            if guard == "stochastic":
+                generator = _rounding_generator(layer.name, factor_name, steps, state)
+                return lambda factor, momentum, lr_cov: stochastic_factor_step(
+                    factor, momentum, lr_cov, generator
+                )
+            return lambda factor, momentum, lr_cov: master_factor_step(
+                factor, momentum, lr_cov, compute_copy(factor, dtype)
+            )
+
+        return step("K"), step("C")
+
+    def summarise_input(self, state: SingdState, A: InputStatistic) -> StructuredMatrix:
+        if isinstance(A, InputGramDiagonal):  # K is diagonal: Π̂(KᵀUK) = diag(k² ⊙ diag U)
+            K = compute_copy(state["K"], A.diagonal.dtype)
+            return type(K).from_storage(K.dim, {"diag": K.storage["diag"].square() * A.diagonal})
+        return compute_copy(state["K"], A.dtype).project_inner(A.T)
+
+    def summarise_grad(self, state: SingdState, G: Tensor) -> StructuredMatrix:
+        return compute_copy(state["C"], G.dtype).project_inner(G.T)
+
+    def prepare_factor_step(
+        self, layer: Layer, group: dict[str, Any], state: SingdState, pending: PendingStatistics
+    ) -> FactorStepInputs:
+        inners = singd_self_inners(self.compute_state(layer, group, state), group["damping"])
+        reads = singd_trace_terms(pending.input_summary, pending.grad_summary, inners)
+        return FactorStepInputs(inners, reads)
+
+    def updated_state(
+        self,
+        layer: Layer,
+        group: dict[str, Any],
+        state: SingdState,
+        pending: PendingStatistics,
+        prepared: FactorStepInputs,
+        reads: list[float],
+        *,
+        correction: float,
+        lr_cov: float,
+        steps: int,
+    ) -> SingdState:
+        guard_entries: dict[str, StructuredMatrix] = {}
+        new = singd_update_factors(
+            _factor_state(state),
+            pending.input_summary,
+            pending.grad_summary,
+            inners=prepared.tensors,
+            traces=Traces(*reads),
+            lr_cov=lr_cov,
+            damping=group["damping"],
+            alpha1=group["alpha1"],
+            kfac_like=group["kfac_like"],
+            normalize_lr_cov=group["normalize_lr_cov"],
+            grad_scale_correction=correction,
+            factor_steps=self._factor_steps(layer, group, state, guard_entries, steps),
+        )
+        if self.telemetry:
+            self._record_telemetry(layer, group, state, new)
+        keep_momenta = group["alpha1"] != 0.0
+        return {
+            **state,
+            "K": new.K,
+            "C": new.C,
+            "m_K": new.m_K if keep_momenta else state["m_K"],
+            "m_C": new.m_C if keep_momenta else state["m_C"],
+            **guard_entries,
+        }
+
+    def factor_step_cost(self, layer: Layer, state: SingdState) -> float:
+        """``s_K²/d_i + s_C²/d_o``, ``s`` a factor's stored entries: its structured products.
+
+        ``d³`` dense, ``d`` diagonal, ``d·b²`` block-diagonal (block size ``b``).
+        """
+        return sum(
+            type(state[factor]).storage_numel(dim) ** 2 / dim
+            for factor, dim in (("K", layer.input_dim), ("C", layer.output_dim))
+        )
+
+    def _record_telemetry(
+        self, layer: Layer, group: dict[str, Any], state: SingdState, new: FactorState
+    ) -> None:
+        """Keep the share of entries this factor step rounded away (0-dim tensors, no sync).
+
+        A step may still be skipped after this (non-finite results): a record
+        counts as taken once the live factors (``state``) are the ones it describes.
+        """
+        name = layer.name
+        previous = self._telemetry_pending.get(name)
+        if previous is not None and state["K"] is previous.K:
+            self._telemetry_taken[name] = previous
+        compute = self.compute_state(layer, group, state)
+        stuck = tuple(
+            telemetry_math.rounded_to_nothing(state[factor], after, computed @ momentum)
+            for factor, after, computed, momentum in (
+                ("K", new.K, compute.K, new.m_K),
+                ("C", new.C, compute.C, new.m_C),
+            )
+        )
+        self._telemetry_pending[name] = _TelemetryRecord(new.K, new.C, stuck)
+
+    def precondition(
+        self, layer: Layer, group: dict[str, Any], state: SingdState, grad: Tensor
+    ) -> Tensor:
+        K, C, _, _ = self.compute_state(layer, group, state)
+        return singd_precondition(K, C, grad, self.outers(layer, group, state, K, C))
+
+    def directions(
+        self,
+        layer: Layer,
+        group: dict[str, Any],
+        state: SingdState,
+        weight_grad: Tensor,
+        bias_grad: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
         """Diagonal ``K`` and ``C``: :func:`~singd.optim.updates.diagonal_precondition`
         (same bits, no ``[∇W, ∇b]`` concatenation) when ``W~`` is ``W`` flattened from
-        dim 1 (not an embedding's ``Wᵀ``); otherwise the base's."""
+        dim 1 (not an embedding's ``Wᵀ``); otherwise the generic path's."""
         flattened = type(layer.kind).weight_matrix is LayerKind.weight_matrix
         if flattened and isinstance(state["K"], Diagonal) and isinstance(state["C"], Diagonal):
-            K, C, _, _ = self._compute_state(layer, state)  # once: the base's path forms its own
+            # formed once here: the generic path forms its own
+            K, C, _, _ = self.compute_state(layer, group, state)
             return diagonal_precondition(
                 K.storage["diag"], C.storage["diag"], weight_grad, bias_grad
             )
-        return super()._layer_directions(layer, state, weight_grad, bias_grad)
+        return super().directions(layer, group, state, weight_grad, bias_grad)
 
-    def _outers(
-        self, layer: Layer, state: LayerState, K: StructuredMatrix, C: StructuredMatrix
+    def outers(
+        self,
+        layer: Layer,
+        group: dict[str, Any],
+        state: SingdState,
+        K: StructuredMatrix,
+        C: StructuredMatrix,
     ) -> updates.Outers:
         """``(K Kᵀ, C Cᵀ)`` of the layer's current factors, kept while they are current.
 
@@ -516,7 +566,7 @@ class SINGD(KroneckerOptimizer):
         is not part of ``state_dict()`` and costs ``n_K + n_C`` more entries
         per layer (docs/optimizer.md, "State bytes").
         """
-        if self.param_groups[layer.group_index]["T"] == 1:
+        if group["T"] == 1:
             return (None, None)
         cached = self._outer_cache.get(layer.name)
         if cached is not None and cached[0] is state["K"] and cached[1] is state["C"]:
@@ -525,16 +575,16 @@ class SINGD(KroneckerOptimizer):
         self._outer_cache[layer.name] = (state["K"], state["C"], *outers)
         return outers  # type: ignore[return-value]
 
-    def _layout(self, state: LayerState) -> dict[str, str]:
+    def layout(self, state: SingdState) -> dict[str, str]:
         return {factor: matrix.name for factor, matrix in state.items()}
 
-    def _state_to_storage(self, state: LayerState) -> dict[str, dict[str, Tensor]]:
+    def to_storage(self, state: SingdState) -> Storage:
         return {factor: dict(matrix.storage) for factor, matrix in state.items()}
 
-    def _state_from_storage(
-        self, layer: Layer, current: LayerState, storage: dict[str, dict[str, Tensor]]
-    ) -> LayerState:
-        restored = {}
+    def from_storage(
+        self, layer: Layer, group: dict[str, Any], current: SingdState, storage: Storage
+    ) -> SingdState:
+        restored: SingdState = {}
         for factor in current:
             like = current[factor]
             placed = {
@@ -586,7 +636,7 @@ def _every_layer(name: str) -> bool:
     return True
 
 
-def _factor_state(state: LayerState) -> FactorState:
+def _factor_state(state: SingdState) -> FactorState:
     return FactorState(state["K"], state["C"], state["m_K"], state["m_C"])
 
 
@@ -600,7 +650,7 @@ def compute_copy(factor: StructuredMatrix, dtype: torch.dtype) -> StructuredMatr
     return factor if factor.dtype == dtype else factor.to(dtype=dtype)
 
 
-def _rounding_generator(layer: str, factor: str, steps: int, state: LayerState) -> torch.Generator:
+def _rounding_generator(layer: str, factor: str, steps: int, state: SingdState) -> torch.Generator:
     """The generator of one stochastic rounding, seeded by layer, factor and step.
 
     The seed is a hash of ``(layer, factor, steps)``: reproducible, independent

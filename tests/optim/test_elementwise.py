@@ -36,7 +36,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-import singd.optim.base as base
+import singd.optim.plan as plan
 from reference.elementwise import elementwise_h, elementwise_step, layer_norm_hat, rms_norm_hat
 from singd import KFAC, SINGD
 from singd.optim.elementwise import (
@@ -206,7 +206,7 @@ def test_trajectory_check_catches_a_dropped_half(dtype, monkeypatch):
         m_new = alpha1 * m.to(h.dtype) + (square * h + damping * square - 1.0)
         return (k.to(h.dtype) * (1.0 - lr_cov * m_new)).to(k.dtype), m_new.to(m.dtype)
 
-    monkeypatch.setattr(base, "elementwise_factor_step", wrong)
+    monkeypatch.setattr(plan, "elementwise_factor_step", wrong)
     with pytest.raises(AssertionError):
         _check_trajectory(dtype)
 

@@ -1,4 +1,4 @@
-"""The kept ``K Kᵀ``/``C Cᵀ`` of ``T > 1`` (``SINGD._outers``): formed once per factor step."""
+"""``SingdPreconditioner.outers``: the kept ``K Kᵀ``, ``C Cᵀ`` of ``T > 1``, once a factor step."""
 
 from __future__ import annotations
 
