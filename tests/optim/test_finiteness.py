@@ -6,6 +6,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from singd.optim.checks import host_values
 from singd.optim.finiteness import finite_flags
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.complex64)
@@ -41,3 +42,30 @@ def tensors(draw: st.DrawFn) -> torch.Tensor:
 def test_finite_flags_match_isfinite(values: list[torch.Tensor]) -> None:
     flags = [bool(flag) for flag in finite_flags(values)]
     assert flags == [bool(torch.isfinite(t).all()) for t in values]
+
+
+SCALAR_DTYPES = (
+    torch.float64,
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.bool,
+    torch.int64,
+)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(SCALAR_DTYPES), st.integers(-1000, 1000)), min_size=0, max_size=8
+    )
+)
+@example([(torch.bool, 1), (torch.float32, 7), (torch.bool, 0), (torch.float32, -3)])
+def test_host_values_reads_every_scalar_in_order(entries: list[tuple[torch.dtype, int]]) -> None:
+    """``host_values`` groups by dtype for the read, and returns the input order.
+
+    Rule: exact (each value is representable in its dtype and in float64 —
+    ``bool`` reads ``v ≠ 0``, the halves hold these integers rounded, compared
+    after the same rounding).
+    """
+    scalars = [torch.tensor(value).to(dtype) for dtype, value in entries]
+    assert host_values(scalars) == [float(scalar.double()) for scalar in scalars]
