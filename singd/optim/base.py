@@ -53,6 +53,8 @@ from singd.optim.layers import (
     fallback_params,
     find_elementwise_layers,
     find_layers,
+    parameter_directions,
+    parameter_labels,
     unwrap_model,
 )
 from singd.optim.updates import adamw_parameter_update, momentum_parameter_updates
@@ -487,10 +489,7 @@ class KroneckerOptimizer(Optimizer, ABC):
         for name, layer in self._elementwise.items():
             for param, role in zip(layer.params, ("weight", "bias"), strict=False):
                 labels[id(param)] = f"elementwise layer {name!r}: {role}"
-        for name, layer in self._layers.items():
-            labels[id(layer.weight)] = f"layer {name!r}: weight"
-            if layer.bias is not None:
-                labels[id(layer.bias)] = f"layer {name!r}: bias"
+        labels.update(parameter_labels(self._layers.values()))
         return labels
 
     def _statistic_flags(
@@ -684,22 +683,15 @@ class KroneckerOptimizer(Optimizer, ABC):
         has a gradient, the other enters ``∇W~`` as zeros but is not moved.
         """
         directions = {key: grad for key, grad in grads.items() if key in self._fallback}
-        for name, layer in self._layers.items():
-            weight_grad = grads.get(id(layer.weight))
-            bias_grad = None if layer.bias is None else grads.get(id(layer.bias))
-            if weight_grad is None and bias_grad is None:
-                continue
-            if weight_grad is None:
-                weight_grad = torch.zeros_like(layer.weight)
-            if layer.bias is not None and bias_grad is None:
-                bias_grad = torch.zeros_like(layer.bias)
-            weight_dir, bias_dir = self._layer_directions(
-                layer, states[name], weight_grad, bias_grad
+        directions.update(
+            parameter_directions(
+                self._layers.values(),
+                grads,
+                lambda layer, weight, bias: self._layer_directions(
+                    layer, states[layer.name], weight, bias
+                ),
             )
-            if id(layer.weight) in grads:
-                directions[id(layer.weight)] = weight_dir
-            if layer.bias is not None and id(layer.bias) in grads:
-                directions[id(layer.bias)] = bias_dir
+        )
         return directions
 
     @torch.no_grad()
