@@ -1,14 +1,19 @@
 """The layer kinds of SPEC-layers against the oracle along a trajectory, in every dtype.
 
 One case per kind (Conv1d, Conv3d with a Linear head, Embedding expand and
-reduce) and dtype from the default grid's layer-kind cut
+reduce, MultiheadAttention self-attention) and dtype from the default grid's layer-kind cut
 (:data:`verification.scenarios.KIND_LAYERS`), four steps: recorded by the
 torch optimizer, replayed by the float64 oracle with its own statistics code,
 compared along the trajectory, in blocks and one step at a time under the
 dtype's worst-case bounds (:mod:`verification.bounds`; rules derived there,
 ``ratio ≤ 1`` passes).  That these checks catch wrong kinds in every dtype is
 shown by the ``conv-patch-order`` and ``embedding-padding-counted`` mutants
-(tests/optim/test_mutation.py).
+(tests/optim/test_mutation.py), and for MHA in float64 and float32 by
+``attention-qk-grads-swapped``.  An MHA's internal rows (``o``, ``∂L/∂q``, …)
+are the oracle's own (:mod:`reference.attention`, from the recorded call),
+so the bounds carry the distance of the model's rows from them
+(:func:`verification.replay.attention_row_errors`): in a bfloat16/float16
+model that is the model's own attention rounding, and the check is loose there.
 """
 
 from __future__ import annotations

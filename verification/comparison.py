@@ -31,6 +31,7 @@ from torch import nn
 
 from reference.kfac import KFACHyperparameters, KFACState, kfac_init, kfac_step
 from reference.numbers import FLOAT64
+from reference.statistics import linear_statistics
 from reference.updates import (
     SINGDHyperparameters,
     SINGDState,
@@ -42,7 +43,13 @@ from reference.updates import (
 from verification.arithmetic import Precision, precision_for
 from verification.bounds import StatisticPass, singd_step_bounds
 from verification.recording import LayerPass, RecordedRun
-from verification.replay import layer_statistics, step_records
+from verification.replay import (
+    attention_bias,
+    attention_row_errors,
+    attention_rows,
+    layer_statistics,
+    step_records,
+)
 from verification.tolerances import EPS, chain_bound, matmul_bound
 
 #: Π̂ at most doubles an entry (tril/triu/hierarchical coupling blocks, SPEC §2).
@@ -223,6 +230,9 @@ def statistic_passes(
         passes = []
         for layer_pass in step[name].passes:
             a, g = layer_statistics(module, layer_pass, approx, loss_average)
+            if layer_pass.attention is not None:
+                passes.append(_attention_pass(layer_pass, a, g, approx, loss_average))
+                continue
             if shared == 1:
                 a_abs, g_abs = np.abs(a), np.abs(g)
             else:
@@ -538,6 +548,22 @@ def _record_worst(
             worst[key] = candidate
 
 
+def _attention_pass(
+    layer_pass: LayerPass, a: np.ndarray, g: np.ndarray, approx: str, loss_average: str | None
+) -> StatisticPass:
+    """An MHA projection's pass: magnitudes from the oracle's running bound, and the
+    distance of the model's rows from the oracle's (:func:`attention_row_errors`) through
+    the statistic, which is linear in the rows (the bias column is exact)."""
+    rows = attention_rows(layer_pass)
+    bias = attention_bias(layer_pass)
+    settings = {"bias": bias, "approx": approx, "loss_average": loss_average}
+    a_abs, g_abs = linear_statistics(rows.inputs_magnitude, rows.grads_magnitude, **settings)
+    a_error, g_error = linear_statistics(*attention_row_errors(layer_pass), **settings)
+    if bias:
+        a_error[:, -1] = 0.0
+    return StatisticPass(a, g, a_abs, g_abs, a_error, g_error)
+
+
 def _shared_positions(run: RecordedRun, name: str, approx: str) -> int:
     """Positions averaged into one row of ``A`` (reduce) or 1 (expand), plus conv groups."""
     module = run.layers[name]
@@ -546,6 +572,8 @@ def _shared_positions(run: RecordedRun, name: str, approx: str) -> int:
     groups = module.groups if convolution else 1
     if approx == "expand":
         return groups
+    if first.attention is not None:
+        return attention_rows(first).inputs.shape[1]
     if convolution:
         locations = first.output_grads[0, 0].numel()
     elif isinstance(module, nn.Embedding):

@@ -460,3 +460,44 @@ def test_autocast_statistics_arrive() -> None:
     for name in ("self_attn.q", "self_attn.out_proj"):
         K = opt.layer_state(name)["K"].to_dense()
         assert not torch.equal(K, torch.eye(K.shape[0])), name
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal"])
+@pytest.mark.parametrize("variant", ["self", "kdim-vdim"])
+def test_row_block_directions_land_in_their_rows(variant: str, structure: str) -> None:
+    """``lr = 1``, no momentum: each role's rows of its parameters move by
+    ``−(C Cᵀ) ∇W~ (K Kᵀ)`` of that role's factors (the diagonal path too).  Rule: a
+    chain of four products (reduction lengths ``d_o, d_o, d_i, d_i``) relative to the
+    product of magnitudes, plus the update's own rounding (one eps of ``|W| + |ĝ|``)."""
+    module = _module(variant)
+    opt = SINGD(module, lr=1.0, momentum=0.0, T=1, structures=(structure, structure))
+    module(**_call(variant, module))[0].square().sum().backward()
+    grads = {role: _block_grad(module, role) for role in ("q", "k", "v", "out_proj")}
+    before = {role: _block_weight(module, role) for role in grads}
+    opt.step()
+    for role, grad in grads.items():
+        K = opt.layer_state(role)["K"].to_dense()
+        C = opt.layer_state(role)["C"].to_dense()
+        expected = C @ C.T @ grad @ K @ K.T
+        magnitude = C.abs() @ C.abs().T @ grad.abs() @ K.abs() @ K.abs().T
+        d_o, d_i = grad.shape
+        rule = chain_bound(torch.float64, [d_o, d_o, d_i, d_i])
+        moved = before[role] - _block_weight(module, role)
+        bound = rule * magnitude + EPS64 * (before[role].abs() + expected.abs())
+        assert ((moved - expected).abs() <= bound).all(), role  # rule: docstring
+
+
+EPS64 = 2.0**-52
+
+
+def _block_weight(module: nn.MultiheadAttention, role: str) -> Tensor:
+    """``W~`` of ``role``'s block (a copy)."""
+    kind = AttentionProjectionKind(role)
+    rows, bias_rows = kind.weight_rows(module), kind.bias_rows(module)
+    weight = kind.weight(module).detach()
+    weight = weight if rows is None else weight[rows[0] : rows[1]]
+    bias = kind.bias(module)
+    if bias is None:
+        return weight.clone()
+    b = bias.detach() if bias_rows is None else bias.detach()[bias_rows[0] : bias_rows[1]]
+    return torch.cat([weight, b.reshape(-1, 1)], dim=1)
