@@ -341,6 +341,12 @@ class MultiheadAttentionKind(LayerKind):
         """``out_proj``: its weight is read, not called, by the MHA forward."""
         return [module.out_proj]
 
+    def weight(self, module: nn.Module) -> Tensor:
+        raise ValueError(_FOUR_LAYERS)
+
+    def bias(self, module: nn.Module) -> Tensor | None:
+        raise ValueError(_FOUR_LAYERS)
+
     def input_statistic(
         self, module: nn.Module, x: Tensor, *, approx: Approx, bias: bool, dtype: torch.dtype
     ) -> InputStatistic:

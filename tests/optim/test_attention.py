@@ -42,7 +42,11 @@ from reference.attention import AttentionParameters, additive_mask, projection_r
 from reference.statistics import linear_statistics
 from singd import KFAC, SINGD
 from singd.optim.hooks import CurvatureCollector, HookSettings
-from singd.optim.kinds import AttentionProjectionKind, MultiheadAttentionKind
+from singd.optim.kinds import (
+    AttentionProjectionKind,
+    MultiheadAttentionKind,
+    layer_input_statistic,
+)
 from tests.tolerances import chain_bound, matmul_bound
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -427,6 +431,10 @@ def test_mha_kind_itself_has_no_statistics() -> None:
     module = nn.MultiheadAttention(E, HEADS)
     with pytest.raises(ValueError, match="four canonical layers"):
         MultiheadAttentionKind().grad_shared(module, torch.zeros(1, 1, E))
+    with pytest.raises(ValueError, match="four canonical layers"):
+        layer_input_statistic(module, torch.zeros(1, 1, E), approx="expand")
+    with pytest.raises(ValueError, match="role must be one of"):
+        AttentionProjectionKind("o")
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])

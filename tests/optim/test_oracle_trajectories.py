@@ -223,14 +223,8 @@ def test_low_precision_trajectory_matches_oracle(
     _assert_within_bounds(run, oracle, hyper, precision, case)
 
 
-#: KFAC's scalar rules (compare_kfac) take the model's rows as the oracle's; an MHA's
-#: internal rows are computed by both (verification.replay.attention_row_errors), which only
-#: SINGD's entrywise bounds carry so far.
-KFAC_SCENARIOS = sorted(name for name in filter(any_structure, SCENARIOS) if name != "attention")
-
-
 @pytest.mark.parametrize("T", [1, 3])
-@pytest.mark.parametrize("scenario", KFAC_SCENARIOS)
+@pytest.mark.parametrize("scenario", sorted(filter(any_structure, SCENARIOS)))
 def test_kfac_trajectory_matches_oracle(scenario: str, T: int) -> None:
     """The KFAC baseline (float64) against the oracle's KFAC stepper (SPEC §1.2)."""
     case = SCENARIOS[scenario]
