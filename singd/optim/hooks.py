@@ -15,6 +15,10 @@ in docs/SPEC.md), is handed to ``summarise_grad``, and the pair of summaries
 is added to the layer's pending sums together with the exponent ``2k`` that
 the step removes.  A pass whose backward never runs therefore adds nothing.
 No hook reads the host (an attached ``GradScaler``'s scale aside).
+An ``nn.MultiheadAttention``'s projections (SPEC §1.6) take their input from the
+autograd node of their linear inside the MHA's graph and their output gradient
+from a pre-hook on that node (:mod:`singd.optim.attention`); from there the same
+path.
 """
 
 from __future__ import annotations
