@@ -254,7 +254,6 @@ _unscaled_grads = base.KroneckerOptimizer._unscaled_grads
 _summarise_input = singd_module.SINGD._summarise_input
 _conv_input_shared = kinds.ConvKind.input_shared
 _embedding_input_statistic = kinds.EmbeddingKind.input_statistic
-_attention_grad_hook = hooks.CurvatureCollector._attention_grad_hook
 
 
 def _scaled_tensor(tensor: Tensor, factor: float) -> Tensor:
@@ -452,25 +451,6 @@ def _embedding_padding_counted(
 ) -> kinds.InputGramDiagonal:
     """Token counts that include the padding positions (torch gives them no gradient)."""
     return _embedding_input_statistic(kind, _Unpadded(module), x, **settings)
-
-
-def _attention_qk_grads_swapped(
-    collector: hooks.CurvatureCollector,
-    name: str,
-    kind: kinds.AttentionProjectionKind,
-    module: nn.Module,
-    input_summary: Any,
-    batch: int,
-    columns: slice,
-    grad_outputs: tuple[Tensor | None, ...],
-) -> None:
-    """``q``'s curvature from ``k``'s output-gradient block of the packed projection
-    (and ``k``'s from ``q``'s); the parameter directions are left right."""
-    embed = module.embed_dim
-    if kind.role in ("q", "k") and grad_outputs[0].shape[1] == 3 * embed:
-        shift = embed if kind.role == "q" else -embed
-        columns = slice(columns.start + shift, columns.stop + shift)
-    _attention_grad_hook(collector, name, kind, module, input_summary, batch, columns, grad_outputs)
 
 
 def _accumulate_twice(
@@ -675,16 +655,6 @@ def _catalogue() -> dict[str, Mutant]:
             ("singd.optim.kinds:EmbeddingKind.input_statistic",),
             _single("singd.optim.kinds:EmbeddingKind.input_statistic", _embedding_padding_counted),
             RunConfig(scenario="embedding", structures=("diagonal", "dense"), steps=8),
-        ),
-        Mutant(
-            "attention-qk-grads-swapped",
-            "MHA self-attention: q's G from k's block of the packed projection's gradient",
-            ("singd.optim.hooks:CurvatureCollector._attention_grad_hook",),
-            _single(
-                "singd.optim.hooks:CurvatureCollector._attention_grad_hook",
-                _attention_qk_grads_swapped,
-            ),
-            RunConfig(scenario="attention", steps=8),
         ),
         # updates
         Mutant(

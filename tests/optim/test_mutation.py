@@ -70,15 +70,7 @@ LAYERS = 2
 LATE_MARGIN = 10
 
 #: Visible (>= VISIBLE_ULPS) but not killed by today's bounds (measured): strict xfails.
-#: ``attention-qk-grads-swapped`` in a bfloat16/float16 model: the bound carries the model's
-#: own attention rounding (``chain_bound`` of the model's dtype, about 0.5 relative in
-#: bfloat16; :func:`verification.replay.attention_row_errors`), which hides a q/k mix-up of
-#: self-attention's similar gradients; with float32 + bfloat16 factors the bfloat16 factor
-#: bounds do (killed in float64 and float32).
-NOT_YET_KILLED: frozenset[tuple[str, str]] = frozenset(
-    ("attention-qk-grads-swapped", precision)
-    for precision in ("bfloat16", "float16", "float32+bfloat16 factors")
-)
+NOT_YET_KILLED: frozenset[tuple[str, str]] = frozenset()
 
 _NOT_YET = pytest.mark.xfail(strict=True, reason="bounds not yet tightened")
 
