@@ -483,16 +483,26 @@ class StatisticPass:
     Attributes:
         a, g: The oracle's scaled statistics (``n × d_i``, ``n × d_o``).
         a_abs, g_abs: The same statistics of ``|a|``, ``|g|`` (``≥ |A|``, ``|G|``).
+        a_error, g_error: Bounds on how far the statistics of the rows the model
+            computed lie from ``a``, ``g`` (0: the model's rows are the oracle's, as
+            recorded; an MHA's internal rows are computed by both, SPEC §1.6).
     """
 
     a: np.ndarray
     g: np.ndarray
     a_abs: np.ndarray
     g_abs: np.ndarray
+    a_error: np.ndarray | float = 0.0
+    g_error: np.ndarray | float = 0.0
 
 
 def _statistic(
-    arith: Arithmetic, value: np.ndarray, magnitude: np.ndarray, cast: float, shared: int
+    arith: Arithmetic,
+    value: np.ndarray,
+    magnitude: np.ndarray,
+    cast: float,
+    shared: int,
+    error: np.ndarray | float = 0.0,
 ) -> Bounded:
     """A scaled statistic: cast to the factor dtype, mean/sum over ``shared`` positions, scaling.
 
@@ -503,7 +513,7 @@ def _statistic(
     relative = cast + arith.reduction(shared) + arith.store + arith.scalar_unit()
     if shared > 1:  # a mean: the sum divided by the count in the accumulation dtype
         relative += arith._sum("accumulation_unit")
-    return Bounded(value, relative * magnitude + 3 * arith.store_tiny)
+    return Bounded(value, relative * magnitude + 3 * arith.store_tiny + error)
 
 
 def _is_fft(name: str, dim: int) -> bool:
@@ -593,8 +603,8 @@ def _singd_step_bounds(
     if before.steps % hyper.T == 0:
         name_k, name_c = hyper.structures
         s_k, s_c = get_structure(name_k), get_structure(name_c)
-        a = [_statistic(factors, p.a, p.a_abs, precision.cast, shared) for p in passes]
-        g = [_statistic(factors, p.g, p.g_abs, precision.cast, shared) for p in passes]
+        a = [_statistic(factors, p.a, p.a_abs, precision.cast, shared, p.a_error) for p in passes]
+        g = [_statistic(factors, p.g, p.g_abs, precision.cast, shared, p.g_error) for p in passes]
         h_k = _summed_h(factors, s_k, name_k, k, a)
         h_c = _summed_h(factors, s_c, name_c, c, g)
         power = self_inner_scale(hyper.damping)

@@ -31,6 +31,7 @@ from torch import nn
 
 from reference.kfac import KFACHyperparameters, KFACState, kfac_init, kfac_step
 from reference.numbers import FLOAT64
+from reference.statistics import linear_statistics
 from reference.updates import (
     SINGDHyperparameters,
     SINGDState,
@@ -42,7 +43,13 @@ from reference.updates import (
 from verification.arithmetic import Precision, precision_for
 from verification.bounds import StatisticPass, singd_step_bounds
 from verification.recording import LayerPass, RecordedRun
-from verification.replay import layer_statistics, step_records
+from verification.replay import (
+    attention_bias,
+    attention_row_errors,
+    attention_rows,
+    layer_statistics,
+    step_records,
+)
 from verification.tolerances import EPS, chain_bound, matmul_bound
 
 #: Π̂ at most doubles an entry (tril/triu/hierarchical coupling blocks, SPEC §2).
@@ -120,7 +127,8 @@ class _Method:
         state_type: The oracle's state class (for :func:`_recorded_state`).
         exact: The bounds of an exactly known state (all zero).
         step_bounds: The bounds after one step,
-            ``step_bounds(dtype, hyper, before, after, record, shared, incoming)``.
+            ``step_bounds(dtype, hyper, before, after, record, shared, incoming, distance)``
+            (``distance``: :func:`gram_distances` of that step).
         entry_bounds: ``(bound, magnitude)`` per compared entry,
             ``entry_bounds(bounds, state, hyper)``.
     """
@@ -164,11 +172,14 @@ def _compare(
     for name, states in oracle.items():
         records = step_records(run, name, approx, loss_average)
         shared = _shared_positions(run, name, approx)
+        distances = gram_distances(run, name, approx, loss_average)
         bounds = method.exact()
         before = method.init(run.initial_weights[name], hyper, FLOAT64)
         worst: dict[str, Deviation] = {}
         for t, (state, record) in enumerate(zip(states, records, strict=True)):
-            bounds = method.step_bounds(dtype, hyper, before, state, record, shared, bounds)
+            bounds = method.step_bounds(
+                dtype, hyper, before, state, record, shared, bounds, distances[t]
+            )
             entries = method.entry_bounds(bounds, state, hyper)
             _record_worst(worst, name, t, run.steps[t][name].state, state, entries, per_step)
             before = state
@@ -194,17 +205,49 @@ def _compare_local(
     for name in run.layers:
         records = step_records(run, name, approx, loss_average)
         shared = _shared_positions(run, name, approx)
+        distances = gram_distances(run, name, approx, loss_average)
         before = method.init(run.initial_weights[name], hyper, FLOAT64)
         worst: dict[str, Deviation] = {}
         for t, record in enumerate(records):
             state = method.step(before, record, hyper, FLOAT64)
-            bounds = method.step_bounds(dtype, hyper, before, state, record, shared, method.exact())
+            bounds = method.step_bounds(
+                dtype, hyper, before, state, record, shared, method.exact(), distances[t]
+            )
             entries = method.entry_bounds(bounds, state, hyper)
             recorded = run.steps[t][name].state
             _record_worst(worst, name, t, recorded, state, entries, per_step)
             before = _recorded_state(method.state_type, recorded, t + 1)
         deviations.extend(worst.values())
     return deviations
+
+
+def gram_distances(
+    run: RecordedRun, name: str, approx: str, loss_average: str | None
+) -> list[tuple[float, float]]:
+    """Per step, bounds on ``max |Σ ÂᵀÂ − Σ AᵀA|`` and the same for ``G`` over the passes,
+    ``Â`` the statistic of the model's rows, ``A`` the oracle's: zero unless they
+    differ (an MHA's internal rows, :func:`attention_row_errors`).
+
+    Rule: with ``|Â − A| ≤ δ`` entrywise, ``|ÂᵀÂ − AᵀA| ≤ |A|ᵀδ + δᵀ|A| + δᵀδ``.
+    """
+    if all(p.attention is None for step in run.steps for p in step[name].passes):
+        return [(0.0, 0.0)] * len(run.steps)
+    return [
+        (
+            _gram_distance([(p.a_abs, p.a_error) for p in passes]),
+            _gram_distance([(p.g_abs, p.g_error) for p in passes]),
+        )
+        for passes in statistic_passes(run, name, approx, loss_average)
+    ]
+
+
+def _gram_distance(pairs: list[tuple[np.ndarray, np.ndarray | float]]) -> float:
+    """``max Σ (|A|ᵀδ + δᵀ|A| + δᵀδ)`` over ``(|A|, δ)`` pairs (:func:`gram_distances`)."""
+    total: np.ndarray | float = 0.0
+    for magnitude, error in pairs:
+        error = np.broadcast_to(error, magnitude.shape)
+        total = total + magnitude.T @ error + error.T @ magnitude + error.T @ error
+    return float(np.max(total, initial=0.0))
 
 
 def statistic_passes(
@@ -223,6 +266,9 @@ def statistic_passes(
         passes = []
         for layer_pass in step[name].passes:
             a, g = layer_statistics(module, layer_pass, approx, loss_average)
+            if layer_pass.attention is not None:
+                passes.append(_attention_pass(layer_pass, a, g, approx, loss_average))
+                continue
             if shared == 1:
                 a_abs, g_abs = np.abs(a), np.abs(g)
             else:
@@ -433,8 +479,11 @@ def _kfac_step_bounds(
     record: StepRecord,
     shared: int,
     incoming: _KFACBounds,
+    distance: tuple[float, float],
 ) -> _KFACBounds:
-    """Bounds after one KFAC oracle step ``before → after`` (see :func:`compare_kfac`)."""
+    """Bounds after one KFAC oracle step ``before → after`` (see :func:`compare_kfac`);
+    ``distance``: how far the model's ``Σ AᵀA``, ``Σ GᵀG`` may lie from the oracle's
+    (:func:`gram_distances`)."""
     eps = EPS[dtype]
     errors = {"S_K": incoming.s_k, "S_C": incoming.s_c}
     if before.steps % hyper.T == 0:
@@ -445,7 +494,8 @@ def _kfac_step_bounds(
             rho += matmul_bound(dtype, len(statistics))
             gram = float(sum(_abs_chain(s.T, s) for s in statistics).max())
             new = float(np.abs(getattr(after, key)).max())
-            errors[key] = (1 - beta1) * errors[key] + beta1 * rho * gram + 2 * eps * new
+            spread = beta1 * (rho * gram + distance[index])
+            errors[key] = (1 - beta1) * errors[key] + spread + 2 * eps * new
     d_o, d_i = after.W.shape
     damped_k = after.S_K + hyper.damping * np.eye(d_i)
     damped_c = after.S_C + hyper.damping * np.eye(d_o)
@@ -500,8 +550,10 @@ def compare_kfac(
     for the interpolation.  Preconditioning (normwise, then ``max ≤ ‖·‖_F``):
     each Cholesky solve adds ``κ₂ · d · (3d + 3) eps`` relative error
     (:func:`_solve_error`), and a factor error ``δS`` adds
-    ``‖M⁻¹‖₂² ‖δS‖₂ ‖rest‖_F`` with ``‖δS‖₂ ≤ d max|δS|``.  Momentum and
-    parameter updates as in :func:`compare_singd`.
+    ``‖M⁻¹‖₂² ‖δS‖₂ ‖rest‖_F`` with ``‖δS‖₂ ≤ d max|δS|``; where the model's rows
+    are not the oracle's (an MHA's), ``β1`` times their Gram distance
+    (:func:`gram_distances`) enters ``δS``.  Momentum and parameter updates as in
+    :func:`compare_singd`.
     """
     return _compare(_KFAC, run, oracle, hyper, dtype, approx, loss_average, None)
 
@@ -538,6 +590,22 @@ def _record_worst(
             worst[key] = candidate
 
 
+def _attention_pass(
+    layer_pass: LayerPass, a: np.ndarray, g: np.ndarray, approx: str, loss_average: str | None
+) -> StatisticPass:
+    """An MHA projection's pass: magnitudes from the oracle's running bound, and the
+    distance of the model's rows from the oracle's (:func:`attention_row_errors`) through
+    the statistic, which is linear in the rows (the bias column is exact)."""
+    rows = attention_rows(layer_pass)
+    bias = attention_bias(layer_pass)
+    settings = {"bias": bias, "approx": approx, "loss_average": loss_average}
+    a_abs, g_abs = linear_statistics(rows.inputs_magnitude, rows.grads_magnitude, **settings)
+    a_error, g_error = linear_statistics(*attention_row_errors(layer_pass), **settings)
+    if bias:
+        a_error[:, -1] = 0.0
+    return StatisticPass(a, g, a_abs, g_abs, a_error, g_error)
+
+
 def _shared_positions(run: RecordedRun, name: str, approx: str) -> int:
     """Positions averaged into one row of ``A`` (reduce) or 1 (expand), plus conv groups."""
     module = run.layers[name]
@@ -546,6 +614,8 @@ def _shared_positions(run: RecordedRun, name: str, approx: str) -> int:
     groups = module.groups if convolution else 1
     if approx == "expand":
         return groups
+    if first.attention is not None:
+        return attention_rows(first).inputs.shape[1]
     if convolution:
         locations = first.output_grads[0, 0].numel()
     elif isinstance(module, nn.Embedding):

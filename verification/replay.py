@@ -14,8 +14,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
+import torch
 from torch import nn
 
+from reference.attention import Rows, projection_rows
 from reference.kfac import KFACHyperparameters, KFACState, kfac_trajectory
 from reference.numbers import FLOAT64, Numbers
 from reference.statistics import (
@@ -26,6 +28,7 @@ from reference.statistics import (
 )
 from reference.updates import SINGDHyperparameters, SINGDState, StepRecord, singd_trajectory
 from verification.recording import LayerPass, RecordedRun, to_numpy
+from verification.tolerances import chain_bound
 
 _State = TypeVar("_State")
 _Hyper = TypeVar("_Hyper")
@@ -41,8 +44,17 @@ def layer_statistics(
     """The oracle's scaled ``(A, G)`` (SPEC §1.1, SPEC-layers) of one recorded pass in ``numbers``.
 
     Dispatches on the module type itself (not on singd's layer kinds): Linear,
-    Conv1d/2d/3d, Embedding.
+    Conv1d/2d/3d, Embedding; a pass of an MHA projection on its recorded call.
     """
+    if layer_pass.attention is not None:
+        rows = attention_rows(layer_pass)
+        return linear_statistics(
+            numbers.asarray(rows.inputs),
+            numbers.asarray(rows.grads),
+            bias=attention_bias(layer_pass),
+            approx=approx,
+            loss_average=loss_average,
+        )
     grads = numbers.asarray(to_numpy(layer_pass.output_grads))
     if isinstance(module, nn.Embedding):
         return embedding_statistics(
@@ -71,6 +83,46 @@ def layer_statistics(
             loss_average=loss_average,
         )
     return linear_statistics(inputs, grads, bias=bias, approx=approx, loss_average=loss_average)
+
+
+def attention_rows(layer_pass: LayerPass) -> Rows:
+    """The oracle's rows (and magnitudes) of an MHA projection's pass (SPEC §1.6), computed
+    by :func:`reference.attention.projection_rows` from the recorded call."""
+    call = layer_pass.attention
+    rows = projection_rows(
+        call.params, call.query, call.key, call.value, call.output_grads, call.mask
+    )
+    return rows[layer_pass.role]
+
+
+def attention_bias(layer_pass: LayerPass) -> bool:
+    """Whether the MHA projection of ``layer_pass`` has a bias column."""
+    params = layer_pass.attention.params
+    return (params.b_o if layer_pass.role == "out_proj" else params.b_q) is not None
+
+
+def attention_row_errors(layer_pass: LayerPass) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds on ``|model's a − oracle's a|`` and the same for ``g`` of an MHA projection.
+
+    Rule: the recorded query, key, value and ``∂L/∂out`` are the model's exactly;
+    ``o`` (out_proj's ``a``) and ``∂L/∂q``, ``∂L/∂k``, ``∂L/∂v`` are computed twice,
+    by the model in its dtype and by the oracle in float64, along the attention's
+    chain of products (in-projection, scores, softmax sum, ``P v``, and back:
+    ``∂L/∂o``, ``∂L/∂P``, the softmax's row sum, ``∂L/∂q``); each differs from
+    the exact value by at most ``chain_bound(dtype, chain)`` times the magnitude
+    :func:`reference.attention.projection_rows` carries (Higham §3.3).
+    """
+    call = layer_pass.attention
+    rows = attention_rows(layer_pass)
+    embed, heads = call.params.w_o.shape[0], call.params.num_heads
+    source = call.key.shape[1] + (call.params.bias_k is not None) + call.params.add_zero_attn
+    widest = max(call.query.shape[2], call.key.shape[2], call.value.shape[2]) + 1
+    chain = [widest, embed // heads, source, source, embed + 1, embed // heads, source, source]
+    rule = chain_bound(call.dtype, chain) + chain_bound(torch.float64, chain)
+    exact = np.zeros_like
+    if layer_pass.role == "out_proj":
+        return rule * rows.inputs_magnitude, exact(rows.grads)
+    return exact(rows.inputs), rule * rows.grads_magnitude
 
 
 def step_records(

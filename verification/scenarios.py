@@ -166,6 +166,17 @@ def embedding_net() -> nn.Module:
     return nn.Sequential(nn.Embedding(6, 4, padding_idx=0))
 
 
+class SelfAttention(nn.Module):
+    """``MultiheadAttention(6, 2, batch_first=True)`` on ``(x, x, x)``, no weights returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
 def wide_mlp() -> nn.Module:
     """Linear(64→64) – tanh – Linear(64→48): every factor has ``d >= 48`` (Toeplitz FFT path)."""
     return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 48))
@@ -202,6 +213,12 @@ SCENARIOS: dict[str, Scenario] = {
             "Conv3d (stride, padding) + Linear, x [2, 2, 3, 5, 3]",
             conv3d_net,
             (2, 2, 3, 5, 3),
+        ),
+        Scenario(
+            "attention",
+            "MultiheadAttention(6, 2) self-attention on [3, 4, 6]: q, k, v, out_proj",
+            SelfAttention,
+            (3, 4, 6),
         ),
         Scenario(
             "embedding",
@@ -381,7 +398,7 @@ def default_grid() -> tuple[Case, ...]:
     """Layers × modes × structure pairs × dtypes, plus float32 with bfloat16 factors.
 
     Plus the layer kinds of SPEC-layers (Conv1d, Conv3d, Embedding expand /
-    reduce) in two modes and three (embedding: two) structure pairs, eight
+    reduce, MultiheadAttention) in two modes and three (embedding: two) structure pairs, eight
     steps each, in every dtype.
 
     Plus the ``wide`` layers (widths 64 and 48 on 256 rows: reductions of 256,
@@ -414,7 +431,7 @@ def default_grid() -> tuple[Case, ...]:
 
 
 #: The layer-kind scenarios of the default grid and their structure pairs (SPEC-layers).
-KIND_LAYERS = ("conv1d", "conv3d", "embedding", "embedding-reduce")
+KIND_LAYERS = ("conv1d", "conv3d", "embedding", "embedding-reduce", "attention")
 KIND_PAIRS: tuple[tuple[str, str], ...] = (
     ("dense", "dense"),
     ("block2diagonal", "block3diagonal"),

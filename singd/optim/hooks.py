@@ -15,6 +15,10 @@ in docs/SPEC.md), is handed to ``summarise_grad``, and the pair of summaries
 is added to the layer's pending sums together with the exponent ``2k`` that
 the step removes.  A pass whose backward never runs therefore adds nothing.
 No hook reads the host (an attached ``GradScaler``'s scale aside).
+An ``nn.MultiheadAttention``'s projections (SPEC §1.6) take their input from the
+autograd node of their linear inside the MHA's graph and their output gradient
+from a pre-hook on that node (:mod:`singd.optim.attention`); from there the same
+path.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from singd.optim import elementwise, statistics
-from singd.optim.kinds import InputStatistic, LayerKind
+from singd.optim import attention, elementwise, statistics
+from singd.optim.kinds import AttentionProjectionKind, InputStatistic, LayerKind, output_dim
 
 
 class Summable(Protocol):
@@ -164,8 +168,13 @@ class CurvatureCollector:
 
     def add_layer(self, name: str, module: nn.Module, kind: LayerKind) -> None:
         """Collect statistics of ``module`` (of ``kind``) under ``name`` from now on."""
+        forward = (
+            self._attention_forward_hook
+            if isinstance(kind, AttentionProjectionKind)
+            else self._forward_hook
+        )
         self._handles.append(
-            module.register_forward_hook(partial(self._forward_hook, name, kind), with_kwargs=True)
+            module.register_forward_hook(partial(forward, name, kind), with_kwargs=True)
         )
 
     # -------------------------------------------------------------------- hooks
@@ -192,6 +201,63 @@ class CurvatureCollector:
             )
             input_summary = self._summarise_input(name, A)
         output.register_hook(partial(self._output_grad_hook, name, kind, module, input_summary))
+
+    def _attention_forward_hook(
+        self,
+        name: str,
+        kind: AttentionProjectionKind,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: tuple[Tensor, Tensor | None],
+    ) -> None:
+        """An MHA projection (SPEC §1.6): input and output gradient of its linear's graph
+        node (:mod:`singd.optim.attention`), as ``[L, B, d]``; then as for other kinds."""
+        if not _records(module, output[0]) or not self._is_active(name):
+            return
+        settings = self._settings(name)
+        query = args[0] if args else kwargs["query"]
+        batch = attention.batch_size(module, query)
+        stop = {
+            value.grad_fn
+            for value in (*args, *kwargs.values())
+            if isinstance(value, Tensor) and value.grad_fn is not None
+        }
+        rows = kind.weight_rows(module)
+        row = 0 if rows is None else rows[0]
+        projection = attention.find_projection(output[0], kind.weight(module), row, stop)
+        first = row - projection.start
+        columns = slice(first, first + output_dim(kind, module))
+        with torch.no_grad(), torch.autocast(output[0].device.type, enabled=False):
+            x = projection.inputs.detach()
+            A = kind.input_statistic(
+                module,
+                x.reshape(-1, batch, x.shape[-1]),
+                approx=settings.approx,
+                bias=settings.bias_column,
+                dtype=settings.input_dtype,
+            )
+            input_summary = self._summarise_input(name, A)
+        hook = partial(self._attention_grad_hook, name, kind, module, input_summary, batch, columns)
+        projection.node.register_prehook(hook)
+
+    def _attention_grad_hook(
+        self,
+        name: str,
+        kind: AttentionProjectionKind,
+        module: nn.Module,
+        input_summary: Summable,
+        batch: int,
+        columns: slice,
+        grad_outputs: tuple[Tensor | None, ...],
+    ) -> None:
+        grad = grad_outputs[0]
+        if grad is None:  # the projection's output reached no loss
+            return
+        block = grad[:, columns]
+        self._output_grad_hook(
+            name, kind, module, input_summary, block.reshape(-1, batch, block.shape[-1])
+        )
 
     def _output_grad_hook(
         self,

@@ -14,6 +14,10 @@ built-in kinds:
 * :class:`EmbeddingKind`: ``nn.Embedding``, ``W~ = Wᵀ``, one-hot inputs; its
   input factor ``K`` is diagonal whatever structure the group names, and its
   statistic is the diagonal of ``AᵀA`` from token counts (never ``V × V``).
+* :class:`MultiheadAttentionKind`: ``nn.MultiheadAttention`` as four
+  :class:`AttentionProjectionKind` layers (``q``, ``k``, ``v``, ``out_proj``;
+  :meth:`LayerKind.parts`), the first three row blocks of the packed
+  parameters.
 
 Kinds are tried newest-registered first (:func:`register_layer_kind`), so a
 user kind can claim a module a built-in kind would take.
@@ -83,6 +87,22 @@ class LayerKind(ABC):
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why a matched ``module`` is not of this form after all (it then falls back)."""
+        return None
+
+    def parts(self, module: nn.Module) -> list[tuple[str, LayerKind]]:
+        """The canonical layers ``module`` is: ``(name suffix, kind)`` each (most: one)."""
+        return [("", self)]
+
+    def absorbed(self, module: nn.Module) -> list[nn.Module]:
+        """Submodules whose parameters :meth:`parts` take (never layers of their own)."""
+        return []
+
+    def weight_rows(self, module: nn.Module) -> tuple[int, int] | None:
+        """The rows ``r0:r1`` of :meth:`weight` that are this layer's ``W`` (``None``: all)."""
+        return None
+
+    def bias_rows(self, module: nn.Module) -> tuple[int, int] | None:
+        """The rows ``r0:r1`` of :meth:`bias` that are this layer's ``b`` (``None``: all)."""
         return None
 
     def weight(self, module: nn.Module) -> Tensor:
@@ -238,7 +258,115 @@ class EmbeddingKind(LayerKind):
         return statistics.linear_shared_format(grad_output)
 
 
-_KINDS: list[LayerKind] = [LinearKind(), ConvKind(), EmbeddingKind()]
+#: The canonical layers of an ``nn.MultiheadAttention`` (SPEC §1.6, docs/SPEC.md).
+ATTENTION_ROLES = ("q", "k", "v", "out_proj")
+
+
+class AttentionProjectionKind(SharedInputKind):
+    """One projection of an ``nn.MultiheadAttention``: ``q``, ``k``, ``v`` or ``out_proj``.
+
+    A Linear map (SPEC §1.1) that ``F.multi_head_attention_forward`` calls as
+    ``F.linear``: its input and output gradient are read from that linear's
+    autograd node (:mod:`singd.optim.attention`), in the function's internal
+    ``[positions, batch, features]`` layout; ``W_q, W_k, W_v`` are row blocks
+    of ``in_proj_weight`` (or the separate ``{q,k,v}_proj_weight``), their
+    biases row blocks of ``in_proj_bias`` (SPEC §1.6, MultiheadAttention).
+    Made by :class:`MultiheadAttentionKind`, never registered itself.
+    """
+
+    name = "nn.MultiheadAttention projection"
+
+    def __init__(self, role: str) -> None:
+        if role not in ATTENTION_ROLES:
+            raise ValueError(f"role must be one of {ATTENTION_ROLES}, got {role!r}")
+        self.role = role
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.MultiheadAttention)
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if type(module).forward is not nn.MultiheadAttention.forward:
+            return "its class overrides nn.MultiheadAttention.forward"
+        return None
+
+    def weight(self, module: nn.Module) -> Tensor:
+        if self.role == "out_proj":
+            return module.out_proj.weight
+        if module._qkv_same_embed_dim:
+            return module.in_proj_weight
+        return getattr(module, f"{self.role}_proj_weight")
+
+    def bias(self, module: nn.Module) -> Tensor | None:
+        return module.out_proj.bias if self.role == "out_proj" else module.in_proj_bias
+
+    def _block(self, module: nn.Module) -> tuple[int, int]:
+        index = ATTENTION_ROLES.index(self.role)
+        return index * module.embed_dim, (index + 1) * module.embed_dim
+
+    def weight_rows(self, module: nn.Module) -> tuple[int, int] | None:
+        packed = self.role != "out_proj" and module._qkv_same_embed_dim
+        return self._block(module) if packed else None
+
+    def bias_rows(self, module: nn.Module) -> tuple[int, int] | None:
+        return None if self.role == "out_proj" else self._block(module)
+
+    def input_shared(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``[L, B, d]`` (the internal layout) → ``[B, L, d]``."""
+        return x.transpose(0, 1)
+
+    def grad_shared(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        """``[L, B, d_o]`` → ``[B, L, d_o]``."""
+        return grad_output.transpose(0, 1)
+
+
+class MultiheadAttentionKind(LayerKind):
+    """``nn.MultiheadAttention``: four canonical layers (SPEC §1.6, MultiheadAttention).
+
+    ``q``, ``k``, ``v`` (three factor pairs for the in-projection, whether
+    the call is self- or cross-attention) and ``out_proj``.  ``bias_k`` and
+    ``bias_v`` (``add_bias_kv``) are no projection's and fall back.
+    """
+
+    name = "nn.MultiheadAttention"
+
+    def matches(self, module: nn.Module) -> bool:
+        """Every ``nn.MultiheadAttention`` (its ``out_proj`` is never a layer of its own); a
+        subclass overriding ``forward`` falls back (its parts' ``unsupported_reason``)."""
+        return isinstance(module, nn.MultiheadAttention)
+
+    def parts(self, module: nn.Module) -> list[tuple[str, LayerKind]]:
+        return [(f".{role}", AttentionProjectionKind(role)) for role in ATTENTION_ROLES]
+
+    def absorbed(self, module: nn.Module) -> list[nn.Module]:
+        """``out_proj``: its weight is read, not called, by the MHA forward."""
+        return [module.out_proj]
+
+    def weight(self, module: nn.Module) -> Tensor:
+        raise ValueError(_FOUR_LAYERS)
+
+    def bias(self, module: nn.Module) -> Tensor | None:
+        raise ValueError(_FOUR_LAYERS)
+
+    def input_statistic(
+        self, module: nn.Module, x: Tensor, *, approx: Approx, bias: bool, dtype: torch.dtype
+    ) -> InputStatistic:
+        raise ValueError(_FOUR_LAYERS)
+
+    def grad_shared(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        raise ValueError(_FOUR_LAYERS)
+
+
+_FOUR_LAYERS = (
+    "an nn.MultiheadAttention is four canonical layers (q, k, v, out_proj): use the "
+    "statistics of one of MultiheadAttentionKind().parts(module)"
+)
+
+_KINDS: list[LayerKind] = [
+    LinearKind(),
+    ConvKind(),
+    EmbeddingKind(),
+    MultiheadAttentionKind(),
+]
 
 
 def register_layer_kind(kind: LayerKind) -> None:
@@ -307,5 +435,8 @@ def input_dim(kind: LayerKind, module: nn.Module, bias: bool) -> int:
 
 
 def output_dim(kind: LayerKind, module: nn.Module) -> int:
-    """``d_o`` of ``module`` under ``kind``."""
+    """``d_o`` of ``module`` under ``kind`` (the rows of its block of the weight, if one)."""
+    rows = kind.weight_rows(module)
+    if rows is not None:
+        return rows[1] - rows[0]
     return kind.matrix_shape(kind.weight(module).shape)[0]

@@ -10,7 +10,7 @@ where the optimizer takes them (:mod:`singd.optim.elementwise`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,19 +64,90 @@ class Layer:
     def params(self) -> list[Tensor]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
+    def weight_block(self, tensor: Tensor) -> Tensor:
+        """This layer's rows of a weight-shaped ``tensor`` (all of it unless a row block)."""
+        return _rows(tensor, self.kind.weight_rows(self.module))
+
+    def bias_block(self, tensor: Tensor) -> Tensor:
+        """This layer's rows of a bias-shaped ``tensor``."""
+        return _rows(tensor, self.kind.bias_rows(self.module))
+
     def gradient_matrix(self, weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
-        """``∇W~ = [∇W, ∇b]`` as a ``d_o × d_i~`` matrix (SPEC §1)."""
+        """``∇W~ = [∇W, ∇b]`` as a ``d_o × d_i~`` matrix (SPEC §1) from the layer's
+        blocks (:meth:`weight_block`, :meth:`bias_block`) of the parameter gradients."""
         matrix = self.kind.weight_matrix(weight_grad)
         if bias_grad is None:
             return matrix
         return torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
 
     def split(self, matrix: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Inverse of :meth:`gradient_matrix`: ``d_o × d_i~`` → (weight-shaped, bias)."""
-        shape = self.weight.shape
+        """Inverse of :meth:`gradient_matrix`: ``d_o × d_i~`` → (weight block, bias block)."""
+        shape = self.weight_block(self.weight).shape
         if not self.has_bias:
             return self.kind.weight_from_matrix(matrix, shape), None
         return self.kind.weight_from_matrix(matrix[:, :-1], shape), matrix[:, -1].clone()
+
+
+def _rows(tensor: Tensor, rows: tuple[int, int] | None) -> Tensor:
+    return tensor if rows is None else tensor[rows[0] : rows[1]]
+
+
+#: ``(layer, weight block of ∇, bias block of ∇ or None) → (ĝ of the weight block, of the bias's)``.
+LayerDirection = Callable[[Layer, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
+
+
+def parameter_directions(
+    layers: Iterable[Layer], grads: dict[int, Tensor], direction: LayerDirection
+) -> dict[int, Tensor]:
+    """``id(param) → ĝ`` of the layers' parameters that have a gradient (SPEC §1.4).
+
+    Each layer gets its blocks of the gradients (a missing ``∇W`` or ``∇b`` of
+    a parameter without gradient enters as zeros; that parameter gets no
+    direction); a parameter several layers share as row blocks (an MHA's
+    ``in_proj_weight``: ``q``, ``k``, ``v``) gets their directions
+    concatenated in row order.
+    """
+    blocks: dict[int, list[tuple[int, Tensor]]] = {}
+    for layer in layers:
+        weight_grad = grads.get(id(layer.weight))
+        bias_grad = None if layer.bias is None else grads.get(id(layer.bias))
+        if weight_grad is None and bias_grad is None:
+            continue
+        weight_block = layer.weight_block(
+            torch.zeros_like(layer.weight) if weight_grad is None else weight_grad
+        )
+        bias_block = None
+        if layer.bias is not None:
+            bias_block = layer.bias_block(
+                torch.zeros_like(layer.bias) if bias_grad is None else bias_grad
+            )
+        weight_dir, bias_dir = direction(layer, weight_block, bias_block)
+        placed = [(layer.weight, layer.kind.weight_rows(layer.module), weight_dir)]
+        if layer.bias is not None:
+            placed.append((layer.bias, layer.kind.bias_rows(layer.module), bias_dir))
+        for param, rows, block in placed:
+            if id(param) in grads:
+                blocks.setdefault(id(param), []).append((0 if rows is None else rows[0], block))
+    return {
+        key: parts[0][1]
+        if len(parts) == 1
+        else torch.cat([b for _, b in sorted(parts, key=_first)], dim=0)
+        for key, parts in blocks.items()
+    }
+
+
+def _first(part: tuple[int, Tensor]) -> int:
+    return part[0]
+
+
+def parameter_labels(layers: Iterable[Layer]) -> dict[int, str]:
+    """``id(param) → "layer 'name': weight"`` (or bias; the names of every layer sharing it)."""
+    owners: dict[int, list[str]] = {}
+    for layer in layers:
+        for param, role in ((layer.weight, "weight"), (layer.bias, "bias")):
+            if param is not None:
+                owners.setdefault(id(param), []).append(f"{layer.name!r}: {role}")
+    return {key: "layer " + ", ".join(names) for key, names in owners.items()}
 
 
 def unwrap_model(model: Any) -> nn.Module:
@@ -111,19 +182,6 @@ def unwrap_model(model: Any) -> nn.Module:
     return model
 
 
-def _not_called_as_module(model: nn.Module) -> set[int]:
-    """Modules whose parent computes with their parameters without calling them.
-
-    ``nn.MultiheadAttention`` reads ``out_proj.weight`` inside
-    ``F.multi_head_attention_forward``: hooks on ``out_proj`` never fire.
-    """
-    return {
-        id(module.out_proj)
-        for module in model.modules()
-        if isinstance(module, nn.MultiheadAttention)
-    }
-
-
 def find_layers(
     model: nn.Module, param_groups: list[dict[str, Any]], accepts: KindFilter
 ) -> tuple[list[Layer], dict[str, str]]:
@@ -131,64 +189,137 @@ def find_layers(
 
     A module no kind matches is not one; nor one whose weight is frozen
     (``requires_grad=False``), not real floating point (complex) or not yet
-    initialised (lazy modules).  A frozen bias is not a column of ``W~``.
+    initialised (lazy modules).  A frozen bias is not a column of ``W~``.  A
+    module of several canonical layers (:meth:`~singd.optim.kinds.LayerKind.parts`:
+    an ``nn.MultiheadAttention``) gives one per part, named ``name + suffix``;
+    parts sharing a parameter as row blocks are layers only together (one
+    part frozen or declined: the module's parts all fall back); submodules it
+    :meth:`~singd.optim.kinds.LayerKind.absorbed` (an MHA's ``out_proj``) are no
+    layers of their own.
 
     Returns:
         The layers, and ``name → reason`` for matched modules that fall back
         anyway (the kind's :meth:`~singd.optim.kinds.LayerKind.unsupported_reason`,
         the optimizer declining the kind, a ``kfac_approx`` the kind does not
-        define, or a module its parent never calls).
+        define, or row blocks of a parameter that would only partly be layers).
 
     Raises:
         ValueError: if a layer's weight and bias are in different param groups
             (or one of them in none while the other is optimised), or a
-            parameter is shared by two layers.
+            parameter is shared by two layers (other than as disjoint row blocks).
     """
     group_of = {id(p): index for index, group in enumerate(param_groups) for p in group["params"]}
-    not_called = _not_called_as_module(model)
-    owner: dict[int, str] = {}
+    owner: dict[int, list[tuple[tuple[int, int] | None, str]]] = {}
     layers, declined = [], {}
+    absorbed: set[int] = set()
     for name, module in model.named_modules():
         kind = kind_of(module)
-        if kind is None:
+        if kind is None or id(module) in absorbed:
             continue
-        weight, bias = kind.weight(module), kind.bias(module)
-        if isinstance(weight, nn.parameter.UninitializedParameter):
-            continue
-        if not (weight.requires_grad and weight.is_floating_point()):
-            continue
-        weight_group = group_of.get(id(weight))
-        bias_group = None if bias is None else group_of.get(id(bias))
-        if weight_group is None and bias_group is None:
-            continue
-        reason = kind.unsupported_reason(module) or accepts(kind)
-        if id(module) in not_called:
-            reason = "its parent computes with its weight without calling it"
-        elif reason is None:
-            approx = param_groups[weight_group if weight_group is not None else bias_group][
-                "kfac_approx"
-            ]
-            if approx not in kind.approximations:
-                reason = f"{kind.name} statistics are not defined for kfac_approx={approx!r}"
-        if reason is not None:
-            declined[name] = reason
-            continue
-        needs_bias = bias is not None and bias.requires_grad
-        if needs_bias and weight_group != bias_group:
-            raise ValueError(
-                f"layer {name!r}: weight and bias must be in the same param group (they form "
-                f"one matrix [W, b]); weight is in group {weight_group}, bias in {bias_group}"
+        absorbed |= {id(sub) for sub in kind.absorbed(module)}
+        found = [
+            _part_layer(
+                f"{name}{suffix}" if name else suffix.lstrip("."),
+                module,
+                part,
+                param_groups,
+                group_of,
+                accepts,
             )
-        for param in (weight, bias):
-            if param is not None and id(param) in owner:
+            for suffix, part in kind.parts(module)
+        ]
+        taken = [layer for layer in found if isinstance(layer, Layer)]
+        for layer_name, reason in (f for f in found if isinstance(f, tuple)):
+            declined[layer_name] = reason
+        partial = _partly_covered(taken)
+        if partial is not None:
+            for layer in taken:
+                declined[layer.name] = partial
+            continue
+        for layer in taken:
+            _claim(owner, layer)
+        layers.extend(taken)
+    return layers, declined
+
+
+def _part_layer(
+    name: str,
+    module: nn.Module,
+    kind: LayerKind,
+    param_groups: list[dict[str, Any]],
+    group_of: dict[int, int],
+    accepts: KindFilter,
+) -> Layer | tuple[str, str] | None:
+    """The layer ``kind`` makes of ``module``, ``(name, reason)`` if declined, ``None`` if none."""
+    weight, bias = kind.weight(module), kind.bias(module)
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return None
+    if not (weight.requires_grad and weight.is_floating_point()):
+        return None
+    weight_group = group_of.get(id(weight))
+    bias_group = None if bias is None else group_of.get(id(bias))
+    if weight_group is None and bias_group is None:
+        return None
+    reason = kind.unsupported_reason(module) or accepts(kind)
+    if reason is None:
+        approx = param_groups[weight_group if weight_group is not None else bias_group][
+            "kfac_approx"
+        ]
+        if approx not in kind.approximations:
+            reason = f"{kind.name} statistics are not defined for kfac_approx={approx!r}"
+    if reason is not None:
+        return name, reason
+    needs_bias = bias is not None and bias.requires_grad
+    if needs_bias and weight_group != bias_group:
+        raise ValueError(
+            f"layer {name!r}: weight and bias must be in the same param group (they form "
+            f"one matrix [W, b]); weight is in group {weight_group}, bias in {bias_group}"
+        )
+    return Layer(name, module, kind, weight_group, needs_bias)
+
+
+def _partly_covered(layers: list[Layer]) -> str | None:
+    """Why ``layers`` (the parts of one module) cannot be layers: a row-blocked parameter
+    whose rows they do not all cover (its other rows would have no direction)."""
+    covered: dict[int, int] = {}
+    sizes: dict[int, int] = {}
+    for layer in layers:
+        blocks = [(layer.weight, layer.kind.weight_rows(layer.module))]
+        if layer.bias is not None:
+            blocks.append((layer.bias, layer.kind.bias_rows(layer.module)))
+        for param, rows in blocks:
+            if rows is not None:
+                covered[id(param)] = covered.get(id(param), 0) + rows[1] - rows[0]
+                sizes[id(param)] = param.shape[0]
+    if any(covered[key] != sizes[key] for key in covered):
+        return (
+            "some of its projections are frozen or declined, so a parameter they share as "
+            "row blocks would be only partly preconditioned"
+        )
+    return None
+
+
+def _claim(owner: dict[int, list[tuple[tuple[int, int] | None, str]]], layer: Layer) -> None:
+    """Record ``layer``'s parameters (or row blocks) as its own.
+
+    Raises:
+        ValueError: if another layer already owns one of them (overlapping rows).
+    """
+    blocks = [(layer.weight, layer.kind.weight_rows(layer.module))]
+    if layer.bias is not None:
+        blocks.append((layer.bias, layer.kind.bias_rows(layer.module)))
+    for param, rows in blocks:
+        for other_rows, other in owner.get(id(param), []):
+            if rows is None or other_rows is None or _overlap(rows, other_rows):
                 raise ValueError(
-                    f"layer {name!r} shares a parameter with layer {owner[id(param)]!r}; "
+                    f"layer {layer.name!r} shares a parameter with layer {other!r}; "
                     "shared weights are not supported"
                 )
-            if param is not None:
-                owner[id(param)] = name
-        layers.append(Layer(name, module, kind, weight_group, needs_bias))
-    return layers, declined
+        owner.setdefault(id(param), []).append((rows, layer.name))
+
+
+def _overlap(first: tuple[int, int], second: tuple[int, int]) -> bool:
+    return first[0] < second[1] and second[0] < first[1]
 
 
 @dataclass(frozen=True)

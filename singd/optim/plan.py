@@ -31,7 +31,7 @@ from singd.optim.elementwise import (
 )
 from singd.optim.finiteness import finite_flags
 from singd.optim.hooks import PendingStatistics
-from singd.optim.layers import ElementwiseLayer, Layer
+from singd.optim.layers import ElementwiseLayer, Layer, parameter_directions
 from singd.optim.preconditioner import FactorStepInputs, Preconditioner
 from singd.optim.table import LayerTable
 from singd.optim.validation import resolve_lr_cov
@@ -210,22 +210,15 @@ def directions(
     """
     table = context.table
     result = {key: grad for key, grad in grads.items() if key in table.fallback}
-    for name, layer in table.layers.items():
-        weight_grad = grads.get(id(layer.weight))
-        bias_grad = None if layer.bias is None else grads.get(id(layer.bias))
-        if weight_grad is None and bias_grad is None:
-            continue
-        if weight_grad is None:
-            weight_grad = torch.zeros_like(layer.weight)
-        if layer.bias is not None and bias_grad is None:
-            bias_grad = torch.zeros_like(layer.bias)
-        weight_dir, bias_dir = context.preconditioner.directions(
-            layer, context.group(layer), states[name], weight_grad, bias_grad
+    result.update(
+        parameter_directions(
+            table.layers.values(),
+            grads,
+            lambda layer, weight, bias: context.preconditioner.directions(
+                layer, context.group(layer), states[layer.name], weight, bias
+            ),
         )
-        if id(layer.weight) in grads:
-            result[id(layer.weight)] = weight_dir
-        if layer.bias is not None and id(layer.bias) in grads:
-            result[id(layer.bias)] = bias_dir
+    )
     return result
 
 

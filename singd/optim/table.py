@@ -21,6 +21,7 @@ from singd.optim.layers import (
     fallback_params,
     find_elementwise_layers,
     find_layers,
+    parameter_labels,
 )
 from singd.optim.preconditioner import Preconditioner
 
@@ -119,8 +120,5 @@ class LayerTable:
         for name, layer in self.elementwise.items():
             for param, role in zip(layer.params, ("weight", "bias"), strict=False):
                 labels[id(param)] = f"elementwise layer {name!r}: {role}"
-        for name, layer in self.layers.items():
-            labels[id(layer.weight)] = f"layer {name!r}: weight"
-            if layer.bias is not None:
-                labels[id(layer.bias)] = f"layer {name!r}: bias"
+        labels.update(parameter_labels(self.layers.values()))
         return labels

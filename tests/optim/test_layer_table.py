@@ -93,14 +93,27 @@ def test_embedding_input_factor_is_diagonal_whatever_the_group_says():
     assert isinstance(opt.layer_state("0")["K"], Diagonal)
 
 
-def test_multihead_attention_projections_fall_back_with_the_reason():
-    """``out_proj`` is a Linear subclass, but MHA never calls it: its hooks would never fire."""
+def test_multihead_attention_projections_are_kronecker_layers():
+    """``out_proj`` is read, not called, by MHA: it is the MHA kind's layer, never a Linear's."""
     model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
-    with pytest.warns(UserWarning, match="'self_attn.out_proj' falls back") as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         opt = SINGD(model)
-    assert opt.layer_names() == ["linear1", "linear2"]
-    message = str(record[0].message)
-    assert "self_attn.in_proj_weight" in message and "norm1.weight" not in message
+    names = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.out_proj"]
+    assert opt.layer_names() == [*names, "linear1", "linear2"]
+
+
+class _OwnAttention(nn.MultiheadAttention):
+    def forward(self, query, key, value, **kwargs):
+        return super().forward(query, key, value, **kwargs)
+
+
+def test_multihead_attention_subclass_overriding_forward_falls_back_with_the_reason():
+    model = nn.Sequential(_OwnAttention(8, 2))
+    with pytest.warns(UserWarning, match="'0.q' falls back: its class overrides") as record:
+        opt = SINGD(model)
+    assert opt.layer_names() == []  # out_proj included: its hooks would never fire
+    assert "0.out_proj.weight" in str(record[0].message)
 
 
 def test_kfac_declines_embeddings():
