@@ -5,10 +5,15 @@ cross attention, ``kdim``/``vdim`` ≠ ``E``, no bias, ``key_padding_mask``,
 unbatched, ``add_bias_kv``/``add_zero_attn``, dropout: not for the oracle,
 whose mask would be torch's random draw):
 
-* **Gradient identity** (float64): the implementation's ``A``, ``G`` (expand,
-  sum loss) give ``sqrt(n)·GᵀA = ∇W~`` of each projection's block, as
-  autograd computes it.  Rule (tests/optim/test_layer_kinds.py): one product
-  of reduction length ``n`` on each side, ``2·matmul_bound(float64, n)``
+* **Gradient identity** (every dtype: the model and its statistics in the
+  dtype): the implementation's ``A``, ``G`` (expand, sum loss) give
+  ``sqrt(n)·GᵀA = ∇W~`` of each projection's block, as autograd computes it.
+  This is the check that, in bfloat16/float16, ties each captured row block
+  to its own projection (the oracle comparison's bound there carries the
+  half model's attention rounding).  Rule (tests/optim/test_layer_kinds.py):
+  autograd's product in the dtype and ours in float64, each of reduction
+  length ``n`` (``matmul_bound(dtype, n) + matmul_bound(float64, n)``), plus
+  one rounding each of the scaled rows of ``A`` and ``G`` below float64,
   times ``sqrt(n)·|G|ᵀ|A|``.
 * **Statistics vs the oracle** (:mod:`reference.attention`, its own forward
   and backward from the module's inputs and ``∂L/∂out``), the statistics
@@ -47,7 +52,7 @@ from singd.optim.kinds import (
     MultiheadAttentionKind,
     layer_input_statistic,
 )
-from tests.tolerances import chain_bound, matmul_bound
+from tests.tolerances import EPS, chain_bound, matmul_bound
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 E, HEADS, BATCH, LENGTH, SOURCE = 6, 2, 3, 4, 5
@@ -244,22 +249,31 @@ def _block_grad(module: nn.MultiheadAttention, role: str) -> Tensor:
 
 
 def identity_ratios(
-    variant: str, rows: Callable[[str, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    variant: str,
+    rows: Callable[[str, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, float]:
     """``max |sqrt(n)·GᵀA − ∇W~| / bound`` per role (module docstring); ≤ 1 passes.
 
-    ``rows(role, A, G)`` may rearrange the statistics (the wrong variants).
+    The model runs in ``dtype`` and its statistics are formed in ``dtype``;
+    ``sqrt(n)·GᵀA`` is then taken in float64.  ``rows(role, A, G)`` may
+    rearrange the statistics (the wrong variants).
     """
-    module = _module(variant)
+    module = _module(variant, dtype)
     kwargs = _call(variant, module)
-    stats, _ = _implementation(module, kwargs, 2, "expand", None, torch.float64)
+    stats, _ = _implementation(module, kwargs, 2, "expand", None, dtype)
     ratios = {}
     for role, (A, G) in stats.items():
         if rows is not None:
             A, G = rows(role, A, G)
         n = A.shape[0]
-        error = (math.sqrt(n) * G.T @ A - _block_grad(module, role)).abs()
-        bound = 2 * matmul_bound(torch.float64, n) * math.sqrt(n) * (G.abs().T @ A.abs())
+        error = (math.sqrt(n) * G.T @ A - _block_grad(module, role).double()).abs()
+        # autograd's product in dtype, ours in float64, each of reduction length n; the
+        # scaled rows of A and G one rounding each in dtype (float64: inside the products)
+        rule = matmul_bound(dtype, n) + matmul_bound(torch.float64, n)
+        if dtype != torch.float64:
+            rule += 2 * EPS[dtype]
+        bound = rule * math.sqrt(n) * (G.abs().T @ A.abs())
         ratios[role] = float((error / bound.clamp_min(torch.finfo(torch.float64).tiny)).max())
     return ratios
 
@@ -286,9 +300,10 @@ def oracle_ratios(variant: str, dtype: torch.dtype, approx: str, loss_average) -
 
 
 # ------------------------------------------------------------------ the checks
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gradient_identity(variant: str) -> None:
-    ratios = identity_ratios(variant)
+def test_gradient_identity(variant: str, dtype: torch.dtype) -> None:
+    ratios = identity_ratios(variant, dtype=dtype)
     assert set(ratios) == {"q", "k", "v", "out_proj"}
     assert max(ratios.values()) <= 1, ratios  # rule: module docstring
 
@@ -301,19 +316,31 @@ def test_statistics_match_oracle(variant: str, dtype: torch.dtype, approx: str, 
     assert max(ratios.values()) <= 1, ratios  # rule: module docstring
 
 
-def test_identity_catches_swapped_blocks_and_wrong_scale() -> None:
-    """q given k's gradient rows (q/k blocks swapped), or ``G`` twice too large: caught."""
+#: A margin each wrong variant must clear beyond its bound (> 1 is caught), per dtype.
+#: Measured (ratio to the bound; correct statistics 0.03-0.11 over every variant):
+#: q/k swapped 1.0e15 / 9.2e5 / 11.7 / 94.6, G doubled 6.0e13 / 2.0e5 / 2.9 / 22.9 in
+#: float64 / float32 / bfloat16 / float16.  n = 12 rows make the halves' bounds
+#: 0.12 (bfloat16) and 0.016 (float16) of sqrt(n)·|G|ᵀ|A|.
+CAUGHT_BY = {torch.float64: 1e6, torch.float32: 1e3, torch.bfloat16: 1.5, torch.float16: 10}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_identity_catches_swapped_blocks_and_wrong_scale(dtype: torch.dtype) -> None:
+    """q given k's gradient rows (q/k blocks swapped), or ``G`` twice too large: caught,
+    in every dtype the identity is checked in."""
     stats = {}
 
     def keep(role: str, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
         stats[role] = (A, G)
         return A, G
 
-    assert max(identity_ratios("self", keep).values()) <= 1
-    swapped = identity_ratios("self", lambda role, A, G: (A, stats["k"][1] if role == "q" else G))
-    assert swapped["q"] > 1e6
-    doubled = identity_ratios("self", lambda role, A, G: (A, 2 * G))
-    assert min(doubled.values()) > 1e6
+    assert max(identity_ratios("self", keep, dtype).values()) <= 1
+    swapped = identity_ratios(
+        "self", lambda role, A, G: (A, stats["k"][1] if role == "q" else G), dtype
+    )
+    assert swapped["q"] > CAUGHT_BY[dtype]
+    doubled = identity_ratios("self", lambda role, A, G: (A, 2 * G), dtype)
+    assert min(doubled.values()) > CAUGHT_BY[dtype]
 
 
 def test_oracle_catches_wrong_batch_layout(monkeypatch: pytest.MonkeyPatch) -> None:
