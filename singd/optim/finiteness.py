@@ -1,14 +1,21 @@
 """Finiteness checks of many tensors with few kernels and no host sync (the step's guards).
 
 A step is taken all or nothing: every gradient, statistic and result is
-checked before any state changes (SPEC §1.4a, docs/optimizer.md).  The flag
-of one tensor is ``isfinite(max|t|)``: ``|±inf| = inf`` and the maximum
-propagates NaN, so the largest magnitude is finite exactly when every entry
-is.  ``torch._foreach_norm(tensors, inf)`` computes it for all tensors of
-one dtype in one operator (on CUDA a fused multi-tensor kernel), with no
-full-size temporary (``isfinite(t).all()`` writes a boolean copy of ``t``
-first, about ten times slower on the CPU); the magnitudes of one dtype are
-then stacked and tested by one ``isfinite``.
+checked before any state changes (SPEC §1.4a, docs/optimizer.md).  One
+reduction per tensor gives values that are finite exactly when every entry
+is, with no full-size temporary (``isfinite(t).all()`` writes a boolean copy
+of ``t`` first, about ten times slower on the CPU):
+
+* off the CPU, ``max|t|`` for all tensors of one dtype in one operator,
+  ``torch._foreach_norm(tensors, inf)`` (a multi-tensor kernel on CUDA):
+  ``|±inf| = inf`` and the maximum propagates NaN;
+* on the CPU, where a foreach operator is a loop over tensors and the
+  infinity-norm kernel is about ten times slower than ``aminmax`` (4.3 ms
+  against 0.4 ms for six 512 × 513 float32 tensors, one thread), one
+  ``aminmax`` per tensor: an ``inf`` entry is the maximum, a ``-inf`` entry
+  the minimum, and NaN propagates.
+
+The values of one dtype are then stacked and tested by one ``isfinite``.
 """
 
 from __future__ import annotations
@@ -19,18 +26,21 @@ import torch
 from torch import Tensor
 
 
-def finite_flags(tensors: Sequence[Tensor]) -> list[Tensor]:
+def finite_flags(tensors: Sequence[Tensor], *, fused: bool | None = None) -> list[Tensor]:
     """One 0-dim boolean per tensor: whether all its entries are finite (no host sync).
 
     The flags live on the first tensor's device.  Empty tensors are finite
-    (the infinity norm of no entries is undefined, so they are not passed on);
+    (the extremes of no entries are undefined, so they are not reduced);
     complex tensors are checked through their real and imaginary parts.
-    Operators: three per dtype (``_foreach_norm``, ``stack``, ``isfinite``),
-    independent of the number of tensors and of their sizes.
+    ``fused``: use ``_foreach_norm`` (``None``: off the CPU, see the module
+    docstring).  Operators: per dtype ``_foreach_norm`` (fused) or one
+    ``aminmax`` per tensor, then ``stack`` and ``isfinite``.
     """
     if not tensors:
         return []
     device = tensors[0].device
+    if fused is None:
+        fused = device.type != "cpu"
     groups: dict[torch.dtype, list[int]] = {}
     checked: list[Tensor] = []
     for tensor in tensors:
@@ -42,8 +52,13 @@ def finite_flags(tensors: Sequence[Tensor]) -> list[Tensor]:
     true = torch.ones((), dtype=torch.bool, device=device)
     flags = [true] * len(tensors)
     for indices in groups.values():
-        magnitudes = torch._foreach_norm([checked[i] for i in indices], float("inf"))
-        ok = torch.isfinite(torch.stack([m.to(device) for m in magnitudes]))
+        group = [checked[i] for i in indices]
+        if fused:
+            values = torch._foreach_norm(group, float("inf"))
+        else:
+            values = [value for tensor in group for value in torch.aminmax(tensor)]
+        ok = torch.isfinite(torch.stack([value.to(device) for value in values]))
+        ok = ok.view(len(indices), -1).all(dim=1) if not fused else ok
         for i, flag in zip(indices, ok.unbind(), strict=True):
             flags[i] = flag
     return flags

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -33,14 +34,21 @@ def tensors(draw: st.DrawFn) -> torch.Tensor:
     return tensor
 
 
-@given(st.lists(tensors(), min_size=0, max_size=6))
-@example([torch.tensor([float("nan"), float("inf")]), torch.tensor([], dtype=torch.float16)])
-@example([torch.tensor([1e300], dtype=torch.float64), torch.tensor([65504.0], dtype=torch.float16)])
-@example([torch.tensor([0.0, float("-inf")], dtype=torch.bfloat16), torch.ones(3)])
+@pytest.mark.parametrize("fused", [False, True])
+@given(values=st.lists(tensors(), min_size=0, max_size=6))
+@example(values=[torch.tensor([float("nan"), float("inf")]), torch.tensor([], dtype=torch.float16)])
+@example(
+    values=[
+        torch.tensor([1e300], dtype=torch.float64),
+        torch.tensor([65504.0], dtype=torch.float16),
+    ]
+)
+@example(values=[torch.tensor([0.0, float("-inf")], dtype=torch.bfloat16), torch.ones(3)])
 # finite, but any norm other than max|t| overflows: a 2-norm or 1-norm check fails here
-@example([torch.tensor([65504.0, 65504.0], dtype=torch.float16), torch.full((2,), 3e38)])
-def test_finite_flags_match_isfinite(values: list[torch.Tensor]) -> None:
-    flags = [bool(flag) for flag in finite_flags(values)]
+@example(values=[torch.tensor([65504.0, 65504.0], dtype=torch.float16), torch.full((2,), 3e38)])
+def test_finite_flags_match_isfinite(values: list[torch.Tensor], fused: bool) -> None:
+    """Both reductions (``aminmax`` per tensor, the CPU's; ``_foreach_norm``, CUDA's)."""
+    flags = [bool(flag) for flag in finite_flags(values, fused=fused)]
     assert flags == [bool(torch.isfinite(t).all()) for t in values]
 
 
