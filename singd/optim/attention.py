@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 #: Linear nodes → the attribute holding their (2-D) input.
@@ -79,8 +80,22 @@ def find_projection(output: Tensor, weight: Tensor, row: int, stop: set[Any]) ->
     raise RuntimeError(
         "singd: could not find a projection of nn.MultiheadAttention in its autograd graph "
         "(the graph is not the eager one of F.multi_head_attention_forward: torch.compile "
-        "with an AOT backend such as the default 'inductor'; backend='eager' keeps it); "
+        "with an AOT backend such as the default 'inductor' (backend='eager' keeps it), a "
+        "parametrized weight, or FSDP2 resharding it before the optimizer's hook); "
         "leave its parameters out of the optimizer's params to train it otherwise"
+    )
+
+
+def inside_non_reentrant_checkpoint() -> bool:
+    """Whether the forward runs under ``checkpoint(..., use_reentrant=False)``.
+
+    There the linears' saved inputs are placeholders: reading one in the
+    forward reruns the checkpointed region and keeps its activations (and
+    counts its BatchNorm statistics again), so the MHA capture refuses it.
+    """
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith(
+        "_checkpoint_hook."
     )
 
 

@@ -33,6 +33,7 @@ Not compiled, measured with torch 2.13.0 on CPU:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -56,6 +57,7 @@ def compiled_parameter_updates() -> ParameterUpdates:
     eager instead of raising.  Non-plain parameters take the eager function.
     """
     compiled = torch.compile(updates.momentum_parameter_updates, dynamic=False)
+    failed: list[BaseException] = []
 
     def parameter_updates(
         params: Sequence[Tensor],
@@ -66,15 +68,20 @@ def compiled_parameter_updates() -> ParameterUpdates:
         momentum: float,
         weight_decay: float,
     ) -> None:
-        plain = all(type(p) in _PLAIN_TENSORS for p in params)
-        (compiled if plain else updates.momentum_parameter_updates)(
-            params,
-            directions,
-            momentum_buffers,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-        )
+        arguments = (params, directions, momentum_buffers)
+        settings = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        if not failed and all(type(p) in _PLAIN_TENSORS for p in params):
+            try:
+                compiled(*arguments, **settings)
+                return
+            except Exception as error:  # compilation fails before the kernel writes anything
+                failed.append(error)
+                warnings.warn(
+                    "singd: the compiled parameter update failed to compile "
+                    f"({type(error).__name__}); the eager update is used from now on",
+                    stacklevel=2,
+                )
+        updates.momentum_parameter_updates(*arguments, **settings)
 
     return parameter_updates
 

@@ -173,8 +173,14 @@ class CurvatureCollector:
             if isinstance(kind, AttentionProjectionKind)
             else self._forward_hook
         )
+        # an MHA's hook runs before others of its forward (FSDP2's reshard among them): the
+        # graph's AccumulateGrad nodes hold the parameters as the forward computed with them
         self._handles.append(
-            module.register_forward_hook(partial(forward, name, kind), with_kwargs=True)
+            module.register_forward_hook(
+                partial(forward, name, kind),
+                with_kwargs=True,
+                prepend=isinstance(kind, AttentionProjectionKind),
+            )
         )
 
     # -------------------------------------------------------------------- hooks
@@ -215,6 +221,13 @@ class CurvatureCollector:
         node (:mod:`singd.optim.attention`), as ``[L, B, d]``; then as for other kinds."""
         if not _records(module, output[0]) or not self._is_active(name):
             return
+        if attention.inside_non_reentrant_checkpoint():
+            raise RuntimeError(
+                f"singd: layer {name!r} (nn.MultiheadAttention) runs inside "
+                "torch.utils.checkpoint(..., use_reentrant=False): reading its projections' "
+                "inputs there would rerun the checkpointed region; use use_reentrant=True, "
+                "or leave the MHA's parameters out of the optimizer's params"
+            )
         settings = self._settings(name)
         query = args[0] if args else kwargs["query"]
         batch = attention.batch_size(module, query)

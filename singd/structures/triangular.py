@@ -26,20 +26,41 @@ from singd.structures.base import check_factor, check_scalar, check_square
 from singd.structures.lower_upper import LowerForm, UpperMirror, check_dim
 
 
-@functools.lru_cache(maxsize=64)
-def _lower_positions(dim: int, device: torch.device) -> Tensor:
+def _build_lower_positions(dim: int, device: torch.device) -> Tensor:
     """Row-major flat positions ``i d + j`` (``j ≤ i``) of the lower entries: the storage order."""
     with torch.inference_mode(False):  # usable by autograd even if first built in inference mode
         rows, cols = torch.tril_indices(dim, dim, device=device)
         return rows * dim + cols
 
 
-@functools.lru_cache(maxsize=64)
-def _diagonal_positions(dim: int, device: torch.device) -> Tensor:
+def _build_diagonal_positions(dim: int, device: torch.device) -> Tensor:
     """Positions of ``L_ii`` in the row-major list of lower entries: ``i(i+3)/2``."""
     with torch.inference_mode(False):
         rows = torch.arange(dim, device=device)
         return rows * (rows + 3) // 2
+
+
+_cached_lower_positions = functools.lru_cache(maxsize=64)(_build_lower_positions)
+_cached_diagonal_positions = functools.lru_cache(maxsize=64)(_build_diagonal_positions)
+
+
+def _tracing() -> bool:
+    """Whether tensors made now are fake (``FakeTensorMode``): they must not be cached."""
+    return torch._guards.detect_fake_mode() is not None
+
+
+def _lower_positions(dim: int, device: torch.device) -> Tensor:
+    """:func:`_build_lower_positions`, cached per ``(dim, device)`` for real tensors."""
+    if _tracing():
+        return _build_lower_positions(dim, device)
+    return _cached_lower_positions(dim, device)
+
+
+def _diagonal_positions(dim: int, device: torch.device) -> Tensor:
+    """:func:`_build_diagonal_positions`, cached per ``(dim, device)`` for real tensors."""
+    if _tracing():
+        return _build_diagonal_positions(dim, device)
+    return _cached_diagonal_positions(dim, device)
 
 
 def _lower_entries(matrix: Tensor) -> Tensor:
