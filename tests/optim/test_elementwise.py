@@ -155,7 +155,14 @@ def test_h_check_catches_a_wrong_statistic():
     )[0]
     x_hat = _oracle_hat(module, x.double().numpy())
     h_ref = elementwise_h(x_hat, g.double().numpy(), feature_dims=1, bias=False, loss_average=None)
-    bound = (4 * 4 + 12 + 6) * EPS[torch.float32] * np.abs(h_ref[0])
+    magnitude = elementwise_h(
+        _hat_magnitude(module, x.double().numpy(), x_hat),
+        np.abs(g.double().numpy()),
+        feature_dims=1,
+        bias=False,
+        loss_average=None,
+    )
+    bound = (4 * 4 + 12 + 6) * EPS[torch.float32] * magnitude[0]  # the check's rule
     assert not (np.abs(wrong.double().numpy() - h_ref[0]) <= bound).all()
 
 
