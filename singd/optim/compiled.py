@@ -57,31 +57,24 @@ def compiled_parameter_updates() -> ParameterUpdates:
     eager instead of raising.  Non-plain parameters take the eager function.
     """
     compiled = torch.compile(updates.momentum_parameter_updates, dynamic=False)
-    failed: list[BaseException] = []
+    eager_only = False
 
     def parameter_updates(
-        params: Sequence[Tensor],
-        directions: Sequence[Tensor],
-        momentum_buffers: Sequence[Tensor],
-        *,
-        lr: float,
-        momentum: float,
-        weight_decay: float,
+        params: Sequence[Tensor], *lists: Sequence[Tensor], **settings: float
     ) -> None:
-        arguments = (params, directions, momentum_buffers)
-        settings = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        if not failed and all(type(p) in _PLAIN_TENSORS for p in params):
+        nonlocal eager_only
+        if not eager_only and all(type(p) in _PLAIN_TENSORS for p in params):
             try:
-                compiled(*arguments, **settings)
+                compiled(params, *lists, **settings)
                 return
             except Exception as error:  # compilation fails before the kernel writes anything
-                failed.append(error)
+                eager_only = True
                 warnings.warn(
                     "singd: the compiled parameter update failed to compile "
                     f"({type(error).__name__}); the eager update is used from now on",
                     stacklevel=2,
                 )
-        updates.momentum_parameter_updates(*arguments, **settings)
+        updates.momentum_parameter_updates(params, *lists, **settings)
 
     return parameter_updates
 

@@ -241,8 +241,9 @@ def elementwise_directions(
         hs, scale_removed = pending.get(name, (None, True))
         for index, param in enumerate(layer.params):
             state = context.param_state[param]
-            k = state.get(K_KEY, torch.ones_like(param)).to(param)
-            m = state.get(M_KEY, torch.zeros_like(param)).to(param)
+            # the defaults only for a first step (dict.get would make them every step)
+            k = state[K_KEY].to(param) if K_KEY in state else torch.ones_like(param)
+            m = state[M_KEY].to(param) if M_KEY in state else torch.zeros_like(param)
             if hs is not None:
                 h = hs[index].to(param.device)
                 if not scale_removed and amp.backward_scale is not None:

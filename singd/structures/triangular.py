@@ -18,6 +18,7 @@ reading it with ``masked_select``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -26,41 +27,37 @@ from singd.structures.base import check_factor, check_scalar, check_square
 from singd.structures.lower_upper import LowerForm, UpperMirror, check_dim
 
 
-def _build_lower_positions(dim: int, device: torch.device) -> Tensor:
+def _not_cached_under_fake_mode(
+    cached: Callable[[int, torch.device], Tensor],
+) -> Callable[[int, torch.device], Tensor]:
+    """``cached`` (an ``lru_cache``), bypassed while ``FakeTensorMode`` is active: a fake
+    index kept in the cache would reach later real calls."""
+
+    @functools.wraps(cached)
+    def positions(dim: int, device: torch.device) -> Tensor:
+        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+            return cached.__wrapped__(dim, device)
+        return cached(dim, device)
+
+    return positions
+
+
+@_not_cached_under_fake_mode
+@functools.lru_cache(maxsize=64)
+def _lower_positions(dim: int, device: torch.device) -> Tensor:
     """Row-major flat positions ``i d + j`` (``j ≤ i``) of the lower entries: the storage order."""
     with torch.inference_mode(False):  # usable by autograd even if first built in inference mode
         rows, cols = torch.tril_indices(dim, dim, device=device)
         return rows * dim + cols
 
 
-def _build_diagonal_positions(dim: int, device: torch.device) -> Tensor:
+@_not_cached_under_fake_mode
+@functools.lru_cache(maxsize=64)
+def _diagonal_positions(dim: int, device: torch.device) -> Tensor:
     """Positions of ``L_ii`` in the row-major list of lower entries: ``i(i+3)/2``."""
     with torch.inference_mode(False):
         rows = torch.arange(dim, device=device)
         return rows * (rows + 3) // 2
-
-
-_cached_lower_positions = functools.lru_cache(maxsize=64)(_build_lower_positions)
-_cached_diagonal_positions = functools.lru_cache(maxsize=64)(_build_diagonal_positions)
-
-
-def _tracing() -> bool:
-    """Whether tensors made now are fake (``FakeTensorMode``): they must not be cached."""
-    return torch._guards.detect_fake_mode() is not None
-
-
-def _lower_positions(dim: int, device: torch.device) -> Tensor:
-    """:func:`_build_lower_positions`, cached per ``(dim, device)`` for real tensors."""
-    if _tracing():
-        return _build_lower_positions(dim, device)
-    return _cached_lower_positions(dim, device)
-
-
-def _diagonal_positions(dim: int, device: torch.device) -> Tensor:
-    """:func:`_build_diagonal_positions`, cached per ``(dim, device)`` for real tensors."""
-    if _tracing():
-        return _build_diagonal_positions(dim, device)
-    return _cached_diagonal_positions(dim, device)
 
 
 def _lower_entries(matrix: Tensor) -> Tensor:
