@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 import singd
 import singd.optim.base as base
+import singd.optim.batched as batched
 import singd.optim.hooks as hooks
 import singd.optim.kinds as kinds
 import singd.optim.scaling as scaling
@@ -242,6 +243,7 @@ class Mutant:
 
 # Originals, captured at import (before any patch): the mutants call these.
 _precondition = updates.singd_precondition
+_batched_step = batched.step
 _factor_momenta = updates.singd_factor_momenta
 _update_factors = updates.singd_update_factors
 _factor_step = updates.singd_factor_step
@@ -331,6 +333,16 @@ def _momenta_identity_sign(
     new_m_K, new_m_C = _factor_momenta(state, H_K, H_C, **kwargs)
     # the bracket's identity term contributes −coef·I to the new momentum; flip it
     return new_m_K.add_diag_(2 * _coef(kwargs)), new_m_C.add_diag_(2 * _coef(kwargs))
+
+
+def _batch_traces_reversed(
+    batch: batched.DiagonalBatch,
+    traces: Sequence[updates.Traces],
+    corrections: Sequence[float],
+    **kwargs: Any,
+) -> batched.NewFactors:
+    """A batch's per-layer traces and corrections in reverse row order (layers mixed up)."""
+    return _batched_step(batch, list(reversed(traces)), list(reversed(corrections)), **kwargs)
 
 
 def _factor_step_twice(
@@ -708,6 +720,13 @@ def _catalogue() -> dict[str, Mutant]:
             "+ d_o I instead of − d_o I in the bracket",
             (_MOMENTA,),
             _single(_MOMENTA, _momenta_identity_sign),
+        ),
+        Mutant(
+            "batch-traces-reversed",
+            "batched diagonal step: each layer weighted with another layer's traces",
+            ("singd.optim.batched:step",),
+            _single("singd.optim.batched:step", _batch_traces_reversed),
+            RunConfig(scenario="twin", structures=("diagonal", "diagonal")),
         ),
         Mutant(
             "lr-cov-twice",

@@ -83,6 +83,10 @@ EMBEDDING_PAIRS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: ``twin``'s extra pair: both factors diagonal, the batched step (:mod:`singd.optim.batched`).
+TWIN_PAIRS: tuple[tuple[str, str], ...] = (("diagonal", "diagonal"),)
+
+
 def any_structure(scenario: str) -> bool:
     """Whether every structure pair (and KFAC) applies to ``scenario`` (not an embedding's)."""
     return SCENARIOS[scenario].vocab is None
@@ -92,7 +96,8 @@ def structure_pairs(scenario: str) -> tuple[tuple[str, str], ...]:
     """The structure pairs a scenario is run with in the full grid."""
     if not any_structure(scenario):
         return EMBEDDING_PAIRS
-    return STRUCTURE_PAIRS + (WIDE_PAIRS if scenario == "wide" else ())
+    extra = {"wide": WIDE_PAIRS, "twin": TWIN_PAIRS}.get(scenario, ())
+    return STRUCTURE_PAIRS + extra
 
 
 #: The dtypes of model and factors, by name.
@@ -177,6 +182,11 @@ class SelfAttention(nn.Module):
         return self.attention(x, x, x, need_weights=False)[0]
 
 
+def twin_mlp() -> nn.Module:
+    """Linear(5→5) – tanh – Linear(5→5) – tanh – Linear(5→3): two layers of one shape."""
+    return nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
 def wide_mlp() -> nn.Module:
     """Linear(64→64) – tanh – Linear(64→48): every factor has ``d >= 48`` (Toeplitz FFT path)."""
     return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 48))
@@ -204,6 +214,12 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("seq-reduce", "MLP on [B,S,d] = [3, 4, 6], KFAC-reduce", mlp, (3, 4, 6), "reduce"),
         Scenario("conv", "Conv2d (stride, padding, groups) + Linear", conv_net, (2, 4, 5, 5)),
         Scenario("mlp-accumulate", "MLP, 2 micro-batches per step", mlp, (3, 6), micro_batches=2),
+        Scenario(
+            "twin",
+            "MLP 5-5-5-3, x [4, 5]: two same-shaped layers (diagonal: one batched step)",
+            twin_mlp,
+            (4, 5),
+        ),
         Scenario("wide", "MLP 64-64-48, x [256, 64] (Toeplitz FFT path)", wide_mlp, (256, 64)),
         Scenario(
             "conv1d", "Conv1d (stride, padding, dilation) ×2, x [2, 3, 9]", conv1d_net, (2, 3, 9)
@@ -403,6 +419,10 @@ def default_grid() -> tuple[Case, ...]:
 
     Plus the ``wide`` layers (widths 64 and 48 on 256 rows: reductions of 256,
     the Toeplitz FFT path) in two modes, six steps each, in every precision.
+
+    Plus ``twin`` (two 5 × 5 layers) with diagonal factors in every default
+    mode and dtype, eight steps: the batched factor step of
+    :mod:`singd.optim.batched` on a batch of two (float32/float64 factors).
     """
     cases = [
         Case(scenario, variant, structures, dtype)
@@ -426,6 +446,10 @@ def default_grid() -> tuple[Case, ...]:
         Case(scenario, variant, structures, dtype, steps=8)
         for dtype, scenario, variant in itertools.product(DTYPES, KIND_LAYERS, ("singd", "ikfac"))
         for structures in (EMBEDDING_PAIRS if SCENARIOS[scenario].vocab is not None else KIND_PAIRS)
+    ]
+    cases += [
+        Case("twin", variant, structures, dtype, steps=8)
+        for dtype, variant, structures in itertools.product(DTYPES, DEFAULT_MODES, TWIN_PAIRS)
     ]
     return tuple(cases)
 

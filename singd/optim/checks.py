@@ -128,16 +128,21 @@ def skip_message(optimizer: str, skip: Skip) -> str:
 
 
 def statistic_flags(
-    pending: dict[str, PendingStatistics], names: tuple[str, str]
+    standing_in: dict[str, tuple[list[Tensor], list[Tensor]] | None],
+    pending: dict[str, PendingStatistics],
+    names: tuple[str, str],
 ) -> tuple[list[str], list[Tensor]]:
     """Labels and finiteness flags of the tensors of every layer's two pending statistics.
 
-    ``names`` says how a label names the (input, gradient) statistic.  A
-    statistic stored in several tensors has one flag (and its label) per tensor.
+    ``standing_in`` maps a layer to copies of its statistics' tensors to check
+    instead (``FactorStepInputs.statistics``; ``None``: its own).  ``names``
+    says how a label names the (input, gradient) statistic.  A statistic
+    stored in several tensors has one flag (and its label) per tensor.
     """
     labels, tensors = [], []
     for name, stats in pending.items():
-        for statistic, parts in zip(names, stats.summary_tensors(), strict=True):
+        own = standing_in.get(name) or stats.summary_tensors()
+        for statistic, parts in zip(names, own, strict=True):
             labels += [f"layer {name!r}: {statistic}"] * len(parts)
             tensors += parts
     return labels, finite_flags(tensors)

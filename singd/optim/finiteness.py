@@ -16,6 +16,10 @@ of ``t`` first, about ten times slower on the CPU):
   the minimum, and NaN propagates.
 
 The values of one dtype are then stacked and tested by one ``isfinite``.
+Tensors that are rows of one 2-D contiguous tensor (the stacked results of
+:mod:`singd.optim.batched`, taken apart by ``unbind``) are reduced together,
+one ``aminmax(dim=1)`` per base, so a batch of layers costs the operators of
+one.
 """
 
 from __future__ import annotations
@@ -51,7 +55,27 @@ def finite_flags(tensors: Sequence[Tensor], *, fused: bool | None = None) -> lis
             groups.setdefault(tensor.dtype, []).append(len(checked) - 1)
     true = torch.ones((), dtype=torch.bool, device=device)
     flags = [true] * len(tensors)
+    bases: dict[int, tuple[Tensor, list[tuple[int, int]]]] = {}
     for indices in groups.values():
+        for i in list(indices):
+            found = _row_of(checked[i])
+            if found is not None:
+                base, row = found
+                bases.setdefault(id(base), (base, []))[1].append((i, row))
+                indices.remove(i)
+    if bases:  # one aminmax per base, then one test of every base's extremes
+        extremes = [torch.aminmax(base, dim=1) for base, _ in bases.values()]
+        lows = torch.cat([low.to(device) for low, _ in extremes])
+        highs = torch.cat([high.to(device) for _, high in extremes])
+        ok = torch.isfinite(torch.stack((lows, highs), dim=1)).all(dim=1).unbind()
+        start = 0
+        for base, rows in bases.values():
+            for i, row in rows:
+                flags[i] = ok[start + row]
+            start += base.shape[0]
+    for indices in groups.values():
+        if not indices:
+            continue
         group = [checked[i] for i in indices]
         if fused:
             values = torch._foreach_norm(group, float("inf"))
@@ -62,3 +86,16 @@ def finite_flags(tensors: Sequence[Tensor], *, fused: bool | None = None) -> lis
         for i, flag in zip(indices, ok.unbind(), strict=True):
             flags[i] = flag
     return flags
+
+
+def _row_of(tensor: Tensor) -> tuple[Tensor, int] | None:
+    """``(base, r)`` if ``tensor`` is row ``r`` of the 2-D contiguous ``base`` it views."""
+    base = tensor._base
+    if base is None or tensor.dim() != 1 or base.dim() != 2 or not base.is_contiguous():
+        return None
+    if base.shape[1] != tensor.shape[0] or tensor.stride() != (1,) or base.dtype != tensor.dtype:
+        return None
+    offset = tensor.storage_offset() - base.storage_offset()
+    if offset % tensor.shape[0]:
+        return None
+    return base, offset // tensor.shape[0]

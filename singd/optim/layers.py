@@ -93,21 +93,25 @@ def _rows(tensor: Tensor, rows: tuple[int, int] | None) -> Tensor:
 
 
 #: ``(layer, weight block of ∇, bias block of ∇ or None) → (ĝ of the weight block, of the bias's)``.
-LayerDirection = Callable[[Layer, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
+#: ``[(layer, ∇W block, ∇b block)] → [(ĝ_W, ĝ_b)]``: the directions of many layers at once.
+LayerDirections = Callable[
+    [list[tuple[Layer, Tensor, Tensor | None]]], list[tuple[Tensor, Tensor | None]]
+]
 
 
 def parameter_directions(
-    layers: Iterable[Layer], grads: dict[int, Tensor], direction: LayerDirection
+    layers: Iterable[Layer], grads: dict[int, Tensor], directions: LayerDirections
 ) -> dict[int, Tensor]:
     """``id(param) → ĝ`` of the layers' parameters that have a gradient (SPEC §1.4).
 
     Each layer gets its blocks of the gradients (a missing ``∇W`` or ``∇b`` of
     a parameter without gradient enters as zeros; that parameter gets no
-    direction); a parameter several layers share as row blocks (an MHA's
-    ``in_proj_weight``: ``q``, ``k``, ``v``) gets their directions
-    concatenated in row order.
+    direction); ``directions`` computes those of every layer in one call (so a
+    preconditioner may batch them).  A parameter several layers share as row
+    blocks (an MHA's ``in_proj_weight``: ``q``, ``k``, ``v``) gets their
+    directions concatenated in row order.
     """
-    blocks: dict[int, list[tuple[int, Tensor]]] = {}
+    requests: list[tuple[Layer, Tensor, Tensor | None]] = []
     for layer in layers:
         weight_grad = grads.get(id(layer.weight))
         bias_grad = None if layer.bias is None else grads.get(id(layer.bias))
@@ -121,7 +125,9 @@ def parameter_directions(
             bias_block = layer.bias_block(
                 torch.zeros_like(layer.bias) if bias_grad is None else bias_grad
             )
-        weight_dir, bias_dir = direction(layer, weight_block, bias_block)
+        requests.append((layer, weight_block, bias_block))
+    blocks: dict[int, list[tuple[int, Tensor]]] = {}
+    for (layer, _, _), (weight_dir, bias_dir) in zip(requests, directions(requests), strict=True):
         placed = [(layer.weight, layer.kind.weight_rows(layer.module), weight_dir)]
         if layer.bias is not None:
             placed.append((layer.bias, layer.kind.bias_rows(layer.module), bias_dir))

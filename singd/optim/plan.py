@@ -32,7 +32,7 @@ from singd.optim.elementwise import (
 from singd.optim.finiteness import finite_flags
 from singd.optim.hooks import PendingStatistics
 from singd.optim.layers import ElementwiseLayer, Layer, parameter_directions
-from singd.optim.preconditioner import FactorStepInputs, Preconditioner
+from singd.optim.preconditioner import FactorStepInputs, LayerStep, Preconditioner, StepScalars
 from singd.optim.table import LayerTable
 from singd.optim.validation import resolve_lr_cov
 
@@ -76,6 +76,11 @@ class StepContext(NamedTuple):
         """The param group holding ``layer``'s parameters."""
         return self.groups[layer.group_index]
 
+    def layer_step(self, name: str, pending: PendingStatistics) -> LayerStep:
+        """Layer ``name`` with its group, live state and this step's statistics."""
+        layer = self.table.layers[name]
+        return LayerStep(layer, self.group(layer), self.table.states[name], pending)
+
     def restore(self, name: str, current: Any, storage: sharded.Storage) -> Any:
         """Layer ``name``'s state from plain tensors, shaped and placed like ``current``."""
         layer = self.table.layers[name]
@@ -115,18 +120,16 @@ def plan_step(context: StepContext, gathered: Gathered) -> Skip | StepPlan:
         table.layers,
         lambda name: preconditioner.factor_step_cost(table.layers[name], table.states[name]),
     )
-    prepared = {
-        name: preconditioner.prepare_factor_step(
-            table.layers[name],
-            context.group(table.layers[name]),
-            table.states[name],
-            pending[name],
-        )
-        for name in sharded.owned(owners, pending)
-    }
+    prepared = preconditioner.prepare_factor_steps(
+        [context.layer_step(name, pending[name]) for name in sharded.owned(owners, pending)]
+    )
     param_labels = table.param_labels()
     grad_labels = [f"{param_labels.get(key, 'a parameter')} gradient" for key in grads]
-    stats_labels, stats_flags = checks.statistic_flags(pending, preconditioner.statistic_names)
+    stats_labels, stats_flags = checks.statistic_flags(
+        {name: prepared[name].statistics if name in prepared else None for name in pending},
+        pending,
+        preconditioner.statistic_names,
+    )
     reads = checks.read_host(
         finite_flags(list(grads.values())),
         stats_flags,
@@ -178,26 +181,21 @@ def new_layer_states(
     The gradient statistic's correction ``2^(−log2_factor) / s²`` is exact
     in float64 (SPEC §1.5, docs/SPEC.md).
     """
-    new_states = {}
+    scalars = {}
     for name, stats in pending.items():
-        layer = context.table.layers[name]
-        group = context.group(layer)
+        group = context.group(context.table.layers[name])
         correction = math.ldexp(
             scaling.statistics_correction(stats.grad_scale, amp, name),
             -reads[name].log2_factor,
         )
-        new_states[name] = context.preconditioner.updated_state(
-            layer,
-            group,
-            context.table.states[name],
-            stats,
-            prepared[name],
-            reads[name].values,
-            correction=correction,
-            lr_cov=resolve_lr_cov(group["lr_cov"], context.steps),
-            steps=context.steps,
-        )
-    return new_states
+        lr_cov = resolve_lr_cov(group["lr_cov"], context.steps)
+        scalars[name] = StepScalars(reads[name].values, correction, lr_cov)
+    return context.preconditioner.updated_states(
+        [context.layer_step(name, stats) for name, stats in pending.items()],
+        prepared,
+        scalars,
+        context.steps,
+    )
 
 
 def directions(
@@ -214,8 +212,11 @@ def directions(
         parameter_directions(
             table.layers.values(),
             grads,
-            lambda layer, weight, bias: context.preconditioner.directions(
-                layer, context.group(layer), states[layer.name], weight, bias
+            lambda requests: context.preconditioner.many_directions(
+                [
+                    (layer, context.group(layer), states[layer.name], weight, bias)
+                    for layer, weight, bias in requests
+                ]
             ),
         )
     )

@@ -42,10 +42,37 @@ class FactorStepInputs(NamedTuple):
         tensors: whatever the preconditioner computes once and uses in the step.
         reads: 0-dim tensors the step needs as Python floats; the optimizer reads
             those of every layer, and every finiteness flag, in one host sync.
+        statistics: the tensors whose finiteness stands for the layer's (input,
+            gradient) statistics, if not their own storage (a batch's stacked
+            copies, :mod:`singd.optim.batched`).
     """
 
     tensors: Any
     reads: list[Tensor]
+    statistics: tuple[list[Tensor], list[Tensor]] | None = None
+
+
+class LayerStep(NamedTuple):
+    """One layer with statistics in a step: what its factor step starts from."""
+
+    layer: Layer
+    group: dict[str, Any]
+    state: Any
+    pending: PendingStatistics
+
+
+class StepScalars(NamedTuple):
+    """One layer's host-read numbers of a factor step.
+
+    Attributes:
+        reads: the values of its ``FactorStepInputs.reads``.
+        correction: the factor of the gradient statistic (SPEC §1.5).
+        lr_cov: ``β1`` of this step.
+    """
+
+    reads: list[float]
+    correction: float
+    lr_cov: float
 
 
 class Preconditioner(ABC, Generic[State]):
@@ -90,6 +117,30 @@ class Preconditioner(ABC, Generic[State]):
     ) -> FactorStepInputs:
         """What a statistics step needs besides the statistics, without a host sync."""
 
+    def prepare_factor_steps(self, layers: list[LayerStep]) -> dict[str, FactorStepInputs]:
+        """:meth:`prepare_factor_step` of every layer (a preconditioner may batch them)."""
+        return {step.layer.name: self.prepare_factor_step(*step) for step in layers}
+
+    def updated_states(
+        self,
+        layers: list[LayerStep],
+        prepared: dict[str, FactorStepInputs],
+        scalars: dict[str, StepScalars],
+        steps: int,
+    ) -> dict[str, State]:
+        """:meth:`updated_state` of every layer (a preconditioner may batch them)."""
+        return {
+            step.layer.name: self.updated_state(
+                *step,
+                prepared[step.layer.name],
+                scalars[step.layer.name].reads,
+                correction=scalars[step.layer.name].correction,
+                lr_cov=scalars[step.layer.name].lr_cov,
+                steps=steps,
+            )
+            for step in layers
+        }
+
     @abstractmethod
     def updated_state(
         self,
@@ -128,6 +179,12 @@ class Preconditioner(ABC, Generic[State]):
         """``ĝ`` of ``W`` and ``b``: ``∇W~ = [∇W, ∇b]`` preconditioned, split back (SPEC §1.4)."""
         matrix = layer.gradient_matrix(weight_grad, bias_grad)
         return layer.split(self.precondition(layer, group, state, matrix))
+
+    def many_directions(
+        self, requests: list[tuple[Layer, dict[str, Any], State, Tensor, Tensor | None]]
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """:meth:`directions` of ``(layer, group, state, ∇W, ∇b)`` each (one may batch them)."""
+        return [self.directions(*request) for request in requests]
 
     def factor_step_cost(self, layer: Layer, state: State) -> float:
         """Relative cost of ``layer``'s factor step, to balance sharded factor work.

@@ -10,14 +10,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from singd.optim import batched, updates
 from singd.optim import telemetry as telemetry_math
-from singd.optim import updates
 from singd.optim.base import KroneckerOptimizer
 from singd.optim.compat import FactorView, ModuleNameView
 from singd.optim.hooks import PendingStatistics
 from singd.optim.kinds import InputGramDiagonal, InputStatistic, LayerKind
 from singd.optim.layers import Layer
-from singd.optim.preconditioner import FactorStepInputs, Preconditioner
+from singd.optim.preconditioner import FactorStepInputs, LayerStep, Preconditioner, StepScalars
 from singd.optim.sharded import Storage
 from singd.optim.updates import (
     HALF_DTYPES,
@@ -448,6 +448,95 @@ class SingdPreconditioner(Preconditioner[SingdState]):
         reads = singd_trace_terms(pending.input_summary, pending.grad_summary, inners)
         return FactorStepInputs(inners, reads)
 
+    def prepare_factor_steps(self, layers: list[LayerStep]) -> dict[str, FactorStepInputs]:
+        """Per layer, or one stacked batch per :func:`~singd.optim.batched.batch_key`.
+
+        A batched layer's inputs hold its :class:`~singd.optim.batched.Row`, its
+        traces (rows of the batch's four sums) and its statistics' stacked copies
+        (checked for finiteness in their place).
+        """
+        prepared: dict[str, FactorStepInputs] = {}
+        batches: dict[Any, list[LayerStep]] = {}
+        for step in layers:
+            summaries = (step.pending.input_summary, step.pending.grad_summary)
+            key = batched.batch_key(step.state, summaries, step.layer.group_index)
+            if key is None:
+                prepared[step.layer.name] = self.prepare_factor_step(*step)
+            else:
+                batches.setdefault(key, []).append(step)
+        for members in batches.values():
+            batch = batched.stack(
+                [m.layer.name for m in members],
+                [m.state for m in members],
+                [(m.pending.input_summary, m.pending.grad_summary) for m in members],
+                members[0].group["damping"],
+            )
+            for index, (member, reads) in enumerate(zip(members, batch.traces(), strict=True)):
+                statistics = ([batch.h_K[index]], [batch.h_C[index]])
+                prepared[member.layer.name] = FactorStepInputs(
+                    batched.Row(batch, index), reads, statistics
+                )
+        return prepared
+
+    def updated_states(
+        self,
+        layers: list[LayerStep],
+        prepared: dict[str, FactorStepInputs],
+        scalars: dict[str, StepScalars],
+        steps: int,
+    ) -> dict[str, SingdState]:
+        """Per layer, or one :func:`batched.step <singd.optim.batched.step>` per batch."""
+        singles = [s for s in layers if not isinstance(prepared[s.layer.name].tensors, batched.Row)]
+        result = super().updated_states(singles, prepared, scalars, steps)
+        members: dict[int, dict[int, LayerStep]] = {}
+        batches: dict[int, batched.DiagonalBatch] = {}
+        for step in layers:
+            row = prepared[step.layer.name].tensors
+            if isinstance(row, batched.Row):
+                batches[id(row.batch)] = row.batch
+                members.setdefault(id(row.batch), {})[row.index] = step
+        for key, batch in batches.items():
+            ordered = [members[key][index] for index in range(len(batch.names))]
+            result.update(self._batch_states(batch, ordered, scalars))
+        return {step.layer.name: result[step.layer.name] for step in layers}
+
+    def _batch_states(
+        self,
+        batch: batched.DiagonalBatch,
+        members: list[LayerStep],
+        scalars: dict[str, StepScalars],
+    ) -> dict[str, SingdState]:
+        """The new states of one batch's layers (``members`` in row order)."""
+        group = members[0].group
+        own = [scalars[m.layer.name] for m in members]
+        new = batched.step(
+            batch,
+            [Traces(*s.reads) for s in own],
+            [s.correction for s in own],
+            lr_cov=own[0].lr_cov,
+            damping=group["damping"],
+            alpha1=group["alpha1"],
+            kfac_like=group["kfac_like"],
+            normalize_lr_cov=group["normalize_lr_cov"],
+        )
+        keep_momenta = group["alpha1"] != 0.0
+        fields = {"K": new.k, "C": new.c, "m_K": new.m_K, "m_C": new.m_C}
+        rows = {key: t.unbind() for key, t in fields.items()}
+        states = {}
+        for index, member in enumerate(members):
+            state = member.state
+            made = {
+                key: type(state[key])(state[key].dim, {"diag": row[index]})
+                for key, row in rows.items()
+            }
+            if self.telemetry:
+                stepped = FactorState(made["K"], made["C"], made["m_K"], made["m_C"])
+                self._record_telemetry(member.layer, group, state, stepped)
+            if not keep_momenta:
+                made["m_K"], made["m_C"] = state["m_K"], state["m_C"]
+            states[member.layer.name] = {**state, **made}
+        return states
+
     def updated_state(
         self,
         layer: Layer,
@@ -545,6 +634,44 @@ class SingdPreconditioner(Preconditioner[SingdState]):
                 K.storage["diag"], C.storage["diag"], weight_grad, bias_grad
             )
         return super().directions(layer, group, state, weight_grad, bias_grad)
+
+    def many_directions(
+        self, requests: list[tuple[Layer, dict[str, Any], SingdState, Tensor, Tensor | None]]
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """:meth:`directions` of many layers; diagonal ones of equal shapes in one batch
+        (:func:`~singd.optim.batched.diagonal_directions`, the same bits)."""
+        results: list[tuple[Tensor, Tensor | None] | None] = [None] * len(requests)
+        groups: dict[Any, list[tuple[int, Tensor, Tensor]]] = {}
+        for index, (layer, group, state, weight_grad, bias_grad) in enumerate(requests):
+            flattened = type(layer.kind).weight_matrix is LayerKind.weight_matrix
+            if flattened and isinstance(state["K"], Diagonal) and isinstance(state["C"], Diagonal):
+                K, C, _, _ = self.compute_state(layer, group, state)
+                k, c = K.storage["diag"], C.storage["diag"]
+                key = (
+                    k.shape,
+                    c.shape,
+                    k.dtype,
+                    c.dtype,
+                    k.device,
+                    weight_grad.shape,
+                    weight_grad.dtype,
+                    None if bias_grad is None else bias_grad.dtype,
+                )
+                groups.setdefault(key, []).append((index, k, c))
+            else:
+                results[index] = self.directions(layer, group, state, weight_grad, bias_grad)
+        for members in groups.values():
+            indices = [index for index, _, _ in members]
+            has_bias = requests[indices[0]][4] is not None
+            batch = batched.diagonal_directions(
+                [k for _, k, _ in members],
+                [c for _, _, c in members],
+                [requests[i][3] for i in indices],
+                [requests[i][4] for i in indices] if has_bias else None,  # type: ignore[misc]
+            )
+            for index, direction in zip(indices, batch, strict=True):
+                results[index] = direction
+        return results  # type: ignore[return-value]
 
     def outers(
         self,
