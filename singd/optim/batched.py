@@ -268,7 +268,11 @@ def diagonal_directions(
     matrices = [g.reshape(g.shape[0], -1) for g in weight_grads]
     columns = matrices[0].shape[1]
     left = torch._foreach_mul([g.to(c_dtype) for g in matrices], list(c_sq[:, :, None].unbind()))
-    right = torch._foreach_mul([x.to(k_dtype) for x in left], list(k_sq[:, :columns].unbind()))
+    right = [x.to(k_dtype) for x in left]  # ``left`` itself where the dtypes agree
+    if right[0] is left[0]:  # a product of fresh tensors: scaled in place, no second allocation
+        torch._foreach_mul_(right, list(k_sq[:, :columns].unbind()))
+    else:
+        right = torch._foreach_mul(right, list(k_sq[:, :columns].unbind()))
     weight_dirs = [d.to(g.dtype).reshape(g.shape) for d, g in zip(right, weight_grads, strict=True)]
     if bias_grads is None:
         return [(w, None) for w in weight_dirs]

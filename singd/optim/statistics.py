@@ -193,7 +193,8 @@ def gram_normaliser_exponent(
     if grad_output.numel() == 0:
         return zero
     g = grad_output.detach().to(wide)
-    first = _binary_exponent(g.abs().amax()).clamp(-limit, limit)
+    low, high = torch.aminmax(g)  # max|g| in one pass, no |g| temporary
+    first = _binary_exponent(torch.maximum(-low, high)).clamp(-limit, limit)
     G = grad_matrix(g * _power_of_two(-first, wide), approx=approx, loss_average=loss_average)
     if G.numel() == 0:
         return zero
