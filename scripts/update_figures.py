@@ -17,6 +17,8 @@ JSON in ``verification-report/``):
 * ``digits``: ``python -m verification.experiments.digits --seed N --json`` for N = 0, 1, 2;
 * ``structure-costs``: ``python scripts/structure_costs.py --json``;
 * ``optimizer-costs``: ``python scripts/optimizer_costs.py --json`` (the asv benchmark's code);
+* ``step-costs``: ``python scripts/step_costs.py --json`` (the asv cost tracks: operators, host
+  syncs and bytes of one step on 1, 2, 4 equal layers);
 * ``step-ratios``: ``python scripts/step_ratio.py [--compare-python $SINGD_PUBLIC_PYTHON] --json``
   (ratios to AdamW, beside the public package when ``SINGD_PUBLIC_PYTHON`` names its Python);
 * ``compiled-updates``: ``python scripts/step_ratio.py --no-extra --structures diagonal dense
@@ -359,6 +361,30 @@ def optimizer_costs_block(costs: dict) -> list[str]:
     return [*_table(["optimizer", "step time", "optimizer state"], rows), "", _source_stamp(costs)]
 
 
+def step_costs_block(costs: dict) -> list[str]:
+    """Operators (CPU / device path), host syncs and bytes of one step, by structure."""
+    rows = []
+    for structure, by_layers in costs["result"].items():
+        counts = list(by_layers.values())
+        rows.append(
+            [
+                structure,
+                " / ".join(str(c["launches"]) for c in counts),
+                " / ".join(str(c["launches_device_path"]) for c in counts),
+                " / ".join(str(c["host_syncs"]) for c in counts),
+                " / ".join(_bytes(c["allocated_bytes"]) for c in counts),
+            ]
+        )
+    header = [
+        "structure",
+        "operators, CPU: 1 / 2 / 4 layers",
+        "operators, device path",
+        "host syncs",
+        "bytes allocated",
+    ]
+    return [*_table(header, rows), "", _source_stamp(costs)]
+
+
 #: Issue 9's targets for the MLP, T = 1 (``None``: only "faster than the public package").
 RATIO_TARGETS_T1 = {
     "diagonal": 1.15,
@@ -578,6 +604,7 @@ BLOCKS: dict[str, Block] = {
     "optimizer-costs": Block(
         "optimizer-costs", optimizer_costs_block, columns={"step time": TIMING}
     ),
+    "step-costs": Block("step-costs", step_costs_block),
     "step-ratios": Block("step-ratios", step_ratios_block, default=TIMING),
     "compiled-updates": Block("compiled-updates", compiled_updates_block, default=TIMING),
     "case3": Block(
@@ -625,6 +652,7 @@ SOURCES: dict[str, list[list[str]]] = {
     "optimizer-costs": [
         [sys.executable, "scripts/optimizer_costs.py", "--json", "{out}/optimizer-costs.json"]
     ],
+    "step-costs": [[sys.executable, "scripts/step_costs.py", "--json", "{out}/step-costs.json"]],
     # SINGD_PUBLIC_PYTHON: a Python with the public singd (README, "Speed and memory")
     "step-ratios": [
         [

@@ -11,6 +11,10 @@ already collected by the hooks during the backward pass):
   counting those that only make views or read metadata (:data:`METADATA_OPS`)
   or an ``aten::to`` that returns its input.  On a GPU each is at least one
   kernel launch.
+* ``track_launches_device_path``: the same with the finiteness checks a
+  device runs (``finite_flags(..., fused=True)``: one ``_foreach_norm`` per
+  dtype instead of the CPU's ``aminmax`` per tensor,
+  :mod:`singd.optim.finiteness`), i.e. the operators a CUDA step launches.
 * ``track_allocated_bytes``: the bytes the step's operators allocate
   (``profile_memory=True``; the sum of every allocation, freed or not).
 * ``track_host_syncs``: the points where the step waits for the device, by
@@ -22,6 +26,9 @@ already collected by the hooks during the backward pass):
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -79,8 +86,33 @@ READS = ("tolist", "item")
 STRUCTURES = ("diagonal", "dense", "block8diagonal", "hierarchical15_15", "triltoeplitz", "tril")
 
 
-def profiled_step(structure: str, layers: int) -> torch.profiler.profile:
-    """The profiler record of one statistics step of a ``layers``-deep stack."""
+@contextmanager
+def device_path_finiteness() -> Iterator[None]:
+    """Run the step's finiteness checks as off the CPU (``fused=True``) on any device."""
+    import singd.optim.checks as checks
+    import singd.optim.plan as plan
+    from singd.optim.finiteness import finite_flags
+
+    def fused(tensors: Sequence[torch.Tensor], **_: object) -> list[torch.Tensor]:
+        return finite_flags(tensors, fused=True)
+
+    saved = checks.finite_flags, plan.finite_flags
+    checks.finite_flags = plan.finite_flags = fused
+    try:
+        yield
+    finally:
+        checks.finite_flags, plan.finite_flags = saved
+
+
+def profiled_step(structure: str, layers: int, device_path: bool = False) -> torch.profiler.profile:
+    """The profiler record of one statistics step of a ``layers``-deep stack.
+
+    ``device_path``: with the finiteness checks of a device
+    (:func:`device_path_finiteness`).
+    """
+    if device_path:
+        with device_path_finiteness():
+            return profiled_step(structure, layers)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(layers)])
     optimizer = SINGD(model, lr=1e-3, T=1, structures=(structure, structure))
@@ -167,11 +199,17 @@ class StepCosts:
     def setup(self, structure: str, layers: int) -> None:
         torch.set_num_threads(1)
         self.prof = profiled_step(structure, layers)
+        self.device_prof = profiled_step(structure, layers, device_path=True)
 
     def track_launches(self, structure: str, layers: int) -> int:
         return launches(self.prof)
 
     track_launches.unit = "operators"
+
+    def track_launches_device_path(self, structure: str, layers: int) -> int:
+        return launches(self.device_prof)
+
+    track_launches_device_path.unit = "operators"
 
     def track_allocated_bytes(self, structure: str, layers: int) -> int:
         return allocated_bytes(self.prof)
