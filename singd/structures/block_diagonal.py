@@ -55,12 +55,6 @@ class BlockDiagonal(StructuredMatrix):
         full = factor[:split].reshape(num_blocks, cls.block_size, factor.shape[1])
         return full, factor[split:]
 
-    @staticmethod
-    def _join_rows(full: Tensor, rest: Tensor) -> Tensor:
-        """Inverse of :meth:`_split_rows`: ``(n × b × m, r × m) → d × m``."""
-        # explicit row count: ``-1`` is ambiguous when m = 0
-        return torch.cat([full.reshape(full.shape[0] * full.shape[1], full.shape[2]), rest])
-
     @classmethod
     def from_dense(cls, matrix: Tensor) -> BlockDiagonal:
         """The diagonal blocks of ``matrix`` (``d × d``), read through a strided view."""
@@ -95,14 +89,26 @@ class BlockDiagonal(StructuredMatrix):
     def matmul(self, other: Tensor) -> Tensor:
         """``K X`` (``d × m``), block by block, in the promoted dtype."""
         own, x = self._promoted_rows(other)
-        full, rest = self._split_rows(x)
-        return self._join_rows(own._blocks @ full, own._last @ rest)
+        return self._blockwise(own._blocks, own._last, x)
 
     def t_matmul(self, other: Tensor) -> Tensor:
         """``Kᵀ X`` (``d × m``), block by block, in the promoted dtype."""
         own, x = self._promoted_rows(other)
-        full, rest = self._split_rows(x)
-        return self._join_rows(own._blocks.transpose(1, 2) @ full, own._last.T @ rest)
+        return self._blockwise(own._blocks.transpose(1, 2), own._last.T, x)
+
+    @classmethod
+    def _blockwise(cls, blocks: Tensor, last: Tensor, x: Tensor) -> Tensor:
+        """``blockdiag(blocks…, last) X``, each product written into its rows of the result.
+
+        No concatenation (the result's row blocks are views of it); the products
+        are those of ``bmm``/``mm`` on the same operands, so the same bits.
+        """
+        full, rest = cls._split_rows(x)
+        out = x.new_empty(x.shape)
+        out_full, out_rest = cls._split_rows(out)  # views: ``out`` is contiguous
+        torch.matmul(blocks, full, out=out_full)
+        torch.matmul(last, rest, out=out_rest)
+        return out
 
     def __matmul__(self, other: StructuredMatrix) -> BlockDiagonal:
         """``K L``: block-wise products, in the promoted dtype."""

@@ -131,8 +131,13 @@ class Hierarchical(StructuredMatrix):
         own, x = self._promoted_rows(other)
         a, b, c, d, e = own._parts()
         top, middle, bottom = self._row_blocks(x)
-        below = x[len(top) :]  # [X2; X3]
-        return torch.cat([a @ top + b @ below, c[:, None] * middle, d @ middle + e @ bottom])
+        out = x.new_empty(x.shape)
+        out_top, out_middle, out_bottom = self._row_blocks(out)
+        # each block written in place (no concatenation): the same operations, the same bits
+        torch.matmul(a, top, out=out_top).add_(b @ x[len(top) :])  # [X2; X3]
+        torch.mul(c[:, None], middle, out=out_middle)
+        torch.matmul(d, middle, out=out_bottom).add_(e @ bottom)
+        return out
 
     def t_matmul(self, other: Tensor) -> Tensor:
         """``Kᵀ X = [Aᵀ X1; B1ᵀ X1 + c ⊙ X2 + Dᵀ X3; B2ᵀ X1 + Eᵀ X3]`` (``d × m``)."""
@@ -141,9 +146,13 @@ class Hierarchical(StructuredMatrix):
         top, middle, bottom = self._row_blocks(x)
         m = middle.shape[0]
         b_top = b.T @ top  # [B1ᵀ X1; B2ᵀ X1]
-        return torch.cat(
-            [a.T @ top, b_top[:m] + c[:, None] * middle + d.T @ bottom, b_top[m:] + e.T @ bottom]
-        )
+        out = x.new_empty(x.shape)
+        out_top, out_middle, out_bottom = self._row_blocks(out)
+        # each block written in place, sums in the same order (x + y and y + x are the same bits)
+        torch.matmul(a.T, top, out=out_top)
+        torch.mul(c[:, None], middle, out=out_middle).add_(b_top[:m]).add_(d.T @ bottom)
+        torch.matmul(e.T, bottom, out=out_bottom).add_(b_top[m:])
+        return out
 
     def __matmul__(self, other: StructuredMatrix) -> Hierarchical:
         """``K L`` block-wise, in the promoted dtype.
