@@ -15,7 +15,7 @@ Spawns 2 gloo processes on CPU (one torch thread each) and prints:
    reducer is not seen and is listed separately as the parameter bytes).
 3. **Factor-step time per rank**: a float32 MLP of ``--layers`` dense
    ``width × width`` layers, T = 1; the seconds of the factor work
-   (``prepare_factor_step`` and ``plan.new_layer_states``) and of the sharded
+   (``prepare_factor_steps`` and ``plan.new_layer_states``) and of the sharded
    broadcast per step, median over ``--repeats`` steps after one warm-up,
    for 1 rank, 2 ranks unsharded and 2 ranks sharded.
 
@@ -96,7 +96,7 @@ def factor_step_times(
     opt = SINGD(model, lr=1e-3, T=1, lr_cov=1e-2)
     opt.configure_distributed(shard_factor_work=shard)
     totals = {"factor": 0.0, "broadcast": 0.0}
-    _timed(opt._preconditioner, "prepare_factor_step", totals)
+    _timed(opt._preconditioner, "prepare_factor_steps", totals)
     untime = _timed(plan, "new_layer_states", totals)
     original_broadcast = sharded.broadcast_storages
 

@@ -64,9 +64,23 @@ class DiagonalBatch:
     scale: float
 
     def traces(self) -> list[list[Tensor]]:
-        """Per layer the 0-dim tensors of :class:`Traces` (its field order), 4 operators in all."""
-        sums = [t.sum(dim=1) for t in (self.h_K, self.h_C, self.inner_K, self.inner_C)]
+        """Per layer the 0-dim tensors of :class:`Traces` (its field order), 4 operators in all
+        (rows longer than :data:`STACKED_SUM_MAX`: one sum per row)."""
+        sums = [_row_sums(t) for t in (self.h_K, self.h_C, self.inner_K, self.inner_C)]
         return [list(row) for row in zip(*(s.unbind() for s in sums), strict=True)]
+
+
+#: Rows of at most this many entries are summed by one stacked reduction, longer ones one
+#: by one: torch splits a 1-D sum of more than ``at::internal::GRAIN_SIZE`` = 32768 entries
+#: across threads, and a stacked row sum then rounds differently (measured at 50000).
+STACKED_SUM_MAX = 32768
+
+
+def _row_sums(rows: Tensor) -> Tensor:
+    """``Σ_j rows[l, j]`` per row ``l``, bitwise each row's own ``sum()``."""
+    if rows.shape[1] <= STACKED_SUM_MAX:
+        return rows.sum(dim=1)
+    return torch.stack([row.sum() for row in rows])
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ def plan_step(context: StepContext, gathered: Gathered) -> Skip | StepPlan:
         return Skip(
             "non-finite curvature statistics", checks.culprits(stats_labels, reads.stats_ok)
         )
-    owned = {name: pending[name] for name in prepared}
+    owned = {name: stats for name, stats in pending.items() if name in prepared}
     new_states = sharded.share_states(
         owners,
         new_layer_states(context, owned, prepared, reads.layers, amp),

@@ -120,8 +120,13 @@ class SINGD(KroneckerOptimizer):
     sharded factor work and drift check: :meth:`configure_distributed`).
 
     Host syncs per step: one read of every finiteness flag and trace, one
-    finiteness check of the results (plus ``‖m‖_∞`` per factor with
-    ``normalize_lr_cov``, and the ``GradScaler``'s attributes).
+    finiteness check of the results (plus ``‖m‖_∞`` per factor, or per batch
+    of diagonal layers, with ``normalize_lr_cov``, and the ``GradScaler``'s
+    attributes).
+
+    Same-shaped layers with diagonal float32/float64 ``K`` and ``C`` in one
+    group take one stacked factor step (:mod:`singd.optim.batched`, the same
+    bits as layer by layer).
 
     Args:
         model: the model (``DistributedDataParallel``/``DataParallel`` are

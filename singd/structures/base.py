@@ -67,6 +67,11 @@ def check_scalar(value: object, name: str) -> None:
         raise ValueError(f"{name}: expected a scalar, got {type(value).__name__}")
 
 
+def records_graph(*tensors: Tensor) -> bool:
+    """Whether autograd records an operation on ``tensors`` (an ``out=`` write cannot be)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def check_factor(factor: Tensor, name: str) -> int:
     """Return ``d`` for a ``d × m`` tensor; raise ``ValueError`` naming ``name`` otherwise."""
     if factor.ndim != 2:

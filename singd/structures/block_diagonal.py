@@ -15,7 +15,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from singd.structures.base import StructuredMatrix, check_factor, check_scalar, check_square
+from singd.structures.base import (
+    StructuredMatrix,
+    check_factor,
+    check_scalar,
+    check_square,
+    records_graph,
+)
 
 
 class BlockDiagonal(StructuredMatrix):
@@ -101,9 +107,14 @@ class BlockDiagonal(StructuredMatrix):
         """``blockdiag(blocks…, last) X``, each product written into its rows of the result.
 
         No concatenation (the result's row blocks are views of it); the products
-        are those of ``bmm``/``mm`` on the same operands, so the same bits.
+        are those of ``bmm``/``mm`` on the same operands, so the same bits.  Where
+        autograd records the products, they are concatenated instead.
         """
         full, rest = cls._split_rows(x)
+        if records_graph(blocks, last, x):
+            products = blocks @ full
+            joined = products.reshape(products.shape[0] * products.shape[1], x.shape[1])
+            return torch.cat([joined, last @ rest])
         out = x.new_empty(x.shape)
         out_full, out_rest = cls._split_rows(out)  # views: ``out`` is contiguous
         torch.matmul(blocks, full, out=out_full)

@@ -30,7 +30,13 @@ import torch
 from torch import Tensor
 
 from singd.structures import get_structure
-from singd.structures.base import StructuredMatrix, check_factor, check_scalar, check_square
+from singd.structures.base import (
+    StructuredMatrix,
+    check_factor,
+    check_scalar,
+    check_square,
+    records_graph,
+)
 
 
 class Hierarchical(StructuredMatrix):
@@ -131,10 +137,13 @@ class Hierarchical(StructuredMatrix):
         own, x = self._promoted_rows(other)
         a, b, c, d, e = own._parts()
         top, middle, bottom = self._row_blocks(x)
+        below = x[len(top) :]  # [X2; X3]
+        if records_graph(x, a, b, c, d, e):  # autograd cannot record an ``out=`` write
+            return torch.cat([a @ top + b @ below, c[:, None] * middle, d @ middle + e @ bottom])
         out = x.new_empty(x.shape)
         out_top, out_middle, out_bottom = self._row_blocks(out)
         # each block written in place (no concatenation): the same operations, the same bits
-        torch.matmul(a, top, out=out_top).add_(b @ x[len(top) :])  # [X2; X3]
+        torch.matmul(a, top, out=out_top).add_(b @ below)
         torch.mul(c[:, None], middle, out=out_middle)
         torch.matmul(d, middle, out=out_bottom).add_(e @ bottom)
         return out
@@ -146,6 +155,14 @@ class Hierarchical(StructuredMatrix):
         top, middle, bottom = self._row_blocks(x)
         m = middle.shape[0]
         b_top = b.T @ top  # [B1ᵀ X1; B2ᵀ X1]
+        if records_graph(x, a, b, c, d, e):  # autograd cannot record an ``out=`` write
+            return torch.cat(
+                [
+                    a.T @ top,
+                    b_top[:m] + c[:, None] * middle + d.T @ bottom,
+                    b_top[m:] + e.T @ bottom,
+                ]
+            )
         out = x.new_empty(x.shape)
         out_top, out_middle, out_bottom = self._row_blocks(out)
         # each block written in place, sums in the same order (x + y and y + x are the same bits)

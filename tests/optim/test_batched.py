@@ -234,3 +234,46 @@ def test_a_checkpoint_of_batched_rows_loads_and_steps_alike() -> None:
         model(x).square().mean().backward()
         opt.step()
     _same_run(first, second)
+
+
+class _Wide(nn.Module):
+    """Two ``Linear(8, 40000)``: one batch whose ``C`` has 40000 entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 40000), nn.Linear(8, 40000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.a(x)) * torch.tanh(self.b(x))
+
+
+def _wide_run() -> tuple[SINGD, nn.Module]:
+    torch.manual_seed(0)
+    model = _Wide()
+    opt = SINGD(model, lr=0.05, lr_cov=0.3, T=1, structures=("diagonal",) * 2)
+    inputs = torch.randn(2, 16, 8)
+    for step in range(2):
+        opt.zero_grad()
+        (1e6 * model(inputs[step]).square().mean()).backward()
+        opt.step()
+    return opt, model
+
+
+def test_wide_rows_are_summed_row_by_row(monkeypatch) -> None:
+    """On two threads the traces of rows longer than 32768 entries are bitwise the per-layer
+    ones; a stacked sum of such rows (``STACKED_SUM_MAX`` raised) is caught rounding
+    differently."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batched_run = _wide_run()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(batched, "STACKED_SUM_MAX", 10**9)
+            stacked_sums = _wide_run()
+        _unbatched(monkeypatch)
+        per_layer = _wide_run()
+    finally:
+        torch.set_num_threads(threads)
+    _same_run(batched_run, per_layer)
+    with pytest.raises(AssertionError):
+        _same_run(stacked_sums, per_layer)
