@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -96,3 +97,27 @@ def test_verdict_needs_every_check() -> None:
     assert not block.passed and block.as_dict()["block_worst_ratio"] == 2.0
     fine = CaseResult(Case("mlp", "singd"), (within,), (), (within,), (), (within,), None, 0.0)
     assert fine.passed
+
+
+def test_the_strip_plot_colours_every_scenario_of_the_default_grid() -> None:
+    """One colour per scenario however many the grid has (11 made tab10's ten run out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from verification.plots import _ratio_strips
+
+    scenarios = dict.fromkeys(case.scenario for case in GRIDS["default"]())
+    assert len(scenarios) > 10
+    results = [
+        SimpleNamespace(
+            case=SimpleNamespace(scenario=name),
+            worst_ratio=0.5,
+            worst_error_eps=1.0,
+            local_worst_ratio=0.5,
+            local_worst_error_eps=1.0,
+        )
+        for name in scenarios
+    ]
+    plt.close(_ratio_strips(plt, {"float64": results}))

@@ -58,7 +58,8 @@ def _ratio_strips(plt, groups: dict[str, list[CaseResult]]):
     """Strip plots of the worst error/bound and error in eps per case, per precision."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     scenarios = list(dict.fromkeys(r.case.scenario for rs in groups.values() for r in rs))
-    colours = dict(zip(scenarios, plt.get_cmap("tab10").colors, strict=False))
+    palette = plt.get_cmap("tab20").colors  # 20 colours, repeated beyond 20 scenarios
+    colours = {scenario: palette[i % len(palette)] for i, scenario in enumerate(scenarios)}
     rng = np.random.default_rng(0)
     for position, results in enumerate(groups.values()):
         for scenario in scenarios:
