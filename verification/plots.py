@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +55,16 @@ def write_plots(results: list[CaseResult], out: Path) -> tuple[str, ...]:
     return tuple(written)
 
 
+def scenario_colours(scenarios: list[str], palette: Sequence[object]) -> dict[str, object]:
+    """A colour per scenario, the palette repeated when there are more scenarios than colours."""
+    return {scenario: palette[i % len(palette)] for i, scenario in enumerate(scenarios)}
+
+
 def _ratio_strips(plt, groups: dict[str, list[CaseResult]]):
     """Strip plots of the worst error/bound and error in eps per case, per precision."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     scenarios = list(dict.fromkeys(r.case.scenario for rs in groups.values() for r in rs))
-    palette = plt.get_cmap("tab20").colors  # 20 colours, repeated beyond 20 scenarios
-    colours = {scenario: palette[i % len(palette)] for i, scenario in enumerate(scenarios)}
+    colours = scenario_colours(scenarios, plt.get_cmap("tab20").colors)
     rng = np.random.default_rng(0)
     for position, results in enumerate(groups.values()):
         for scenario in scenarios:
