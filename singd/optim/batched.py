@@ -269,12 +269,20 @@ def diagonal_directions(
     weight_grads: Sequence[Tensor],
     bias_grads: Sequence[Tensor] | None,
 ) -> list[tuple[Tensor, Tensor | None]]:
-    """:func:`~singd.optim.updates.diagonal_precondition` of many layers, the same bits.
+    """:func:`~singd.optim.updates.singd_precondition` of diagonal layers, the same bits.
+
+    ``ĝ = diag(c²) ∇W~ diag(k²)`` splits into ``ĝ_W = c² ⊙ ∇W ⊙ k²[:d_i]``
+    (rows, then columns) and ``ĝ_b = c² ⊙ ∇b · k²[d_i]``, so ``[∇W, ∇b]`` is
+    never concatenated nor ``ĝ`` split and copied.  Every entry sees the
+    operations of ``singd_precondition`` with :class:`Diagonal` factors in the
+    same order and dtypes (``fl(c ⊙ c)``, the row scaling in ``C``'s dtype, the
+    cast to ``K``'s, ``fl(k ⊙ k)``, the column scaling, the cast back), so the
+    result is the same bits (``tests/optim/test_diagonal_fast_path.py``).
 
     The layers share sizes and dtypes: ``ks`` (``d_i~`` each), ``cs`` (``d_o``),
-    ``weight_grads`` (``d_o × …``), ``bias_grads`` (``d_o``; ``None``: no bias).
-    ``c²``, ``k²`` are formed stacked; the products are ``_foreach_mul`` over
-    the layers (the row scaling ``c² ⊙ ∇W``, then the column scaling by ``k²``).
+    ``weight_grads`` (``d_o × …``, conv weights flattened from dim 1),
+    ``bias_grads`` (``d_o``; ``None``: no bias).  ``c²``, ``k²`` are formed
+    stacked; the products are ``_foreach_mul`` over the layers.
     """
     c_sq, k_sq = (torch.stack(list(cs)), torch.stack(list(ks)))
     c_sq, k_sq = c_sq * c_sq, k_sq * k_sq

@@ -46,23 +46,21 @@ def finite_flags(tensors: Sequence[Tensor], *, fused: bool | None = None) -> lis
     if fused is None:
         fused = device.type != "cpu"
     groups: dict[torch.dtype, list[int]] = {}
+    bases: dict[int, tuple[Tensor, list[tuple[int, int]]]] = {}
     checked: list[Tensor] = []
-    for tensor in tensors:
+    for i, tensor in enumerate(tensors):
         if tensor.is_complex():
             tensor = torch.view_as_real(tensor)
         checked.append(tensor)
-        if tensor.numel():
-            groups.setdefault(tensor.dtype, []).append(len(checked) - 1)
+        if not tensor.numel():
+            continue
+        found = _row_of(tensor)
+        if found is None:
+            groups.setdefault(tensor.dtype, []).append(i)
+        else:
+            bases.setdefault(id(found[0]), (found[0], []))[1].append((i, found[1]))
     true = torch.ones((), dtype=torch.bool, device=device)
     flags = [true] * len(tensors)
-    bases: dict[int, tuple[Tensor, list[tuple[int, int]]]] = {}
-    for indices in groups.values():
-        for i in list(indices):
-            found = _row_of(checked[i])
-            if found is not None:
-                base, row = found
-                bases.setdefault(id(base), (base, []))[1].append((i, row))
-                indices.remove(i)
     if bases:  # one aminmax per base, then one test of every base's extremes
         extremes = [torch.aminmax(base, dim=1) for base, _ in bases.values()]
         lows = torch.cat([low.to(device) for low, _ in extremes])
@@ -74,8 +72,6 @@ def finite_flags(tensors: Sequence[Tensor], *, fused: bool | None = None) -> lis
                 flags[i] = ok[start + row]
             start += base.shape[0]
     for indices in groups.values():
-        if not indices:
-            continue
         group = [checked[i] for i in indices]
         if fused:
             values = torch._foreach_norm(group, float("inf"))

@@ -64,6 +64,13 @@ class Layer:
     def params(self) -> list[Tensor]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
+    def param_rows(self) -> list[tuple[Tensor, tuple[int, int] | None]]:
+        """The weight and bias (if any), each with this layer's rows of it (``None``: all)."""
+        blocks = [(self.weight, self.kind.weight_rows(self.module))]
+        if self.bias is not None:
+            blocks.append((self.bias, self.kind.bias_rows(self.module)))
+        return blocks
+
     def weight_block(self, tensor: Tensor) -> Tensor:
         """This layer's rows of a weight-shaped ``tensor`` (all of it unless a row block)."""
         return _rows(tensor, self.kind.weight_rows(self.module))
@@ -92,7 +99,6 @@ def _rows(tensor: Tensor, rows: tuple[int, int] | None) -> Tensor:
     return tensor if rows is None else tensor[rows[0] : rows[1]]
 
 
-#: ``(layer, weight block of ∇, bias block of ∇ or None) → (ĝ of the weight block, of the bias's)``.
 #: ``[(layer, ∇W block, ∇b block)] → [(ĝ_W, ĝ_b)]``: the directions of many layers at once.
 LayerDirections = Callable[
     [list[tuple[Layer, Tensor, Tensor | None]]], list[tuple[Tensor, Tensor | None]]
@@ -127,11 +133,8 @@ def parameter_directions(
             )
         requests.append((layer, weight_block, bias_block))
     blocks: dict[int, list[tuple[int, Tensor]]] = {}
-    for (layer, _, _), (weight_dir, bias_dir) in zip(requests, directions(requests), strict=True):
-        placed = [(layer.weight, layer.kind.weight_rows(layer.module), weight_dir)]
-        if layer.bias is not None:
-            placed.append((layer.bias, layer.kind.bias_rows(layer.module), bias_dir))
-        for param, rows, block in placed:
+    for (layer, _, _), found in zip(requests, directions(requests), strict=True):
+        for (param, rows), block in zip(layer.param_rows(), found, strict=False):
             if id(param) in grads:
                 blocks.setdefault(id(param), []).append((0 if rows is None else rows[0], block))
     return {
@@ -290,10 +293,7 @@ def _partly_covered(layers: list[Layer]) -> str | None:
     covered: dict[int, int] = {}
     sizes: dict[int, int] = {}
     for layer in layers:
-        blocks = [(layer.weight, layer.kind.weight_rows(layer.module))]
-        if layer.bias is not None:
-            blocks.append((layer.bias, layer.kind.bias_rows(layer.module)))
-        for param, rows in blocks:
+        for param, rows in layer.param_rows():
             if rows is not None:
                 covered[id(param)] = covered.get(id(param), 0) + rows[1] - rows[0]
                 sizes[id(param)] = param.shape[0]
@@ -311,10 +311,7 @@ def _claim(owner: dict[int, list[tuple[tuple[int, int] | None, str]]], layer: La
     Raises:
         ValueError: if another layer already owns one of them (overlapping rows).
     """
-    blocks = [(layer.weight, layer.kind.weight_rows(layer.module))]
-    if layer.bias is not None:
-        blocks.append((layer.bias, layer.kind.bias_rows(layer.module)))
-    for param, rows in blocks:
+    for param, rows in layer.param_rows():
         for other_rows, other in owner.get(id(param), []):
             if rows is None or other_rows is None or _overlap(rows, other_rows):
                 raise ValueError(

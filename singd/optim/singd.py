@@ -25,7 +25,6 @@ from singd.optim.updates import (
     FactorStep,
     Traces,
     compensated_factor_step,
-    diagonal_precondition,
     master_factor_step,
     singd_precondition,
     singd_self_inners,
@@ -491,18 +490,18 @@ class SingdPreconditioner(Preconditioner[SingdState]):
         steps: int,
     ) -> dict[str, SingdState]:
         """Per layer, or one :func:`batched.step <singd.optim.batched.step>` per batch."""
-        singles = [s for s in layers if not isinstance(prepared[s.layer.name].tensors, batched.Row)]
-        result = super().updated_states(singles, prepared, scalars, steps)
-        members: dict[int, dict[int, LayerStep]] = {}
-        batches: dict[int, batched.DiagonalBatch] = {}
+        singles: list[LayerStep] = []
+        batches: dict[int, tuple[batched.DiagonalBatch, list[LayerStep]]] = {}
         for step in layers:
             row = prepared[step.layer.name].tensors
-            if isinstance(row, batched.Row):
-                batches[id(row.batch)] = row.batch
-                members.setdefault(id(row.batch), {})[row.index] = step
-        for key, batch in batches.items():
-            ordered = [members[key][index] for index in range(len(batch.names))]
-            result.update(self._batch_states(batch, ordered, scalars))
+            if not isinstance(row, batched.Row):
+                singles.append(step)
+                continue
+            members = batches.setdefault(id(row.batch), (row.batch, [step] * len(row.batch.names)))
+            members[1][row.index] = step  # row order (every row's layer is in ``layers``)
+        result = super().updated_states(singles, prepared, scalars, steps)
+        for batch, members in batches.values():
+            result.update(self._batch_states(batch, members, scalars))
         return {step.layer.name: result[step.layer.name] for step in layers}
 
     def _batch_states(
@@ -620,31 +619,15 @@ class SingdPreconditioner(Preconditioner[SingdState]):
         K, C, _, _ = self.compute_state(layer, group, state)
         return singd_precondition(K, C, grad, self.outers(layer, group, state, K, C))
 
-    def directions(
-        self,
-        layer: Layer,
-        group: dict[str, Any],
-        state: SingdState,
-        weight_grad: Tensor,
-        bias_grad: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Diagonal ``K`` and ``C``: :func:`~singd.optim.updates.diagonal_precondition`
-        (same bits, no ``[∇W, ∇b]`` concatenation) when ``W~`` is ``W`` flattened from
-        dim 1 (not an embedding's ``Wᵀ``); otherwise the generic path's."""
-        flattened = type(layer.kind).weight_matrix is LayerKind.weight_matrix
-        if flattened and isinstance(state["K"], Diagonal) and isinstance(state["C"], Diagonal):
-            # formed once here: the generic path forms its own
-            K, C, _, _ = self.compute_state(layer, group, state)
-            return diagonal_precondition(
-                K.storage["diag"], C.storage["diag"], weight_grad, bias_grad
-            )
-        return super().directions(layer, group, state, weight_grad, bias_grad)
-
     def many_directions(
         self, requests: list[tuple[Layer, dict[str, Any], SingdState, Tensor, Tensor | None]]
     ) -> list[tuple[Tensor, Tensor | None]]:
-        """:meth:`directions` of many layers; diagonal ones of equal shapes in one batch
-        (:func:`~singd.optim.batched.diagonal_directions`, the same bits)."""
+        """:meth:`directions` of many layers; diagonal ones of equal shapes in one batch.
+
+        Where ``K`` and ``C`` are diagonal and ``W~`` is ``W`` flattened from dim 1
+        (not an embedding's ``Wᵀ``): :func:`~singd.optim.batched.diagonal_directions`,
+        the generic path's bits without concatenating ``[∇W, ∇b]``.
+        """
         results: list[tuple[Tensor, Tensor | None] | None] = [None] * len(requests)
         groups: dict[Any, list[tuple[int, Tensor, Tensor]]] = {}
         for index, (layer, group, state, weight_grad, bias_grad) in enumerate(requests):

@@ -339,37 +339,6 @@ def singd_precondition(
     return right.T.to(grad.dtype)
 
 
-def diagonal_precondition(
-    k: Tensor, c: Tensor, weight_grad: Tensor, bias_grad: Tensor | None
-) -> tuple[Tensor, Tensor | None]:
-    """:func:`singd_precondition` for diagonal ``K = diag(k)``, ``C = diag(c)``, unconcatenated.
-
-    ``ĝ = diag(c²) ∇W~ diag(k²)`` splits into ``ĝ_W = c² ⊙ ∇W ⊙ k²[:d_i]``
-    (rows, then columns) and ``ĝ_b = c² ⊙ ∇b · k²[d_i]``, so ``[∇W, ∇b]`` is
-    never concatenated nor ``ĝ`` split and copied.  Every entry sees the
-    operations of :func:`singd_precondition` with :class:`Diagonal` factors
-    in the same order and dtypes (``fl(c ⊙ c)``, the row scaling in the
-    promoted dtype, the cast to ``K``'s dtype, ``fl(k ⊙ k)``, the column
-    scaling, the cast back), so the result is the same bits
-    (``tests/optim/test_diagonal_fast_path.py``).
-
-    Args:
-        k: ``K``'s diagonal (``d_i~``); c: ``C``'s diagonal (``d_o``).
-        weight_grad: ``∇W`` (``d_o × …``, conv weights flattened from dim 1).
-        bias_grad: ``∇b`` (``d_o``) or ``None``.
-    """
-    c_sq, k_sq = c * c, k * k
-    g = weight_grad.reshape(weight_grad.shape[0], -1)
-    left = c_sq[:, None] * g.to(c.dtype)
-    weight_dir = (k_sq[: g.shape[1]] * left.to(k.dtype)).to(weight_grad.dtype)
-    if bias_grad is None:
-        return weight_dir.reshape(weight_grad.shape), None
-    left_b = c_sq * bias_grad.to(c.dtype)
-    return weight_dir.reshape(weight_grad.shape), (k_sq[-1] * left_b.to(k.dtype)).to(
-        bias_grad.dtype
-    )
-
-
 def kfac_factor_ema(factor: Tensor, statistic: Tensor, lr_cov: float) -> Tensor:
     """``S ← (1 − β1) S + β1 U`` (SPEC §1.2)."""
     return torch.lerp(factor, statistic.to(factor.dtype), lr_cov)

@@ -1,4 +1,4 @@
-"""``diagonal_precondition`` is bitwise :func:`singd_precondition` with diagonal factors."""
+"""``batched.diagonal_directions`` is bitwise :func:`singd_precondition` with diagonal factors."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from singd import SINGD
+from singd.optim.batched import diagonal_directions
 from singd.optim.preconditioner import Preconditioner
 from singd.optim.singd import SingdPreconditioner
-from singd.optim.updates import diagonal_precondition, singd_precondition
+from singd.optim.updates import singd_precondition
 from singd.structures.diagonal import Diagonal
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -41,7 +42,7 @@ def test_fast_path_is_the_generic_path(dtypes, d_o, shape, bias, seed) -> None:
     generic = singd_precondition(Diagonal(d_i, {"diag": k}), Diagonal(d_o, {"diag": c}), matrix)
     want_w = (generic[:, :-1] if bias else generic).reshape(weight_grad.shape)
     want_b = generic[:, -1] if bias else None
-    got_w, got_b = diagonal_precondition(k, c, weight_grad, bias_grad)
+    [(got_w, got_b)] = diagonal_directions([k], [c], [weight_grad], [bias_grad] if bias else None)
     torch.testing.assert_close(got_w, want_w, rtol=0, atol=0)  # same operations: same bits
     if bias:
         torch.testing.assert_close(got_b, want_b, rtol=0, atol=0)
@@ -63,6 +64,6 @@ def test_training_is_bitwise_the_generic_path(monkeypatch) -> None:
         return [p.detach().clone() for p in model.parameters()]
 
     fast = run()
-    monkeypatch.setattr(SingdPreconditioner, "directions", Preconditioner.directions)
+    monkeypatch.setattr(SingdPreconditioner, "many_directions", Preconditioner.many_directions)
     for got, want in zip(fast, run(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
