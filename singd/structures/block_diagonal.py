@@ -107,8 +107,10 @@ class BlockDiagonal(StructuredMatrix):
         """``blockdiag(blocks…, last) X``, each product written into its rows of the result.
 
         No concatenation (the result's row blocks are views of it); the products
-        are those of ``bmm``/``mm`` on the same operands, so the same bits.  Where
-        autograd records the products, they are concatenated instead.
+        are those of ``bmm``/``mm`` on the same operands (BLAS may round one into
+        a slice unlike one into a fresh tensor: its kernel depends on the output's
+        address; tests/structures/test_blockwise_products).  Where autograd
+        records the products, they are concatenated instead.
         """
         full, rest = cls._split_rows(x)
         if records_graph(blocks, last, x):

@@ -142,7 +142,8 @@ class Hierarchical(StructuredMatrix):
             return torch.cat([a @ top + b @ below, c[:, None] * middle, d @ middle + e @ bottom])
         out = x.new_empty(x.shape)
         out_top, out_middle, out_bottom = self._row_blocks(out)
-        # each block written in place (no concatenation): the same operations, the same bits
+        # each block written in place (no concatenation): the same operations (an mm into a
+        # slice may round unlike one into a fresh tensor: tests/structures/test_blockwise_products)
         torch.matmul(a, top, out=out_top).add_(b @ below)
         torch.mul(c[:, None], middle, out=out_middle)
         torch.matmul(d, middle, out=out_bottom).add_(e @ bottom)
@@ -166,6 +167,7 @@ class Hierarchical(StructuredMatrix):
         out = x.new_empty(x.shape)
         out_top, out_middle, out_bottom = self._row_blocks(out)
         # each block written in place, sums in the same order (x + y and y + x are the same bits)
+        # but an mm into a slice may round unlike one into a fresh tensor (as in matmul)
         torch.matmul(a.T, top, out=out_top)
         torch.mul(c[:, None], middle, out=out_middle).add_(b_top[:m]).add_(d.T @ bottom)
         torch.matmul(e.T, bottom, out=out_bottom).add_(b_top[m:])
