@@ -420,10 +420,13 @@ def _input_matrix_unscaled(shared: Tensor, *, approx: str, bias: bool) -> Tensor
     )
 
 
-def _grad_matrix_times_n(shared: Tensor, *, approx: str, loss_average: str | None) -> Tensor:
+def _grad_matrix_times_n(
+    shared: Tensor, *, approx: str, loss_average: str | None, scale: Tensor | None = None
+) -> Tensor:
     """``G ← G · N`` instead of ``G · sqrt(N)``."""
     batch, positions, _ = shared.shape
     rows = shared.reshape(-1, shared.shape[-1]) if approx == "expand" else shared.sum(dim=1)
+    rows = rows if scale is None else rows * scale
     return rows * statistics.loss_terms(batch, positions, loss_average)
 
 

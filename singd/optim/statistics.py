@@ -88,7 +88,11 @@ def conv_input_shared_format(
     Returns:
         ``[B, L, (C_in/groups)·Π k]``, ``L`` output locations (row-major), columns
         in the flattened weight's ``(c, k_1, …, k_r)`` order; the ``groups``
-        channel groups of a patch are averaged into one.
+        channel groups of a patch are averaged into one.  Stored feature-major
+        (a view of a ``[features, B, L]`` tensor): gathered so, the copy out of
+        the windows moves runs of output locations, where a location-major
+        gather moves runs of one kernel row (measured: 0.8 against 5 ms for a
+        ``[64, 32, 16, 16]`` input, 3 × 3 kernel, 2 threads).
     """
     rank = len(kernel_size)
     if x.ndim == rank + 1:
@@ -100,12 +104,14 @@ def conv_input_shared_format(
         x = F.pad(x, flat, mode=mode)
     for dim, (k, s, d) in enumerate(zip(kernel_size, stride, dilation, strict=True)):
         x = x.unfold(2 + dim, d * (k - 1) + 1, s)[..., ::d]
-    # [B, C, *O, *k] → [B, *O, C, *k]
+    # [B, C, *O, *k] → [C, *k, B, *O]
     batch, channels = x.shape[:2]
     locations = math.prod(x.shape[2 : 2 + rank])  # explicit: ``-1`` is ambiguous for B = 0
-    order = [0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank)]
+    order = [1, *range(2 + rank, 2 + 2 * rank), 0, *range(2, 2 + rank)]
     features = channels // groups * math.prod(kernel_size)
-    return x.permute(order).reshape(batch, locations, groups, features).mean(dim=2)
+    patches = x.permute(order).reshape(groups, features, batch, locations)
+    by_feature = patches[0] if groups == 1 else patches.mean(dim=0)
+    return by_feature.permute(1, 2, 0)
 
 
 def conv_grad_shared_format(grad_output: Tensor, rank: int) -> Tensor:
@@ -116,19 +122,50 @@ def conv_grad_shared_format(grad_output: Tensor, rank: int) -> Tensor:
 
 
 # ------------------------------------------------------------ rows and scaling
+def _rows_out(like: Tensor, rows: int, columns: int) -> Tensor:
+    """An empty ``rows × columns`` matrix, laid out as ``like``'s last dim is.
+
+    Row-major when ``like``'s features are its fastest dim, else column-major
+    (a transposed ``columns × rows`` buffer): an elementwise result written
+    into it from ``like`` (``[B, S, d]`` or ``n × d``) then reads and writes
+    both in memory order, where a row-major target for a channel-major
+    ``like`` (a Conv's patches or output gradient) is a transposing copy,
+    several times slower.
+    """
+    if like.dim() == 0 or like.stride(-1) == 1 or like.shape[-1] == 1:
+        return like.new_empty(rows, columns)
+    return like.new_empty(columns, rows).T
+
+
+def _as_shared(out: Tensor, shared: Tensor) -> Tensor:
+    """The ``[B, S, d]`` view of ``out`` (``B·S × d``, from :func:`_rows_out`, or its
+    first columns) through which ``shared`` is written into it."""
+    if out.stride(-1) == 1:
+        return out.view(shared.shape)
+    by_feature = out.T.view(shared.shape[-1], *shared.shape[:-1])
+    return by_feature.permute(*range(1, shared.dim()), 0)
+
+
 def input_matrix(shared: Tensor, *, approx: Approx, bias: bool) -> Tensor:
     """``A`` (n_A × d_i~) from inputs in ``[B, S, d_i]`` (SPEC §1.1).
 
     Expand flattens shared positions into rows, reduce averages over them; a
-    bias appends a column of ones; finally ``A ← A / sqrt(n_A)``.
+    bias appends a column of ones; finally ``A ← A / sqrt(n_A)``.  One pass
+    writes ``A``: ``rows / sqrt(n_A)`` goes straight into its columns
+    (``torch.div(..., out=)``, the bits of ``cat`` then divide), in the layout
+    of ``shared``'s features (:func:`_rows_out`).
     """
+    source = shared if approx == "expand" else shared.mean(dim=1)
+    features = source.shape[-1]
+    count = math.prod(source.shape[:-1])
+    out = _rows_out(source, count, features + int(bias))
+    target = out[:, :features]
     if approx == "expand":
-        rows = shared.reshape(-1, shared.shape[-1])
-    else:
-        rows = shared.mean(dim=1)
+        target = _as_shared(target, shared)
+    torch.div(source, math.sqrt(count), out=target)
     if bias:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return rows / math.sqrt(rows.shape[0])
+        out[:, features].fill_(1).div_(math.sqrt(count))
+    return out
 
 
 def loss_terms(batch: int, shared: int, loss_average: LossAverage) -> int:
@@ -140,16 +177,33 @@ def loss_terms(batch: int, shared: int, loss_average: LossAverage) -> int:
     return 1
 
 
-def grad_matrix(shared: Tensor, *, approx: Approx, loss_average: LossAverage) -> Tensor:
+def grad_matrix(
+    shared: Tensor,
+    *,
+    approx: Approx,
+    loss_average: LossAverage,
+    scale: Tensor | None = None,
+) -> Tensor:
     """``G`` (n_G × d_o) from output gradients in ``[B, S, d_o]`` (SPEC §1.1).
 
     Expand flattens shared positions into rows, reduce sums over them; then
-    ``G ← G · sqrt(N)`` undoes the loss average.  The result is always a new
-    tensor (never a view of ``shared``), so callers may scale it in place.
+    ``G ← G · sqrt(N)`` undoes the loss average (times ``scale``, a 0-dim
+    power of two, if given: for expand one product ``fl(x · (2^j · sqrt(N)))``,
+    the bits of ``fl(fl(x · 2^j) · sqrt(N))`` but for subnormals; for reduce
+    ``x · 2^j`` before the sum).  The result is
+    always a new tensor (never a view of ``shared``), so callers may scale it
+    in place; it is written in one pass, in the layout of ``shared``'s
+    features (:func:`_rows_out`).
     """
-    batch, positions, _ = shared.shape
-    rows = shared.reshape(-1, shared.shape[-1]) if approx == "expand" else shared.sum(dim=1)
-    return rows * math.sqrt(loss_terms(batch, positions, loss_average))
+    batch, positions, features = shared.shape
+    factor = math.sqrt(loss_terms(batch, positions, loss_average))
+    if approx == "reduce":  # a scale is applied before the sum, which it keeps from overflowing
+        scaled = shared if scale is None else shared * scale
+        return scaled.sum(dim=1) * factor
+    multiplier = factor if scale is None else scale * factor
+    out = _rows_out(shared, batch * positions, features)
+    torch.mul(shared, multiplier, out=_as_shared(out, shared))
+    return out
 
 
 # --------------------------------------------------- scale-free gradient statistics
@@ -174,11 +228,9 @@ def gram_normaliser_exponent(
     so by Cauchy–Schwarz every entry of the Gram product is below 1 whatever
     scale (loss scale, learning-rate regime) the gradients carry.  Found in two
     stages in ``float32`` (or the gradient's dtype if wider), without a host
-    sync: first ``max|g|`` is brought below 1, then the squared column norms of
-    that ``G`` are measured (no overflow: each is at most ``n·N·S²``).  ``k``
-    is clamped so that ``2^k`` is a normal number of that dtype; only
-    gradients within a factor ``2^126`` of the dtype's range are then left
-    partly unnormalised.
+    sync (:func:`_measuring_pass`).  ``k`` is clamped so that ``2^k`` is a
+    normal number of that dtype; only gradients within a factor ``2^126`` of
+    the dtype's range are then left partly unnormalised.
 
     Args:
         grad_output: a layer's output gradient in ``[B, S, d_o]`` (any float dtype).
@@ -188,19 +240,39 @@ def gram_normaliser_exponent(
         ``grad_output`` has inf/NaN entries: those stay non-finite in ``G``.
     """
     wide = torch.promote_types(grad_output.dtype, torch.float32)
-    limit = math.frexp(torch.finfo(wide).max)[1] - 2  # 2^±limit are normal numbers of ``wide``
-    zero = torch.zeros((), dtype=torch.int32, device=grad_output.device)
-    if grad_output.numel() == 0:
-        return zero
     g = grad_output.detach().to(wide)
+    return _measuring_pass(g, approx=approx, loss_average=loss_average)[2]
+
+
+def _measuring_pass(
+    g: Tensor, *, approx: Approx, loss_average: LossAverage
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(G_j, j, k)`` for ``g`` (``[B, S, d_o]``, float32 or wider): ``k`` of
+    :func:`gram_normaliser_exponent` and ``G_j = 2^j G``, the ``G`` of ``2^j g``.
+
+    First ``max|g|`` is brought below 1 (``2^j``, ``j`` from one ``aminmax``),
+    then the squared column norms of that ``G_j`` are measured (no overflow:
+    each is at most ``n·N``).  ``j`` is clamped so that ``2^j`` and
+    ``2^j·sqrt(N)`` are finite normal numbers (:func:`grad_matrix` forms
+    ``G_j`` in one product with their product).  For an empty ``g``, ``j =
+    k = 0`` and ``G_j`` is ``G``.
+    """
+    wide = g.dtype
+    limit = math.frexp(torch.finfo(wide).max)[1] - 2  # 2^±limit are normal numbers of ``wide``
+    zero = torch.zeros((), dtype=torch.int32, device=g.device)
+    if g.numel() == 0:
+        return grad_matrix(g, approx=approx, loss_average=loss_average), zero, zero
+    batch, positions, _ = g.shape
+    headroom = math.ceil(math.log2(loss_terms(batch, positions, loss_average)) / 2) + 1
     low, high = torch.aminmax(g)  # max|g| in one pass, no |g| temporary
-    first = _binary_exponent(torch.maximum(-low, high)).clamp(-limit, limit)
-    G = grad_matrix(g * _power_of_two(-first, wide), approx=approx, loss_average=loss_average)
+    first = _binary_exponent(torch.maximum(-low, high)).clamp(headroom - limit, limit)
+    j = -first
+    G = grad_matrix(g, approx=approx, loss_average=loss_average, scale=_power_of_two(j, wide))
     if G.numel() == 0:
-        return zero
+        return G, zero, zero
     column_norms = _binary_exponent(G.square().sum(dim=0).amax())  # < 2^column_norms
     second = torch.div(column_norms + 1, 2, rounding_mode="floor")  # ceil(column_norms / 2)
-    return (-first - second).clamp(-limit, limit).to(torch.int32)
+    return G, j, (j - second).clamp(-limit, limit).to(torch.int32)
 
 
 def normalised_grad_matrix(
@@ -218,6 +290,9 @@ def normalised_grad_matrix(
     ``2^k`` is a power of two, ``2^k G`` has exactly the bits of ``G`` formed
     the usual way, times ``2^k``, unless ``G`` overflowed or had subnormal
     entries in ``dtype`` (where the normalised one is the more accurate).
+    Where ``dtype`` is the wide dtype, ``2^k G`` is the measuring pass's
+    ``2^j G`` times ``2^(k − j)`` in place (the same bits, but for entries
+    below ``2^−126`` of the largest: a pass over ``g`` and one write fewer).
 
     Args:
         grad_output: a layer's output gradient in ``[B, S, d_o]`` (its kind's format).
@@ -228,7 +303,9 @@ def normalised_grad_matrix(
     """
     wide = torch.promote_types(grad_output.dtype, torch.float32)
     g = grad_output.detach().to(wide)  # one copy (none for float32 gradients)
-    k = gram_normaliser_exponent(g, approx=approx, loss_average=loss_average)
+    measured, j, k = _measuring_pass(g, approx=approx, loss_average=loss_average)
+    if dtype == wide:
+        return measured.mul_(_power_of_two(k - j, wide)), 2 * k
     scaled = g * _power_of_two(k, wide)
     G = grad_matrix(scaled.to(dtype), approx=approx, loss_average=loss_average)
     return G, 2 * k

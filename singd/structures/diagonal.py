@@ -60,6 +60,19 @@ class Diagonal(StructuredMatrix):
         own, x = self._promoted_rows(other)
         return (own._diag * own._diag)[:, None] * x
 
+    def project_inner(self, factor: Tensor) -> Diagonal:
+        """``Π̂(Kᵀ X Xᵀ K) = k² ⊙ rowsum(X²)`` from ``X`` (``d × m``), in the promoted dtype.
+
+        Two passes over ``X`` (square, sum) where ``rowsum((k ⊙ X)²)`` takes
+        three.  In float16/bfloat16 the latter order is kept: it is the order
+        the emulated oracle rounds in (``RN(k·x)`` first; verification/emulated.py),
+        whose one-step comparison allows only the roundings it lists.
+        """
+        own, x = self._promoted_rows(factor)
+        if own.dtype.itemsize < 4:
+            return super().project_inner(factor)
+        return type(self)(self.dim, {"diag": (own._diag * own._diag) * (x * x).sum(dim=1)})
+
     def __matmul__(self, other: StructuredMatrix) -> Diagonal:
         """``K L = diag(k ⊙ l)``, in the promoted dtype."""
         self._check_same(other)
