@@ -142,11 +142,11 @@ class Hierarchical(StructuredMatrix):
             return torch.cat([a @ top + b @ below, c[:, None] * middle, d @ middle + e @ bottom])
         out = x.new_empty(x.shape)
         out_top, out_middle, out_bottom = self._row_blocks(out)
-        # each block written in place (no concatenation): the same operations (an mm into a
-        # slice may round unlike one into a fresh tensor: tests/structures/test_blockwise_products)
-        torch.matmul(a, top, out=out_top).add_(b @ below)
+        # each block written in place (no concatenation), second products accumulated into it
+        # (addmm_: no temporary; tests/structures/test_blockwise_products bounds the difference)
+        torch.matmul(a, top, out=out_top).addmm_(b, below)
         torch.mul(c[:, None], middle, out=out_middle)
-        torch.matmul(d, middle, out=out_bottom).add_(e @ bottom)
+        torch.matmul(d, middle, out=out_bottom).addmm_(e, bottom)
         return out
 
     def t_matmul(self, other: Tensor) -> Tensor:
@@ -155,8 +155,8 @@ class Hierarchical(StructuredMatrix):
         a, b, c, d, e = own._parts()
         top, middle, bottom = self._row_blocks(x)
         m = middle.shape[0]
-        b_top = b.T @ top  # [B1ᵀ X1; B2ᵀ X1]
         if records_graph(x, a, b, c, d, e):  # autograd cannot record an ``out=`` write
+            b_top = b.T @ top  # [B1ᵀ X1; B2ᵀ X1]
             return torch.cat(
                 [
                     a.T @ top,
@@ -166,11 +166,11 @@ class Hierarchical(StructuredMatrix):
             )
         out = x.new_empty(x.shape)
         out_top, out_middle, out_bottom = self._row_blocks(out)
-        # each block written in place, sums in the same order (x + y and y + x are the same bits)
-        # but an mm into a slice may round unlike one into a fresh tensor (as in matmul)
+        # each block written in place, the products accumulated into it (addmm_): no
+        # d × m temporary (B1ᵀ X1, Dᵀ X3) nor a pass to add it
         torch.matmul(a.T, top, out=out_top)
-        torch.mul(c[:, None], middle, out=out_middle).add_(b_top[:m]).add_(d.T @ bottom)
-        torch.matmul(e.T, bottom, out=out_bottom).add_(b_top[m:])
+        torch.mul(c[:, None], middle, out=out_middle).addmm_(b[:, :m].T, top).addmm_(d.T, bottom)
+        torch.matmul(e.T, bottom, out=out_bottom).addmm_(b[:, m:].T, top)
         return out
 
     def __matmul__(self, other: StructuredMatrix) -> Hierarchical:

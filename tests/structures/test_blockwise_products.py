@@ -2,8 +2,10 @@
 
 Block-diagonal and hierarchical ``K X`` / ``Kᵀ X`` write each block row of the
 result in place (no ``torch.cat`` of a ``d × m`` result, issue 9): each block
-is the same ``mm``/``bmm``/``mul`` on the same operands and every sum keeps
-its order.  That is not bitwise the concatenation: BLAS picks its kernel by
+is the same ``mm``/``bmm``/``mul`` on the same operands, a hierarchical
+block's further products accumulated into it (``addmm_``, no temporary).
+That is not bitwise the concatenation: ``addmm_`` rounds its sum once where
+the concatenation rounds the product and then the sum, and BLAS picks its kernel by
 the output's address, so an ``mm`` into a row slice of a larger tensor can
 round differently from the same ``mm`` into a fresh one (seen: float64
 ``hierarchical15_15``, ``d = 25``, ``m = 7``, one entry ``8.9e-16`` apart).
