@@ -132,7 +132,7 @@ def _rows_out(like: Tensor, rows: int, columns: int) -> Tensor:
     ``like`` (a Conv's patches or output gradient) is a transposing copy,
     several times slower.
     """
-    if like.dim() == 0 or like.stride(-1) == 1 or like.shape[-1] == 1:
+    if like.stride(-1) == 1:
         return like.new_empty(rows, columns)
     return like.new_empty(columns, rows).T
 
@@ -217,45 +217,28 @@ def _power_of_two(exponent: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.ldexp(torch.ones((), dtype=dtype, device=exponent.device), exponent)
 
 
-def gram_normaliser_exponent(
-    grad_output: Tensor, *, approx: Approx, loss_average: LossAverage
-) -> Tensor:
-    """``k`` (0-dim int32 tensor) such that ``G`` of ``2^k · grad_output`` is well scaled.
-
-    SPEC §1.5 as this project implements it (docs/SPEC.md, deviation): with
-    ``G`` the matrix of :func:`grad_matrix`, the largest diagonal entry of
-    ``(2^k G)ᵀ(2^k G)`` — the largest squared column norm — lies in ``[1/4, 1)``,
-    so by Cauchy–Schwarz every entry of the Gram product is below 1 whatever
-    scale (loss scale, learning-rate regime) the gradients carry.  Found in two
-    stages in ``float32`` (or the gradient's dtype if wider), without a host
-    sync (:func:`_measuring_pass`).  ``k`` is clamped so that ``2^k`` is a
-    normal number of that dtype; only gradients within a factor ``2^126`` of
-    the dtype's range are then left partly unnormalised.
-
-    Args:
-        grad_output: a layer's output gradient in ``[B, S, d_o]`` (any float dtype).
-
-    Returns:
-        ``k``; ``0`` for an empty gradient.  Garbage (but finite) if
-        ``grad_output`` has inf/NaN entries: those stay non-finite in ``G``.
-    """
-    wide = torch.promote_types(grad_output.dtype, torch.float32)
-    g = grad_output.detach().to(wide)
-    return _measuring_pass(g, approx=approx, loss_average=loss_average)[2]
-
-
 def _measuring_pass(
     g: Tensor, *, approx: Approx, loss_average: LossAverage
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(G_j, j, k)`` for ``g`` (``[B, S, d_o]``, float32 or wider): ``k`` of
-    :func:`gram_normaliser_exponent` and ``G_j = 2^j G``, the ``G`` of ``2^j g``.
+    """``(G_j, j, k)`` for ``g`` (``[B, S, d_o]``, float32 or wider, no host sync).
 
-    First ``max|g|`` is brought below 1 (``2^j``, ``j`` from one ``aminmax``),
-    then the squared column norms of that ``G_j`` are measured (no overflow:
-    each is at most ``n·N``).  ``j`` is clamped so that ``2^j`` and
-    ``2^j·sqrt(N)`` are finite normal numbers (:func:`grad_matrix` forms
-    ``G_j`` in one product with their product).  For an empty ``g``, ``j =
-    k = 0`` and ``G_j`` is ``G``.
+    ``k`` is the exponent with which ``G`` of ``2^k · g`` is well scaled (SPEC
+    §1.5 as this project implements it, docs/SPEC.md, deviation): with ``G`` the
+    matrix of :func:`grad_matrix`, the largest diagonal entry of
+    ``(2^k G)ᵀ(2^k G)`` — the largest squared column norm — lies in ``[1/4, 1)``,
+    so by Cauchy–Schwarz every entry of the Gram product is below 1 whatever
+    scale (loss scale, learning-rate regime) the gradients carry.  ``k`` is
+    clamped so that ``2^k`` is a normal number of ``g``'s dtype; only gradients
+    within a factor ``2^126`` of the dtype's range are then left partly
+    unnormalised.  Garbage (but finite) if ``g`` has inf/NaN entries: those stay
+    non-finite in ``G``.
+
+    Found in two stages: first ``max|g|`` is brought below 1 (``2^j``, ``j``
+    from one ``aminmax``), then the squared column norms of ``G_j = 2^j G``
+    (the ``G`` of ``2^j g``) are measured (no overflow: each is at most
+    ``n·N``).  ``j`` is clamped so that ``2^j`` and ``2^j·sqrt(N)`` are finite
+    normal numbers (:func:`grad_matrix` forms ``G_j`` in one product with
+    their product).  For an empty ``g``, ``j = k = 0`` and ``G_j`` is ``G``.
     """
     wide = g.dtype
     limit = math.frexp(torch.finfo(wide).max)[1] - 2  # 2^±limit are normal numbers of ``wide``
@@ -284,7 +267,7 @@ def normalised_grad_matrix(
 ) -> tuple[Tensor, Tensor]:
     """``2^k G`` in ``dtype`` and ``2k``, the log2 of the factor its Gram product carries.
 
-    ``k`` from :func:`gram_normaliser_exponent` (SPEC §1.5, docs/SPEC.md
+    ``k`` from :func:`_measuring_pass` (SPEC §1.5, docs/SPEC.md
     deviation).  The gradient is scaled in its wide dtype *before* the cast to
     ``dtype`` and :func:`grad_matrix` (so neither can overflow); since
     ``2^k`` is a power of two, ``2^k G`` has exactly the bits of ``G`` formed

@@ -68,9 +68,9 @@ class Diagonal(StructuredMatrix):
         the emulated oracle rounds in (``RN(k·x)`` first; verification/emulated.py),
         whose one-step comparison allows only the roundings it lists.
         """
-        own, x = self._promoted_rows(factor)
-        if own.dtype.itemsize < 4:
+        if torch.promote_types(self.dtype, factor.dtype).itemsize < 4:
             return super().project_inner(factor)
+        own, x = self._promoted_rows(factor)
         return type(self)(self.dim, {"diag": (own._diag * own._diag) * (x * x).sum(dim=1)})
 
     def __matmul__(self, other: StructuredMatrix) -> Diagonal:
