@@ -489,7 +489,7 @@ def _stale_statistics() -> Replacements:
         nonlocal previous
         current = _pop_all(self)
         stale = previous or current
-        previous = current
+        previous = dict(current)  # its own copy: the step empties the dict it is handed
         return stale
 
     return {"singd.optim.hooks:CurvatureCollector.pop_all": pop_previous}

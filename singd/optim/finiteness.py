@@ -19,7 +19,8 @@ The values of one dtype are then stacked and tested by one ``isfinite``.
 Tensors that are rows of one 2-D contiguous tensor (the stacked results of
 :mod:`singd.optim.batched`, taken apart by ``unbind``) are reduced together,
 one ``aminmax(dim=1)`` per base, so a batch of layers costs the operators of
-one.
+one.  A tensor that is a permutation of a contiguous one (a transposed view)
+is reduced through that permutation: ``aminmax`` would copy it first.
 """
 
 from __future__ import annotations
@@ -76,12 +77,28 @@ def finite_flags(tensors: Sequence[Tensor], *, fused: bool | None = None) -> lis
         if fused:
             values = torch._foreach_norm(group, float("inf"))
         else:
-            values = [value for tensor in group for value in torch.aminmax(tensor)]
+            values = [value for tensor in group for value in torch.aminmax(_dense_order(tensor))]
         ok = torch.isfinite(torch.stack([value.to(device) for value in values]))
         ok = ok.view(len(indices), -1).all(dim=1) if not fused else ok
         for i, flag in zip(indices, ok.unbind(), strict=True):
             flags[i] = flag
     return flags
+
+
+def _dense_order(tensor: Tensor) -> Tensor:
+    """``tensor`` with its dims permuted into memory order, if that view is contiguous.
+
+    The same entries (so the same extremes) without the contiguous copy
+    ``aminmax`` makes of a strided input: a preconditioned gradient is often
+    a transposed view (``singd_precondition`` returns ``(K Kᵀ leftᵀ)ᵀ``), and
+    that copy cost a full-size allocation and pass per layer.  Any other
+    layout is returned as is.
+    """
+    if tensor.is_contiguous():
+        return tensor
+    order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
+    permuted = tensor.permute(order)
+    return permuted if permuted.is_contiguous() else tensor
 
 
 def _row_of(tensor: Tensor) -> tuple[Tensor, int] | None:

@@ -42,7 +42,8 @@ class Gathered(NamedTuple):
 
     Attributes:
         amp: the ``GradScaler``'s (or declared) scale of this step.
-        pending: layer name → its statistics of this step's passes.
+        pending: layer name → its statistics of this step's passes
+            (:func:`plan_step` empties it once the factor steps are done).
         pending_elementwise: elementwise layer → its ``([h_γ, (h_β)], scale_removed)``.
         grads: ``id(param)`` → full-batch gradient.
     """
@@ -152,6 +153,12 @@ def plan_step(context: StepContext, gathered: Gathered) -> Skip | StepPlan:
         to_storage=preconditioner.to_storage,
         from_storage=context.restore,
     )
+    # The statistics and the factor steps' inputs are spent.  Released before the
+    # directions are formed, these reuse their memory instead of growing the heap
+    # (which glibc then trims after every step, so that the next one page-faults
+    # it back in: 2 700 faults, about 11 ms, per step of the dense MLP).
+    del prepared, owned
+    pending.clear()
     step_directions = directions(context, grads, {**table.states, **new_states})
     elementwise, new_elementwise = elementwise_directions(
         context, grads, gathered.pending_elementwise, amp

@@ -170,8 +170,17 @@ def normalized_lr_cov(lr_cov: float, momentum: StructuredMatrix, normalize: bool
 def singd_factor_step(
     factor: StructuredMatrix, momentum: StructuredMatrix, lr_cov: float
 ) -> StructuredMatrix:
-    """``K ← K (I − β1 m) = K − β1 · K m`` (SPEC §1.3, first order, §1.4a)."""
-    return factor.add(factor @ momentum, alpha=-lr_cov)
+    """``K ← K (I − β1 m) = K − β1 · K m`` (SPEC §1.3, first order, §1.4a).
+
+    The sum is written into the product's fresh storage
+    (:meth:`~StructuredMatrix.add_onto_`, bitwise ``factor.add(product, −β1)``):
+    no third storage-sized buffer, unless the product's dtype differs from
+    the factor's (then ``add`` casts it, as before).
+    """
+    product = factor @ momentum
+    if product.dtype != factor.dtype:
+        return factor.add(product, alpha=-lr_cov)
+    return product.add_onto_(factor, alpha=-lr_cov)
 
 
 #: ``(factor, momentum, β1) → new factor``: one factor's ``K ← K − β1·K·m`` (SPEC §1.4a).

@@ -280,6 +280,30 @@ class StructuredMatrix(ABC):
         return type(self)(self.dim, storage)
 
     # ---------------------------------------------------------------- in place
+    def add_onto_(self, base: StructuredMatrix, alpha: float) -> Self:
+        """``self ← base + α self``, written into this matrix's storage.
+
+        Bitwise ``base.add(self, alpha)`` (the same kernel, its output aliasing
+        ``self``), without a new storage-sized result.  Needs ``self`` and
+        ``base`` of one structure, size and dtype, with no storage in common
+        (``ValueError`` otherwise).
+        """
+        self._check_same(base)
+        check_scalar(alpha, f"{self.name}.add_onto_ alpha")
+        pairs = [(t, base._storage[key]) for key, t in self._storage.items()]
+        for t, b in pairs:
+            if t.dtype != b.dtype:
+                raise ValueError(f"{self.name}.add_onto_: dtypes {t.dtype} and {b.dtype} differ")
+            if (
+                t.numel()
+                and b.numel()
+                and t.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            ):
+                raise ValueError(f"{self.name}.add_onto_: the two matrices share storage")
+        for t, b in pairs:
+            torch.add(b, t, alpha=alpha, out=t)
+        return self
+
     def mul_(self, scalar: float | Tensor) -> Self:
         """``K ← s K``."""
         check_scalar(scalar, f"{self.name}.mul_")

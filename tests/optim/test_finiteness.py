@@ -77,3 +77,44 @@ def test_host_values_reads_every_scalar_in_order(entries: list[tuple[torch.dtype
     """
     scalars = [torch.tensor(value).to(dtype) for dtype, value in entries]
     assert host_values(scalars) == [float(scalar.double()) for scalar in scalars]
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 6)])
+def test_permuted_views_are_checked_in_memory_order(special: float, shape: tuple[int, ...]) -> None:
+    """A transposed/permuted view (how ``ĝ`` comes out of ``singd_precondition``) is reduced
+    through the contiguous tensor it permutes, with the same flags as the view itself.
+
+    Rule: exact (the same entries), for every special value at every position
+    class (first, last, interior) and for the finite view; a row-sliced view
+    (not a permutation of a contiguous tensor) is still checked.
+    """
+    base = torch.randn(shape, dtype=torch.float32)
+    view = base.permute(*reversed(range(base.dim())))
+    assert not view.is_contiguous()
+    assert bool(finite_flags([view])[0])
+    for index in (0, base.numel() // 2, base.numel() - 1):
+        broken = base.clone()
+        broken.view(-1)[index] = special
+        permuted = broken.permute(*reversed(range(broken.dim())))
+        sliced = broken.reshape(shape[0], -1)[:, 1:]
+        flags = [bool(flag) for flag in finite_flags([permuted, sliced])]
+        assert flags == [False, bool(torch.isfinite(sliced).all())]
+
+
+def test_a_transposed_view_is_not_copied() -> None:
+    """``aminmax`` of a strided input copies it first; the permuted view avoids that.
+
+    Rule: exact: no ``clone``/``copy_`` of the 64 × 65 transposed view runs (profiler).
+    """
+    view = torch.randn(65, 64).T
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, record_shapes=True) as profiler:
+        finite_flags([view])
+    full_size = [
+        event.name
+        for event in profiler.events()
+        if any(sorted(shape) == [64, 65] for shape in event.input_shapes or [])
+    ]
+    assert "aten::aminmax" in full_size
+    assert not set(full_size) & {"aten::clone", "aten::contiguous", "aten::copy_"}

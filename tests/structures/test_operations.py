@@ -325,6 +325,37 @@ def test_out_of_place_ops_are_the_in_place_ones(
     np.testing.assert_array_equal(member.to_dense().double().numpy(), k)  # operands untouched
 
 
+@given(data=st.data(), alpha=SCALARS)
+def test_add_onto_is_add_written_into_the_addend(
+    name: str, data: st.DataObject, alpha: float
+) -> None:
+    """``L.add_onto_(K, α)`` is ``K.add(L, α)`` written into ``L``'s storage.
+
+    Rule: bitwise (the same kernel, its output aliasing ``L``), in the
+    member's dtype; ``K`` is untouched and ``L``'s storage tensors are kept.
+    """
+    case = data.draw(cases(name))
+    (member, k), (other, _) = case.member(0), case.member(1)
+    reference = member.add(other, alpha=alpha)
+    before = {key: t.data_ptr() for key, t in other.storage.items()}
+    out = other.add_onto_(member, alpha=alpha)
+    assert out is other
+    for key, tensor in reference.storage.items():
+        assert torch.equal(out.storage[key], tensor), key
+        assert out.storage[key].data_ptr() == before[key], key
+    np.testing.assert_array_equal(member.to_dense().double().numpy(), k)  # K untouched
+
+
+def test_add_onto_refuses_shared_storage_and_other_dtypes(name: str) -> None:
+    """The aliasing ``add_onto_`` needs: ``K`` and ``L`` apart, of one dtype (else ValueError)."""
+    structure = get_structure(name)
+    member = structure.eye(7)
+    with pytest.raises(ValueError, match="share storage"):
+        member.add_onto_(member, alpha=-0.5)
+    with pytest.raises(ValueError, match="dtypes"):
+        member.add_onto_(structure.eye(7, dtype=torch.float64), alpha=-0.5)
+
+
 # ------------------------------------------------------------------ dtype rule
 @pytest.mark.parametrize("own", DTYPES)
 @pytest.mark.parametrize("operand", DTYPES)
