@@ -182,15 +182,15 @@ def grad_matrix(
     *,
     approx: Approx,
     loss_average: LossAverage,
-    scale: Tensor | None = None,
+    scale: Tensor | float | None = None,
 ) -> Tensor:
     """``G`` (n_G × d_o) from output gradients in ``[B, S, d_o]`` (SPEC §1.1).
 
     Expand flattens shared positions into rows, reduce sums over them; then
-    ``G ← G · sqrt(N)`` undoes the loss average (times ``scale``, a 0-dim
-    power of two, if given: for expand one product ``fl(x · (2^j · sqrt(N)))``,
-    the bits of ``fl(fl(x · 2^j) · sqrt(N))`` but for subnormals; for reduce
-    ``x · 2^j`` before the sum).  The result is
+    ``G ← G · sqrt(N)`` undoes the loss average (times ``scale``, a power of
+    two as a 0-dim tensor or a Python float, if given: for expand one product
+    ``fl(x · (2^j · sqrt(N)))``, the bits of ``fl(fl(x · 2^j) · sqrt(N))`` but
+    for subnormals; for reduce ``x · 2^j`` before the sum).  The result is
     always a new tensor (never a view of ``shared``), so callers may scale it
     in place; it is written in one pass, in the layout of ``shared``'s
     features (:func:`_rows_out`).
@@ -218,9 +218,9 @@ def _power_of_two(exponent: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _measuring_pass(
-    g: Tensor, *, approx: Approx, loss_average: LossAverage
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(G_j, j, k)`` for ``g`` (``[B, S, d_o]``, float32 or wider, no host sync).
+    g: Tensor, *, approx: Approx, loss_average: LossAverage, on_host: bool | None = None
+) -> tuple[Tensor, int | Tensor, int | Tensor]:
+    """``(G_j, j, k)`` for ``g`` (``[B, S, d_o]``, float32 or wider).
 
     ``k`` is the exponent with which ``G`` of ``2^k · g`` is well scaled (SPEC
     §1.5 as this project implements it, docs/SPEC.md, deviation): with ``G`` the
@@ -239,15 +239,31 @@ def _measuring_pass(
     ``n·N``).  ``j`` is clamped so that ``2^j`` and ``2^j·sqrt(N)`` are finite
     normal numbers (:func:`grad_matrix` forms ``G_j`` in one product with
     their product).  For an empty ``g``, ``j = k = 0`` and ``G_j`` is ``G``.
+
+    ``on_host`` (``None``: on the CPU): the two measured extremes are read into
+    Python and ``j``, ``k`` are Python ints, the scalar steps (``frexp``,
+    clamps, powers of two) host arithmetic — on the CPU a read waits for
+    nothing, and it saves about fifteen operator calls per layer.  Otherwise
+    (a device) they stay 0-dim int32 tensors and no host sync happens.  Both
+    give the same ``G_j`` bits and the same exponents (tested).
     """
     wide = g.dtype
     limit = math.frexp(torch.finfo(wide).max)[1] - 2  # 2^±limit are normal numbers of ``wide``
-    zero = torch.zeros((), dtype=torch.int32, device=g.device)
+    if on_host is None:
+        on_host = g.device.type == "cpu"
+    zero: int | Tensor = 0 if on_host else torch.zeros((), dtype=torch.int32, device=g.device)
     if g.numel() == 0:
         return grad_matrix(g, approx=approx, loss_average=loss_average), zero, zero
     batch, positions, _ = g.shape
     headroom = math.ceil(math.log2(loss_terms(batch, positions, loss_average)) / 2) + 1
     low, high = torch.aminmax(g)  # max|g| in one pass, no |g| temporary
+    if on_host:
+        j = -min(max(math.frexp(max(-float(low), float(high)))[1], headroom - limit), limit)
+        G = grad_matrix(g, approx=approx, loss_average=loss_average, scale=math.ldexp(1.0, j))
+        if G.numel() == 0:
+            return G, 0, 0
+        column_norms = math.frexp(float(G.square().sum(dim=0).amax()))[1]
+        return G, j, min(max(j - (column_norms + 1) // 2, -limit), limit)
     first = _binary_exponent(torch.maximum(-low, high)).clamp(headroom - limit, limit)
     j = -first
     G = grad_matrix(g, approx=approx, loss_average=loss_average, scale=_power_of_two(j, wide))
@@ -264,6 +280,7 @@ def normalised_grad_matrix(
     approx: Approx,
     loss_average: LossAverage,
     dtype: torch.dtype,
+    on_host: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``2^k G`` in ``dtype`` and ``2k``, the log2 of the factor its Gram product carries.
 
@@ -279,6 +296,7 @@ def normalised_grad_matrix(
 
     Args:
         grad_output: a layer's output gradient in ``[B, S, d_o]`` (its kind's format).
+        on_host: where the exponents are worked out (:func:`_measuring_pass`).
 
     Returns:
         ``(G, log2_factor)`` with ``G`` (n_G × d_o) in ``dtype`` and
@@ -286,9 +304,16 @@ def normalised_grad_matrix(
     """
     wide = torch.promote_types(grad_output.dtype, torch.float32)
     g = grad_output.detach().to(wide)  # one copy (none for float32 gradients)
-    measured, j, k = _measuring_pass(g, approx=approx, loss_average=loss_average)
-    if dtype == wide:
-        return measured.mul_(_power_of_two(k - j, wide)), 2 * k
-    scaled = g * _power_of_two(k, wide)
+    measured, j, k = _measuring_pass(g, approx=approx, loss_average=loss_average, on_host=on_host)
+    if isinstance(k, int):  # host exponents (the CPU): Python powers of two, one 0-dim result
+        log2_factor = torch.tensor(2 * k, dtype=torch.int32, device=g.device)
+        if dtype == wide:
+            return measured.mul_(math.ldexp(1.0, k - j)), log2_factor
+        scaled = g * math.ldexp(1.0, k)
+    else:
+        log2_factor = 2 * k
+        if dtype == wide:
+            return measured.mul_(_power_of_two(k - j, wide)), log2_factor
+        scaled = g * _power_of_two(k, wide)
     G = grad_matrix(scaled.to(dtype), approx=approx, loss_average=loss_average)
-    return G, 2 * k
+    return G, log2_factor

@@ -118,6 +118,72 @@ def test_normalised_grad_matrix_is_g_of_the_scaled_gradient(
     assert 0.25 <= float(G.square().sum(dim=0).max()) < 1
 
 
+@given(
+    wide=st.sampled_from([torch.float32, torch.float64]),
+    dtype=st.sampled_from([None, torch.bfloat16, torch.float16]),
+    magnitude=st.sampled_from([-140, -60, -10, 0, 10, 60, 120]),
+    loss_average=st.sampled_from([None, "batch", "batch+sequence"]),
+    empty=st.booleans(),
+    special=st.sampled_from([None, float("inf"), float("nan")]),
+    **SHAPES,
+)
+@example(  # float32 gradients near the bottom of the range: j and k clamped
+    wide=torch.float32,
+    dtype=None,
+    magnitude=-140,
+    loss_average="batch",
+    empty=False,
+    special=None,
+    batch=2,
+    positions=3,
+    features=4,
+    feature_major=False,
+    approx="expand",
+    seed=0,
+)
+@example(  # float64 far above float32's range: 2^j beyond float32's exponents
+    wide=torch.float64,
+    dtype=torch.bfloat16,
+    magnitude=120,
+    loss_average=None,
+    empty=False,
+    special=None,
+    batch=3,
+    positions=2,
+    features=5,
+    feature_major=True,
+    approx="reduce",
+    seed=2,
+)
+def test_host_and_device_exponents_agree(
+    wide, dtype, magnitude, loss_average, empty, special,
+    batch, positions, features, feature_major, approx, seed,
+):  # fmt: skip
+    """The CPU's host arithmetic for ``j``, ``k`` (Python ints) and the device's 0-dim
+    tensors give the same ``G`` and ``2k``.
+
+    Rule: bitwise (``G`` with NaNs in the same places) and exact exponents, for
+    float32/float64 gradients of magnitudes ``2^-140 … 2^120`` (clamped ``j``, ``k``,
+    subnormal float32 entries), an empty batch and inf/NaN entries.
+    """
+    shared = _shared(0 if empty else batch, positions, features, feature_major, seed)
+    shared = (shared.double() * 2.0**magnitude).to(wide)
+    if special is not None and shared.numel():
+        shared[0, 0, 0] = special
+    target = wide if dtype is None else dtype
+    results = [
+        statistics.normalised_grad_matrix(
+            shared, approx=approx, loss_average=loss_average, dtype=target, on_host=on_host
+        )
+        for on_host in (True, False)
+    ]
+    (host_G, host_log2), (device_G, device_log2) = results
+    assert host_log2.dtype == device_log2.dtype == torch.int32
+    assert int(host_log2) == int(device_log2)
+    assert torch.equal(host_G.isnan(), device_G.isnan())
+    assert torch.equal(host_G.nan_to_num(0.0), device_G.nan_to_num(0.0))
+
+
 def test_a_wrong_scale_is_caught() -> None:
     """The bitwise comparison sees one rounding placed differently: ``rows · (1/sqrt(n))``
     for ``rows / sqrt(n)`` (n = 3)."""
