@@ -8,9 +8,12 @@ parameter update compiled (:mod:`singd.optim.compiled`) and stores those
 results under ``"compiled"`` (``null`` without it).
 
 Runs :func:`asv_benches/benchmarks/ratios.ratio` (models and protocol are
-described there) with this project's ``singd``, or with the public package:
-``/work/venv-public/bin/python scripts/step_ratio.py`` from outside the
-repository root, so that ``import singd`` finds the public package.
+described there) with this project's ``singd``.  ``--compare-python PY`` loads
+the ``singd`` that ``PY`` imports (the public package, in its own environment)
+into this process under its own module objects (:func:`load_rival`), and times
+it in the same windows as ours and AdamW; the script also runs as is under
+the public package's Python (from outside the repository root, so that
+``import singd`` finds that package).
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ EXTRA_MODELS = ("cnn", "transformer")
 EXTRA_STRUCTURES = ("diagonal", "dense")
 
 
-def measure(args: argparse.Namespace, compile_updates: bool = False) -> dict[str, dict[str, float]]:
+def measure(
+    args: argparse.Namespace,
+    compile_updates: bool = False,
+    rival: type[torch.optim.Optimizer] | None = None,
+) -> dict[str, dict[str, float]]:
     """``model/structure/T=…`` → :func:`ratio`'s result, printed as it goes."""
     torch.set_num_threads(args.threads)
     configurations = [("mlp", s, T) for T in args.T for s in args.structures]
@@ -45,24 +52,75 @@ def measure(args: argparse.Namespace, compile_updates: bool = False) -> dict[str
         ]
     results = {}
     for model, structure, T in configurations:
-        result = ratio(model, structure, T, args.steps, compile_updates)
+        result = ratio(model, structure, T, args.steps, compile_updates, rival)
         results[f"{model}/{structure}/T={T}"] = result
+        versus = (
+            ""
+            if rival is None
+            else f"; public {result['rival_ratio']:6.2f}×, ours / public {result['vs_rival']:.3f}"
+        )
         print(
             f"{model:>11} {structure:>18} T={T:<2}{' compiled' if compile_updates else ''}: "
             f"{result['ratio']:6.2f}× AdamW "
-            f"({1e3 * result['singd_s']:.2f} ms vs {1e3 * result['adamw_s']:.2f} ms)",
+            f"({1e3 * result['singd_s']:.2f} ms vs {1e3 * result['adamw_s']:.2f} ms){versus}",
             flush=True,
         )
     return results
 
 
+def load_rival(python: str) -> tuple[type[torch.optim.Optimizer], str]:
+    """The ``SINGD`` class of the ``singd`` that ``python`` imports, loaded in this process.
+
+    Its directory is asked of ``python`` (run from a temporary directory, without
+    ``PYTHONPATH``, so it finds its own package); ``sys.modules`` is emptied of
+    this project's ``singd`` while that one is imported from there, then restored,
+    so each package's modules keep their own globals.  The directory is appended
+    to ``sys.path``: the rival's other dependencies (einops, …) resolve there,
+    torch stays this process's (the same version is required).  Returns the class
+    and ``"<name> <version>"``.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = (
+        "import os, torch, singd; "
+        "print(os.path.dirname(os.path.dirname(singd.__file__))); print(torch.__version__)"
+    )
+    with tempfile.TemporaryDirectory() as work:
+        found = subprocess.run(
+            [python, "-c", probe], cwd=work, env=env, check=True, capture_output=True, text=True
+        ).stdout.split()
+    site, torch_version = found[0], found[1]
+    if torch_version != torch.__version__:
+        raise SystemExit(f"{python} has torch {torch_version}, this process {torch.__version__}")
+    ours = {k: m for k, m in sys.modules.items() if k == "singd" or k.startswith("singd.")}
+    for key in ours:
+        del sys.modules[key]
+    sys.path.insert(0, site)
+    try:
+        rival = importlib.import_module("singd.optim.optimizer").SINGD
+    finally:
+        sys.path.remove(site)
+        sys.path.append(site)
+        for key in [k for k in sys.modules if k == "singd" or k.startswith("singd.")]:
+            del sys.modules[key]
+        sys.modules.update(ours)
+    version = next(
+        (
+            f"singd {d.version}"
+            for d in importlib.metadata.distributions(path=[site])
+            if d.metadata["Name"] == "singd"
+        ),
+        "singd (unknown version)",
+    )
+    return rival, version
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print one line per configuration; optionally write the JSON.
 
-    With ``--compare-python PY`` the same script is then run by ``PY`` from a
-    temporary directory (so that its ``import singd`` is that environment's
-    package, e.g. the public singd 0.0.5) and its results are stored beside
-    ours under ``"compared"``; ``null`` without it.
+    With ``--compare-python PY`` that environment's ``singd`` (e.g. the public
+    singd 0.0.5) is timed in the same windows (:func:`load_rival`): each result
+    then holds ``rival_ratio`` and ``vs_rival``, and ``"compared"`` names the
+    package (``null`` without it).
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--structures", nargs="+", default=list(STRUCTURES))
@@ -79,21 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-updates", action="store_true")
     parser.add_argument("--json", metavar="PATH", default=None)
     args = parser.parse_args(argv)
-    results = measure(args)
+    rival, rival_name = (None, None)
+    if args.compare_python is not None:
+        rival, rival_name = load_rival(args.compare_python)
+    results = measure(args, rival=rival)
     # one compile worker: a pool of them would share the two cores with the timed steps
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     compiled = measure(args, compile_updates=True) if args.compile_updates else None
-    compared = None
-    if args.compare_python is not None:
-        with tempfile.TemporaryDirectory() as work:
-            out = Path(work) / "compared.json"
-            forwarded = list(argv if argv is not None else sys.argv[1:])
-            forwarded = _without_option(_without_option(forwarded, "--compare-python"), "--json")
-            forwarded = [a for a in forwarded if a != "--compile-updates"]  # ours only
-            command = [args.compare_python, str(Path(__file__).resolve()), *forwarded]
-            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own singd
-            subprocess.run([*command, "--json", str(out)], cwd=work, env=env, check=True)
-            compared = json.loads(out.read_text())
     if args.json is not None:
         with open(args.json, "w") as handle:
             record = {
@@ -102,17 +152,9 @@ def main(argv: list[str] | None = None) -> None:
                 "singd": _singd_version(),
                 "results": results,
                 "compiled": compiled,
-                "compared": compared,
+                "compared": rival_name,
             }
             json.dump(record, handle, indent=1)
-
-
-def _without_option(argv: list[str], option: str) -> list[str]:
-    """``argv`` without ``option`` and its value."""
-    if option not in argv:
-        return argv
-    index = argv.index(option)
-    return argv[:index] + argv[index + 2 :]
 
 
 def _singd_version() -> str:

@@ -13,6 +13,9 @@ The two optimizers alternate window by window (SINGD, AdamW, SINGD, ...) on
 two copies of the same model, after ``2 T`` warm-up steps each, so machine load
 affects both alike; the ratio is median(SINGD window) / median(AdamW window),
 a window being ``T`` steps (with ``T = 10`` it holds one statistics step).
+With a ``rival`` (another package's ``SINGD`` class, loaded in this process by
+``scripts/step_ratio.py``) three copies alternate, the order rotating each
+window, and the rival's ratio and ours / rival come from the same windows.
 
 Only torch and ``singd.optim.optimizer.SINGD`` are imported, an import path and
 constructor the public singd package shares, so ``scripts/step_ratio.py`` runs
@@ -105,12 +108,19 @@ def _timed(step: Callable[[], None], count: int) -> float:
 
 
 def ratio(
-    kind: str, structure: str, T: int, steps: int, compile_updates: bool = False
+    kind: str,
+    structure: str,
+    T: int,
+    steps: int,
+    compile_updates: bool = False,
+    rival: type[torch.optim.Optimizer] | None = None,
 ) -> dict[str, float]:
     """Median SINGD and AdamW step seconds for one configuration, and their ratio.
 
     ``compile_updates`` (this project's package only) runs SINGD's parameter update
     through ``torch.compile`` (:mod:`singd.optim.compiled`; compiled in the warm-up).
+    ``rival``: a second SINGD class (same constructor) timed in the same windows;
+    adds ``rival_s``, ``rival_ratio`` (rival / AdamW) and ``vs_rival`` (ours / rival).
 
     Subnormal numbers are flushed to zero while it runs (``torch.set_flush_denormal``):
     on the fixed batch the gradients shrink over the 300 steps of ``T = 10``,
@@ -120,33 +130,49 @@ def ratio(
     """
     flushed = torch.set_flush_denormal(True)
     try:
-        return _ratio(kind, structure, T, steps, compile_updates)
+        return _ratio(kind, structure, T, steps, compile_updates, rival)
     finally:
         if flushed:
             torch.set_flush_denormal(False)
 
 
 def _ratio(
-    kind: str, structure: str, T: int, steps: int, compile_updates: bool
+    kind: str,
+    structure: str,
+    T: int,
+    steps: int,
+    compile_updates: bool,
+    rival: type[torch.optim.Optimizer] | None,
 ) -> dict[str, float]:
     model, inputs, targets = _model_and_batch(kind)
-    twin = copy.deepcopy(model)
-    singd = SINGD(model, lr=1e-3, T=T, structures=(structure, structure), warn_unsupported=False)
+    twin, other = copy.deepcopy(model), copy.deepcopy(model)
+    options = {"lr": 1e-3, "T": T, "structures": (structure, structure)}
+    singd = SINGD(model, warn_unsupported=False, **options)
     if compile_updates:  # imported only then: the public package has no such module
         from singd.optim.compiled import compile_parameter_updates
 
         compile_parameter_updates(singd)
-    adamw = torch.optim.AdamW(twin.parameters(), lr=1e-3)
-    ours = _stepper(model, singd, inputs, targets)
-    theirs = _stepper(twin, adamw, inputs, targets)
-    _timed(ours, 2 * T)
-    _timed(theirs, 2 * T)
-    singd_times, adamw_times = [], []
-    for _ in range(steps):
-        singd_times.append(_timed(ours, T))
-        adamw_times.append(_timed(theirs, T))
-    s, a = statistics.median(singd_times), statistics.median(adamw_times)
-    return {"singd_s": s, "adamw_s": a, "ratio": s / a}
+    steppers = {
+        "singd": _stepper(model, singd, inputs, targets),
+        "adamw": _stepper(twin, torch.optim.AdamW(twin.parameters(), lr=1e-3), inputs, targets),
+    }
+    if rival is not None:
+        opponent = rival(other, warn_unsupported=False, **options)
+        steppers["rival"] = _stepper(other, opponent, inputs, targets)
+    for step in steppers.values():
+        _timed(step, 2 * T)
+    names = list(steppers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for window in range(steps):
+        for name in names[window % len(names) :] + names[: window % len(names)]:
+            times[name].append(_timed(steppers[name], T))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    s, a = median["singd"], median["adamw"]
+    result = {"singd_s": s, "adamw_s": a, "ratio": s / a}
+    if rival is not None:
+        r = median["rival"]
+        result.update({"rival_s": r, "rival_ratio": r / a, "vs_rival": s / r})
+    return result
 
 
 class RatioToAdamW:
