@@ -249,7 +249,12 @@ class KroneckerOptimizer(Optimizer):
         group = self._group(layer)
         input_dtype, grad_dtype = self._preconditioner.factor_dtypes(layer, group)
         return HookSettings(
-            group["kfac_approx"], group["loss_average"], input_dtype, grad_dtype, layer.has_bias
+            group["kfac_approx"],
+            group["loss_average"],
+            input_dtype,
+            grad_dtype,
+            layer.has_bias,
+            self._preconditioner.grad_gram_diagonal(self._table.states[name]),
         )
 
     def _backward_scale(self) -> float | None:

@@ -51,6 +51,9 @@ class HookSettings(NamedTuple):
 
     ``bias_column``: whether ``A`` gets the column of ones (the layer's bias
     is optimised as part of ``W~``; a frozen bias is not).
+    ``grad_gram_diagonal``: whether the gradient summary needs only
+    ``diag(GᵀG)`` (a diagonal ``C``): where ``G`` is formed in the gradient's
+    own wide dtype, the hook then hands :class:`GradGramDiagonal` instead of ``G``.
     """
 
     approx: statistics.Approx
@@ -58,6 +61,13 @@ class HookSettings(NamedTuple):
     input_dtype: torch.dtype
     grad_dtype: torch.dtype
     bias_column: bool
+    grad_gram_diagonal: bool = False
+
+
+class GradGramDiagonal(NamedTuple):
+    """``diag(GᵀG)`` (d_o) of the normalised ``G`` (``normalised_grad_gram_diagonal``)."""
+
+    diagonal: Tensor
 
 
 class GradScaleInfo(NamedTuple):
@@ -154,7 +164,7 @@ class CurvatureCollector:
         is_active: Callable[[str], bool],
         settings: Callable[[str], HookSettings],
         summarise_input: Callable[[str, InputStatistic], Summable],
-        summarise_grad: Callable[[str, Tensor], Summable],
+        summarise_grad: Callable[[str, Tensor | GradGramDiagonal], Summable],
         backward_scale: Callable[[], float | None],
     ) -> None:
         self._is_active = is_active
@@ -282,13 +292,18 @@ class CurvatureCollector:
     ) -> None:
         settings = self._settings(name)
         scale = self._backward_scale()
+        wide = torch.promote_types(grad_output.dtype, torch.float32)
         with torch.no_grad(), torch.autocast(grad_output.device.type, enabled=False):
-            G, log2_factor = statistics.normalised_grad_matrix(
-                kind.grad_shared(module, grad_output),
-                approx=settings.approx,
-                loss_average=settings.loss_average,
-                dtype=settings.grad_dtype,
-            )
+            shared = kind.grad_shared(module, grad_output)
+            options = {"approx": settings.approx, "loss_average": settings.loss_average}
+            G: Tensor | GradGramDiagonal
+            if settings.grad_gram_diagonal and settings.grad_dtype == wide:
+                diagonal, log2_factor = statistics.normalised_grad_gram_diagonal(shared, **options)
+                G = GradGramDiagonal(diagonal)
+            else:
+                G, log2_factor = statistics.normalised_grad_matrix(
+                    shared, dtype=settings.grad_dtype, **options
+                )
             grad_summary = self._summarise_grad(name, G)
         self._accumulate(name, input_summary, grad_summary, GradScaleInfo(scale, log2_factor))
 

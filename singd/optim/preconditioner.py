@@ -26,7 +26,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
-from singd.optim.hooks import PendingStatistics, Summable
+from singd.optim.hooks import GradGramDiagonal, PendingStatistics, Summable
 from singd.optim.kinds import InputStatistic, LayerKind
 from singd.optim.layers import Layer
 from singd.optim.sharded import Storage
@@ -108,8 +108,13 @@ class Preconditioner(ABC, Generic[State]):
         """A pass's input summary from ``A`` (n_A × d_i~) and the layer's current ``state``."""
 
     @abstractmethod
-    def summarise_grad(self, state: State, G: Tensor) -> Summable:
-        """A pass's gradient summary from ``G`` (n_G × d_o) and the layer's current ``state``."""
+    def summarise_grad(self, state: State, G: Tensor | GradGramDiagonal) -> Summable:
+        """A pass's gradient summary from ``G`` (n_G × d_o) and the layer's current ``state``
+        (``diag(GᵀG)`` instead where :meth:`grad_gram_diagonal` says that suffices)."""
+
+    def grad_gram_diagonal(self, state: State) -> bool:
+        """Whether the gradient summary of a layer with ``state`` needs only ``diag(GᵀG)``."""
+        return False
 
     @abstractmethod
     def prepare_factor_step(

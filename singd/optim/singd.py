@@ -14,7 +14,7 @@ from singd.optim import batched, updates
 from singd.optim import telemetry as telemetry_math
 from singd.optim.base import KroneckerOptimizer
 from singd.optim.compat import FactorView, ModuleNameView
-from singd.optim.hooks import PendingStatistics
+from singd.optim.hooks import GradGramDiagonal, PendingStatistics
 from singd.optim.kinds import InputGramDiagonal, InputStatistic, LayerKind
 from singd.optim.layers import Layer
 from singd.optim.preconditioner import FactorStepInputs, LayerStep, Preconditioner, StepScalars
@@ -442,8 +442,16 @@ class SingdPreconditioner(Preconditioner[SingdState]):
             return type(K).from_storage(K.dim, {"diag": K.storage["diag"].square() * A.diagonal})
         return compute_copy(state["K"], A.dtype).project_inner(A.T)
 
-    def summarise_grad(self, state: SingdState, G: Tensor) -> StructuredMatrix:
+    def summarise_grad(self, state: SingdState, G: Tensor | GradGramDiagonal) -> StructuredMatrix:
+        if isinstance(G, GradGramDiagonal):  # C is diagonal: Π̂(CᵀGᵀGC) = diag(c² ⊙ diag GᵀG)
+            C = compute_copy(state["C"], G.diagonal.dtype)
+            c = C.storage["diag"]
+            return type(C).from_storage(C.dim, {"diag": (c * c) * G.diagonal})
         return compute_copy(state["C"], G.dtype).project_inner(G.T)
+
+    def grad_gram_diagonal(self, state: SingdState) -> bool:
+        """A diagonal ``C``: its statistic is ``c² ⊙ diag(GᵀG)``."""
+        return isinstance(state["C"], Diagonal)
 
     def prepare_factor_step(
         self, layer: Layer, group: dict[str, Any], state: SingdState, pending: PendingStatistics

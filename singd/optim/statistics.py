@@ -218,9 +218,18 @@ def _power_of_two(exponent: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _measuring_pass(
-    g: Tensor, *, approx: Approx, loss_average: LossAverage, on_host: bool | None = None
-) -> tuple[Tensor, int | Tensor, int | Tensor]:
-    """``(G_j, j, k)`` for ``g`` (``[B, S, d_o]``, float32 or wider).
+    g: Tensor,
+    *,
+    approx: Approx,
+    loss_average: LossAverage,
+    on_host: bool | None = None,
+    squares_in_place: bool = False,
+) -> tuple[Tensor, int | Tensor, int | Tensor, Tensor]:
+    """``(G_j, j, k, s)`` for ``g`` (``[B, S, d_o]``, float32 or wider).
+
+    ``s`` is the measured ``diag(G_jᵀ G_j)``, the squared column norms (d_o).
+    ``squares_in_place``: ``G_j`` is squared in its own storage (the returned
+    ``G_j`` then holds the squares; for a caller that needs only ``s``).
 
     ``k`` is the exponent with which ``G`` of ``2^k · g`` is well scaled (SPEC
     §1.5 as this project implements it, docs/SPEC.md, deviation): with ``G`` the
@@ -253,25 +262,33 @@ def _measuring_pass(
         on_host = g.device.type == "cpu"
     zero: int | Tensor = 0 if on_host else torch.zeros((), dtype=torch.int32, device=g.device)
     if g.numel() == 0:
-        return grad_matrix(g, approx=approx, loss_average=loss_average), zero, zero
+        G = grad_matrix(g, approx=approx, loss_average=loss_average)
+        return G, zero, zero, G.square().sum(dim=0)
     batch, positions, _ = g.shape
     headroom = math.ceil(math.log2(loss_terms(batch, positions, loss_average)) / 2) + 1
     low, high = torch.aminmax(g)  # max|g| in one pass, no |g| temporary
     if on_host:
         j = -min(max(math.frexp(max(-float(low), float(high)))[1], headroom - limit), limit)
         G = grad_matrix(g, approx=approx, loss_average=loss_average, scale=math.ldexp(1.0, j))
+        sums = _column_squares(G, squares_in_place)
         if G.numel() == 0:
-            return G, 0, 0
-        column_norms = math.frexp(float(G.square().sum(dim=0).amax()))[1]
-        return G, j, min(max(j - (column_norms + 1) // 2, -limit), limit)
+            return G, 0, 0, sums
+        column_norms = math.frexp(float(sums.amax()))[1]
+        return G, j, min(max(j - (column_norms + 1) // 2, -limit), limit), sums
     first = _binary_exponent(torch.maximum(-low, high)).clamp(headroom - limit, limit)
     j = -first
     G = grad_matrix(g, approx=approx, loss_average=loss_average, scale=_power_of_two(j, wide))
+    sums = _column_squares(G, squares_in_place)
     if G.numel() == 0:
-        return G, zero, zero
-    column_norms = _binary_exponent(G.square().sum(dim=0).amax())  # < 2^column_norms
+        return G, zero, zero, sums
+    column_norms = _binary_exponent(sums.amax())  # < 2^column_norms
     second = torch.div(column_norms + 1, 2, rounding_mode="floor")  # ceil(column_norms / 2)
-    return G, j, (j - second).clamp(-limit, limit).to(torch.int32)
+    return G, j, (j - second).clamp(-limit, limit).to(torch.int32), sums
+
+
+def _column_squares(G: Tensor, in_place: bool) -> Tensor:
+    """``diag(Gᵀ G)``: each column's sum of squares (squared in ``G`` itself if ``in_place``)."""
+    return (G.square_() if in_place else G.square()).sum(dim=0)
 
 
 def normalised_grad_matrix(
@@ -304,7 +321,9 @@ def normalised_grad_matrix(
     """
     wide = torch.promote_types(grad_output.dtype, torch.float32)
     g = grad_output.detach().to(wide)  # one copy (none for float32 gradients)
-    measured, j, k = _measuring_pass(g, approx=approx, loss_average=loss_average, on_host=on_host)
+    measured, j, k, _ = _measuring_pass(
+        g, approx=approx, loss_average=loss_average, on_host=on_host
+    )
     if isinstance(k, int):  # host exponents (the CPU): Python powers of two, one 0-dim result
         log2_factor = torch.tensor(2 * k, dtype=torch.int32, device=g.device)
         if dtype == wide:
@@ -317,3 +336,31 @@ def normalised_grad_matrix(
         scaled = g * _power_of_two(k, wide)
     G = grad_matrix(scaled.to(dtype), approx=approx, loss_average=loss_average)
     return G, log2_factor
+
+
+def normalised_grad_gram_diagonal(
+    grad_output: Tensor,
+    *,
+    approx: Approx,
+    loss_average: LossAverage,
+    on_host: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``diag((2^k G)ᵀ(2^k G))`` (d_o) in the gradient's wide dtype, and ``2k``.
+
+    All a diagonal ``C`` needs of ``G`` (its ``Π̂(Cᵀ GᵀG C)`` is ``c² ⊙`` this):
+    the measuring pass's squared column norms of ``G_j`` times ``2^(2(k − j))``,
+    so ``2^k G`` is neither formed nor squared again.  The same bits as
+    ``(G ⊙ G)`` summed over rows for ``G`` of :func:`normalised_grad_matrix`
+    (the same reduction over the same layout; a power of two moves through the
+    squares and the sum exactly), but for entries and partial sums below the
+    dtype's smallest normal number.
+    """
+    wide = torch.promote_types(grad_output.dtype, torch.float32)
+    g = grad_output.detach().to(wide)
+    _, j, k, sums = _measuring_pass(
+        g, approx=approx, loss_average=loss_average, on_host=on_host, squares_in_place=True
+    )
+    if isinstance(k, int):
+        shift = math.ldexp(1.0, 2 * (k - int(j)))
+        return sums.mul_(shift), torch.tensor(2 * k, dtype=torch.int32, device=g.device)
+    return sums.mul_(_power_of_two(2 * (k - j), wide)), 2 * k

@@ -232,3 +232,60 @@ def test_diagonal_project_inner_keeps_the_emulated_order_in_half(dtype) -> None:
     x = torch.randn(9, 40, generator=generator).to(dtype)
     expected = type(K).project_gram(K.t_matmul(x))
     assert torch.equal(K.project_inner(x).storage["diag"], expected.storage["diag"])
+
+
+@given(
+    wide=st.sampled_from([torch.float32, torch.float64]),
+    magnitude=st.sampled_from([-60, -10, 0, 10, 60]),
+    loss_average=st.sampled_from([None, "batch", "batch+sequence"]),
+    on_host=st.booleans(),
+    **SHAPES,
+)
+@example(
+    wide=torch.float32, magnitude=0, loss_average="batch", on_host=True,
+    batch=3, positions=4, features=5, feature_major=True, approx="expand", seed=3,
+)  # fmt: skip
+def test_grad_gram_diagonal_is_the_diagonal_summary_of_G(
+    wide, magnitude, loss_average, on_host, batch, positions, features, feature_major, approx,
+    seed,
+):  # fmt: skip
+    """A diagonal ``C``'s summary from ``diag(GᵀG)`` (the measuring pass's column squares
+    times ``2^(2(k − j))``) is the one ``project_inner`` forms from the normalised ``G``.
+
+    Rule: bitwise, and the same ``2k``: the same reduction over the same layout, and a
+    power of two moves exactly through squares and sums (no subnormals in this data).
+    """
+    shared = (_shared(batch, positions, features, feature_major, seed) * 2.0**magnitude).to(wide)
+    options = {"approx": approx, "loss_average": loss_average, "on_host": on_host}
+    G, log2_factor = statistics.normalised_grad_matrix(shared, dtype=wide, **options)
+    diagonal, log2_gram = statistics.normalised_grad_gram_diagonal(shared, **options)
+    assert int(log2_gram) == int(log2_factor)
+    c = torch.randn(features, generator=torch.Generator().manual_seed(seed), dtype=wide)
+    C = get_structure("diagonal").from_storage(features, {"diag": c})
+    from_G = C.project_inner(G.T).storage["diag"]
+    assert torch.equal((c * c) * diagonal, from_G)
+
+
+def test_a_diagonal_C_run_is_the_same_with_the_gram_path(monkeypatch) -> None:
+    """End to end: SINGD with diagonal factors takes the same steps, bitwise, with the hook's
+    ``diag(GᵀG)`` path as with ``G`` itself (``grad_gram_diagonal`` forced off)."""
+    from torch import nn
+
+    from singd import SINGD
+    from singd.optim.singd import SingdPreconditioner
+
+    def run() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        opt = SINGD(model, T=1, structures=("diagonal", "diagonal"), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(torch.randn(8, 6)), torch.randn(8, 3)).backward()
+            opt.step()
+        factors = [c.to_dense() for c in opt.Cs.values()]
+        return [p.detach().clone() for p in model.parameters()] + factors
+
+    fast = run()
+    monkeypatch.setattr(SingdPreconditioner, "grad_gram_diagonal", lambda self, state: False)
+    slow = run()
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
