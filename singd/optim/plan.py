@@ -131,15 +131,20 @@ def plan_step(context: StepContext, gathered: Gathered) -> Skip | StepPlan:
         pending,
         preconditioner.statistic_names,
     )
+    # Without statistics, the gradients are checked through the directions: ĝ of a
+    # non-finite gradient entry is non-finite (each entry enters a product or a sum:
+    # inf·0 and NaN give NaN), and only if a direction is not are they checked
+    # themselves, to name them (the skip is the same; the step reads once fewer).
+    deferred = not pending and not gathered.pending_elementwise
     reads = checks.read_host(
-        finite_flags(list(grads.values())),
+        [] if deferred else finite_flags(list(grads.values())),
         stats_flags,
         {
             name: [pending[name].grad_scale.log2_factor, *inputs.reads]
             for name, inputs in prepared.items()
         },
     )
-    if not all(reads.grad_ok):
+    if not deferred and not all(reads.grad_ok):
         return Skip("non-finite gradients", checks.culprits(grad_labels, reads.grad_ok))
     if not all(reads.stats_ok):
         return Skip(
@@ -170,6 +175,10 @@ def plan_step(context: StepContext, gathered: Gathered) -> Skip | StepPlan:
         {name: preconditioner.to_storage(state) for name, state in new_states.items()},
         step_directions,
     )
+    if culprits and deferred:
+        bad_grads = checks.nonfinite(grad_labels, list(grads.values()))
+        if bad_grads:
+            return Skip("non-finite gradients", bad_grads)
     if culprits:
         return Skip("non-finite factors or update after the factor step", culprits)
     return StepPlan(new_states, new_elementwise, step_directions, amp.backward_scale)

@@ -86,3 +86,18 @@ def test_a_statistics_step_runs_no_data_dependent_operator(structure):
         with DataDependentOps() as recorded:
             opt.step()
     assert recorded.names == []
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal"])
+def test_a_step_without_statistics_reads_the_host_once(monkeypatch, structure):
+    """Without statistics the gradients' finiteness is read with the results' (one read)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    opt = SINGD(model, T=2, structures=(structure, structure))
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).square().mean().backward()
+        if opt.steps == 1:
+            calls = _count_reads(monkeypatch)
+        opt.step()
+    assert calls == ["tolist"]

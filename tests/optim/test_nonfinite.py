@@ -163,3 +163,41 @@ def test_overflowing_update_is_named():
     (message,) = [str(w.message) for w in caught]
     assert "non-finite factors or update after the factor step: " in message
     assert "layer '0': weight update non-finite" in message and opt.steps == 1
+
+
+@pytest.mark.parametrize(
+    "structure",
+    [
+        "dense",
+        "diagonal",
+        "block3diagonal",
+        "hierarchical2_3",
+        "tril",
+        "triltoeplitz",
+        "triubottomrightdiagonal",
+    ],
+)
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["weight", "bias"])
+def test_a_step_without_statistics_names_the_gradient(structure, special, where):
+    """Without statistics the gradients are checked through the directions (one host read):
+    a non-finite entry still skips the step as ``non-finite gradients``, named, state
+    unchanged — through every structure's preconditioner, also where ``K``, ``C`` hold
+    exact zeros (``inf · 0`` is NaN)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4))
+    opt = SINGD(model, T=2, structures=(structure, structure), lr=0.1)
+    for _ in range(2):  # step 0 a statistics step, step 1 not
+        opt.zero_grad()
+        model(torch.randn(3, 5)).square().mean().backward()
+        if opt.steps == 1:
+            getattr(model[2], where).grad.view(-1)[1] = special
+            before = state_snapshot(opt, model)
+            with pytest.warns(UserWarning, match="non-finite gradients") as caught:
+                opt.step()
+            assert [
+                f"layer '2': {where} gradient non-finite" in str(w.message) for w in caught
+            ] == [True]
+            assert same_state(before, state_snapshot(opt, model))
+        else:
+            opt.step()
