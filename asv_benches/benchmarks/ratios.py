@@ -9,13 +9,14 @@ One step is ``zero_grad``, forward, backward and ``step`` of
   with ``nn.Linear`` only (q/k/v, output projection, a 4d MLP), so every weight
   is a Kronecker layer in this package and in the public one.
 
-The two optimizers alternate window by window (SINGD, AdamW, SINGD, ...) on
-two copies of the same model, after ``2 T`` warm-up steps each, so machine load
-affects both alike; the ratio is median(SINGD window) / median(AdamW window),
-a window being ``T`` steps (with ``T = 10`` it holds one statistics step).
-With a ``rival`` (another package's ``SINGD`` class, loaded in this process by
-``scripts/step_ratio.py``) three copies alternate, the order rotating each
-window, and the rival's ratio and ours / rival come from the same windows.
+The two optimizers take turns window by window on two copies of the same
+model, the order rotating (SINGD then AdamW, then AdamW then SINGD, ...), after
+``2 T`` warm-up steps each, so machine load affects both alike; the ratio is
+median(SINGD window) / median(AdamW window), a window being ``T`` steps (with
+``T = 10`` it holds one statistics step).  With a ``rival`` (another package's
+``SINGD`` class, loaded in this process by ``scripts/step_ratio.py``) three
+copies take turns the same way, and the rival's ratio and ours / rival come
+from the same windows.
 
 Only torch and ``singd.optim.optimizer.SINGD`` are imported, an import path and
 constructor the public singd package shares, so ``scripts/step_ratio.py`` runs

@@ -77,7 +77,7 @@ def finite_flags(tensors: Sequence[Tensor], *, fused: bool | None = None) -> lis
         if fused:
             values = torch._foreach_norm(group, float("inf"))
         else:
-            values = [value for tensor in group for value in torch.aminmax(_dense_order(tensor))]
+            values = [value for tensor in group for value in torch.aminmax(memory_order(tensor))]
         ok = torch.isfinite(torch.stack([value.to(device) for value in values]))
         ok = ok.view(len(indices), -1).all(dim=1) if not fused else ok
         for i, flag in zip(indices, ok.unbind(), strict=True):
@@ -85,14 +85,14 @@ def finite_flags(tensors: Sequence[Tensor], *, fused: bool | None = None) -> lis
     return flags
 
 
-def _dense_order(tensor: Tensor) -> Tensor:
+def memory_order(tensor: Tensor) -> Tensor:
     """``tensor`` with its dims permuted into memory order, if that view is contiguous.
 
     The same entries (so the same extremes) without the contiguous copy
     ``aminmax`` makes of a strided input: a preconditioned gradient is often
-    a transposed view (``singd_precondition`` returns ``(K Kᵀ leftᵀ)ᵀ``), and
-    that copy cost a full-size allocation and pass per layer.  Any other
-    layout is returned as is.
+    a transposed view (``singd_precondition`` returns ``(K Kᵀ leftᵀ)ᵀ``), a
+    Conv's output gradient a permuted one, and that copy cost a full-size
+    allocation and pass per layer.  Any other layout is returned as is.
     """
     if tensor.is_contiguous():
         return tensor

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from singd.optim.finiteness import memory_order
+
 Approx = Literal["expand", "reduce"]
 LossAverage = Literal["batch", "batch+sequence"] | None
 
@@ -217,6 +219,20 @@ def _power_of_two(exponent: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.ldexp(torch.ones((), dtype=dtype, device=exponent.device), exponent)
 
 
+def _two_to(exponent: int | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """``2^exponent``: a Python float for a host exponent, else :func:`_power_of_two`."""
+    if isinstance(exponent, int):
+        return math.ldexp(1.0, exponent)
+    return _power_of_two(exponent, dtype)
+
+
+def _on_device(exponent: int | Tensor, device: torch.device) -> Tensor:
+    """An exponent as the 0-dim int32 tensor on ``device`` that the hooks hand on."""
+    if isinstance(exponent, int):
+        return torch.tensor(exponent, dtype=torch.int32, device=device)
+    return exponent
+
+
 def _measuring_pass(
     g: Tensor,
     *,
@@ -263,27 +279,27 @@ def _measuring_pass(
     zero: int | Tensor = 0 if on_host else torch.zeros((), dtype=torch.int32, device=g.device)
     if g.numel() == 0:
         G = grad_matrix(g, approx=approx, loss_average=loss_average)
-        return G, zero, zero, G.square().sum(dim=0)
+        return G, zero, zero, _column_squares(G, squares_in_place)
     batch, positions, _ = g.shape
     headroom = math.ceil(math.log2(loss_terms(batch, positions, loss_average)) / 2) + 1
-    low, high = torch.aminmax(g)  # max|g| in one pass, no |g| temporary
+    low, high = torch.aminmax(memory_order(g))  # max|g| in one pass, no |g| temporary or copy
     if on_host:
-        j = -min(max(math.frexp(max(-float(low), float(high)))[1], headroom - limit), limit)
-        G = grad_matrix(g, approx=approx, loss_average=loss_average, scale=math.ldexp(1.0, j))
-        sums = _column_squares(G, squares_in_place)
-        if G.numel() == 0:
-            return G, 0, 0, sums
-        column_norms = math.frexp(float(sums.amax()))[1]
-        return G, j, min(max(j - (column_norms + 1) // 2, -limit), limit), sums
-    first = _binary_exponent(torch.maximum(-low, high)).clamp(headroom - limit, limit)
+        first = min(max(math.frexp(max(-float(low), float(high)))[1], headroom - limit), limit)
+    else:
+        first = _binary_exponent(torch.maximum(-low, high)).clamp(headroom - limit, limit)
     j = -first
-    G = grad_matrix(g, approx=approx, loss_average=loss_average, scale=_power_of_two(j, wide))
+    G = grad_matrix(g, approx=approx, loss_average=loss_average, scale=_two_to(j, wide))
     sums = _column_squares(G, squares_in_place)
     if G.numel() == 0:
         return G, zero, zero, sums
-    column_norms = _binary_exponent(sums.amax())  # < 2^column_norms
-    second = torch.div(column_norms + 1, 2, rounding_mode="floor")  # ceil(column_norms / 2)
-    return G, j, (j - second).clamp(-limit, limit).to(torch.int32), sums
+    if on_host:
+        column_norms = math.frexp(float(sums.amax()))[1]  # sums.amax() < 2^column_norms
+        k = min(max(j - (column_norms + 1) // 2, -limit), limit)
+    else:
+        column_norms = _binary_exponent(sums.amax())
+        second = torch.div(column_norms + 1, 2, rounding_mode="floor")  # ceil(column_norms / 2)
+        k = (j - second).clamp(-limit, limit).to(torch.int32)
+    return G, j, k, sums
 
 
 def _column_squares(G: Tensor, in_place: bool) -> Tensor:
@@ -324,18 +340,11 @@ def normalised_grad_matrix(
     measured, j, k, _ = _measuring_pass(
         g, approx=approx, loss_average=loss_average, on_host=on_host
     )
-    if isinstance(k, int):  # host exponents (the CPU): Python powers of two, one 0-dim result
-        log2_factor = torch.tensor(2 * k, dtype=torch.int32, device=g.device)
-        if dtype == wide:
-            return measured.mul_(math.ldexp(1.0, k - j)), log2_factor
-        scaled = g * math.ldexp(1.0, k)
-    else:
-        log2_factor = 2 * k
-        if dtype == wide:
-            return measured.mul_(_power_of_two(k - j, wide)), log2_factor
-        scaled = g * _power_of_two(k, wide)
+    if dtype == wide:
+        return measured.mul_(_two_to(k - j, wide)), _on_device(2 * k, g.device)
+    scaled = g * _two_to(k, wide)
     G = grad_matrix(scaled.to(dtype), approx=approx, loss_average=loss_average)
-    return G, log2_factor
+    return G, _on_device(2 * k, g.device)
 
 
 def normalised_grad_gram_diagonal(
@@ -360,7 +369,4 @@ def normalised_grad_gram_diagonal(
     _, j, k, sums = _measuring_pass(
         g, approx=approx, loss_average=loss_average, on_host=on_host, squares_in_place=True
     )
-    if isinstance(k, int):
-        shift = math.ldexp(1.0, 2 * (k - int(j)))
-        return sums.mul_(shift), torch.tensor(2 * k, dtype=torch.int32, device=g.device)
-    return sums.mul_(_power_of_two(2 * (k - j), wide)), 2 * k
+    return sums.mul_(_two_to(2 * (k - j), wide)), _on_device(2 * k, g.device)

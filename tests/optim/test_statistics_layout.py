@@ -289,3 +289,25 @@ def test_a_diagonal_C_run_is_the_same_with_the_gram_path(monkeypatch) -> None:
     monkeypatch.setattr(SingdPreconditioner, "grad_gram_diagonal", lambda self, state: False)
     slow = run()
     assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+
+
+def test_a_feature_major_gradient_is_measured_without_a_copy() -> None:
+    """The measuring pass reduces a Conv's permuted output gradient through its memory
+    order (``aminmax`` copies strided input first).
+
+    Rule: exact: no ``clone``/``copy_`` of the full ``[4, 30, 6]`` gradient runs (profiler).
+    """
+    shared = _shared(4, 30, 6, True, 0)
+    assert not shared.is_contiguous()
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, record_shapes=True) as profiler:
+        statistics.normalised_grad_matrix(
+            shared, approx="expand", loss_average="batch", dtype=torch.float32
+        )
+    full_size = [
+        event.name
+        for event in profiler.events()
+        if any(sorted(shape) == [4, 6, 30] for shape in event.input_shapes or [])
+    ]
+    assert "aten::aminmax" in full_size
+    assert not set(full_size) & {"aten::clone", "aten::contiguous", "aten::copy_"}
