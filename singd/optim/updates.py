@@ -127,6 +127,10 @@ def singd_factor_momenta(
     through the (float64) trace weights, so ``H_C`` is never rescaled in a
     narrow dtype.
 
+    ``H_C`` is consumed: ``m_C``'s bracket is formed in its storage (the
+    pending statistics are dropped after every step; ``H_K`` is not, since a
+    single pass's input summary is still held by its graph's gradient hook).
+
     Args:
         state: the factors and momenta from before this update.
         H_K: ``Π̂(Kᵀ U K)`` (d_i × d_i), computed with the current ``K``.
@@ -144,7 +148,7 @@ def singd_factor_momenta(
     if kfac_like:
         weight = damping / inners.scale  # λ Π̂(KᵀK) = (λ/p²)·p²Π̂(KᵀK)
         bracket_K = H_K.add(inners.K, alpha=weight).add_diag_(-1.0)
-        bracket_C = H_C.mul(grad_scale_correction).add_(inners.C, alpha=weight)
+        bracket_C = H_C.mul_(grad_scale_correction).add_(inners.C, alpha=weight)
         bracket_C.add_diag_(-1.0)
         return bracket_K.mul_(coef), bracket_C.mul_(coef)
     trace_H_C = traces.H_C * grad_scale_correction
@@ -153,7 +157,7 @@ def singd_factor_momenta(
     kappa_sq = damping * traces.K_sq / inners.scale
     bracket_K = H_K.mul(trace_H_C).add_(inners.K, alpha=c_sq / inners.scale)
     bracket_K.add_diag_(-float(d_o))
-    bracket_C = H_C.mul(trace_H_K).add_(inners.C, alpha=kappa_sq / inners.scale)
+    bracket_C = H_C.mul_(trace_H_K).add_(inners.C, alpha=kappa_sq / inners.scale)
     bracket_C.add_diag_(-float(d_i))
     new_m_K = bracket_K.mul_(coef / d_o).add_(m_K, alpha=alpha1)
     new_m_C = bracket_C.mul_(coef / d_i).add_(m_C, alpha=alpha1)
