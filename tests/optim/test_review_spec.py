@@ -81,6 +81,24 @@ def test_repeated_backward_over_one_graph_sums_like_separate_passes() -> None:
     assert error <= matmul_bound(DTYPE, 3 * 4)  # rule: module docstring (|K|, |C| ≈ 1)
 
 
+def test_step_leaves_the_input_summary_a_retained_graph_still_holds() -> None:
+    """After ``backward(retain_graph=True)``, ``step`` does not write into ``H_K``.
+
+    A further backward through that graph reuses the forward's input summary
+    (its gradient hook holds it), so the step may consume only the gradient
+    summary (:func:`singd.optim.updates.singd_factor_momenta`).  Rule: exact,
+    the held tensors are bitwise what they were before the step.
+    """
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    layer = _linear()
+    opt = SINGD(layer, T=1, lr_cov=0.1)
+    layer(x).square().mean().backward(retain_graph=True)
+    (held,) = [stats.summary_tensors()[0] for stats in opt._collector._pending.values()]
+    before = [t.clone() for t in held]
+    opt.step()
+    assert all(torch.equal(t, b) for t, b in zip(held, before, strict=True))
+
+
 def test_layer_called_with_keyword_input_collects_statistics() -> None:
     """``layer(input=x)`` is a legal call of ``nn.Linear``; the hook must not crash on it."""
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
