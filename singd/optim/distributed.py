@@ -251,14 +251,15 @@ def reduce_step_(
     *,
     wrapper_averaged: bool,
 ) -> dict[int, Tensor]:
-    """Full-batch statistics (in place) and gradients (returned) on every rank.
+    """Full-batch statistics (in the pending sums) and gradients (returned) on every rank.
 
     Each statistic summary is weighted by :func:`rank_weights`, each local
     gradient by ``1/R``, and all are summed over ranks in one bucket per
     dtype and device (module docstring); with ``R`` a power of two the
     weighting is exact.  The other gradients (averaged by a wrapper) pass
     through, a sharded one gathered in full (:func:`full_gradients`).  The
-    input gradients are not modified.
+    input gradients are not modified, nor is a first pass's input summary
+    (a retained graph's hook still holds it: it is replaced by a new tensor).
 
     Args:
         layers: pending statistics of each layer with its ``loss_average``, in
@@ -277,7 +278,13 @@ def reduce_step_(
     statistics: list[Tensor] = []
     for stats, loss_average in layers:
         input_weight, grad_weight = rank_weights(loss_average, world)
-        stats.input_summary.mul_(input_weight)
+        # A first pass's input summary is still held by its forward's grad hook, which
+        # fires again on a further backward through a retained graph (as in
+        # hooks.CurvatureCollector._accumulate): weighted into a new tensor there.
+        if stats.passes == 1:
+            stats.input_summary = stats.input_summary.mul(input_weight)
+        else:
+            stats.input_summary.mul_(input_weight)
         stats.grad_summary.mul_(grad_weight)
         statistics.extend(stats.tensors())
     local_keys = [key for key, grad in grads.items() if not (wrapper_averaged or is_dtensor(grad))]

@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from singd import SINGD
@@ -523,3 +524,38 @@ def test_resume_mid_period_after_an_inf_step_is_bitwise_identical() -> None:
         assert torch.equal(
             opt.layer_state("0")[factor].to_dense(), opt_b.layer_state("0")[factor].to_dense()
         )
+
+
+def test_rank_reduction_leaves_the_input_summary_a_retained_graph_still_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``R = 2`` ranks, weighting the statistics does not write into a held ``H_K``.
+
+    ``reduce_step_`` weights each summary by its rank weight and sums it over
+    ranks; the first pass's input summary is also held by its forward's grad
+    hook (``backward(retain_graph=True)``), so it is weighted into a new
+    tensor.  ``all_reduce`` is patched to the sum with a second rank that holds
+    three times this rank's values (``4x``; the exponent's ``MIN`` leaves it),
+    so one process stands for both.  Rule: exact, the held tensors are bitwise
+    what they were, and the new summary is the held one times ``4 · 1/2``
+    (powers of two: exact).
+    """
+    from singd.optim import distributed
+
+    def with_a_second_rank(tensor: torch.Tensor, op: object = dist.ReduceOp.SUM) -> None:
+        if op == dist.ReduceOp.SUM:
+            tensor.mul_(4)
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", with_a_second_rank)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    layer = _linear()
+    opt = SINGD(layer, T=1, lr_cov=0.1)
+    layer(x).square().mean().backward(retain_graph=True)
+    (stats,) = opt._collector._pending.values()
+    held = stats.summary_tensors()[0]
+    before = [t.clone() for t in held]
+    grads = {id(p): p.grad for p in layer.parameters()}
+    distributed.reduce_step_([(stats, "batch")], grads, 2, wrapper_averaged=False)
+    assert all(torch.equal(t, b) for t, b in zip(held, before, strict=True))
+    reduced = stats.summary_tensors()[0]
+    assert all(torch.equal(r, 2 * b) for r, b in zip(reduced, before, strict=True))
