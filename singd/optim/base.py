@@ -255,6 +255,7 @@ class KroneckerOptimizer(Optimizer):
             grad_dtype,
             layer.has_bias,
             self._preconditioner.grad_gram_diagonal(self._table.states[name]),
+            self._preconditioner.input_gram_diagonal(self._table.states[name]),
         )
 
     def _backward_scale(self) -> float | None:

@@ -33,7 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from singd.optim import attention, elementwise, statistics
-from singd.optim.kinds import AttentionProjectionKind, InputStatistic, LayerKind, output_dim
+from singd.optim.kinds import (
+    AttentionProjectionKind,
+    InputStatistic,
+    LayerKind,
+    SharedInputKind,
+    output_dim,
+)
 
 
 class Summable(Protocol):
@@ -56,6 +62,11 @@ class HookSettings(NamedTuple):
     ``grad_gram_diagonal``: whether the gradient summary needs only
     ``diag(GᵀG)`` (a diagonal ``C``): where ``G`` is formed in the gradient's
     own wide dtype, the hook then hands :class:`GradGramDiagonal` instead of ``G``.
+    ``input_gram_diagonal``: likewise ``diag(AᵀA)`` for a diagonal ``K``: where
+    ``A`` is formed in a dtype of 4 bytes or more, the hook of a kind with
+    ``[B, S, d_i]`` inputs hands :class:`~singd.optim.kinds.InputGramDiagonal`
+    instead of ``A`` (in float16/bfloat16 ``A`` keeps its rounding order, which
+    the emulated oracle follows).
     """
 
     approx: statistics.Approx
@@ -64,6 +75,7 @@ class HookSettings(NamedTuple):
     grad_dtype: torch.dtype
     bias_column: bool
     grad_gram_diagonal: bool = False
+    input_gram_diagonal: bool = False
 
 
 class GradGramDiagonal(NamedTuple):
@@ -210,7 +222,13 @@ class CurvatureCollector:
         settings = self._settings(name)
         with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
             x = kind.layer_input(args, kwargs).detach()
-            A = kind.input_statistic(
+            diagonal = (
+                settings.input_gram_diagonal
+                and isinstance(kind, SharedInputKind)
+                and settings.input_dtype.itemsize >= 4
+            )
+            statistic = kind.input_gram_diagonal if diagonal else kind.input_statistic
+            A = statistic(
                 module,
                 x,
                 approx=settings.approx,

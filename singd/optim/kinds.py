@@ -154,6 +154,13 @@ class SharedInputKind(LayerKind):
         shared = self.input_shared(module, x.to(dtype))
         return statistics.input_matrix(shared, approx=approx, bias=bias)
 
+    def input_gram_diagonal(
+        self, module: nn.Module, x: Tensor, *, approx: Approx, bias: bool, dtype: torch.dtype
+    ) -> InputGramDiagonal:
+        """``diag(AᵀA)`` of :meth:`input_statistic`'s ``A`` (for a diagonal ``K``)."""
+        shared = self.input_shared(module, x.to(dtype))
+        return InputGramDiagonal(statistics.input_gram_diagonal(shared, approx=approx, bias=bias))
+
 
 class LinearKind(SharedInputKind):
     """``nn.Linear`` and subclasses keeping ``nn.Linear.forward`` (SPEC §1.1)."""

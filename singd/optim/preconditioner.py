@@ -116,6 +116,10 @@ class Preconditioner(ABC, Generic[State]):
         """Whether the gradient summary of a layer with ``state`` needs only ``diag(GᵀG)``."""
         return False
 
+    def input_gram_diagonal(self, state: State) -> bool:
+        """Whether the input summary of a layer with ``state`` needs only ``diag(AᵀA)``."""
+        return False
+
     @abstractmethod
     def prepare_factor_step(
         self, layer: Layer, group: dict[str, Any], state: State, pending: PendingStatistics

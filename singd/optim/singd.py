@@ -453,6 +453,10 @@ class SingdPreconditioner(Preconditioner[SingdState]):
         """A diagonal ``C``: its statistic is ``c² ⊙ diag(GᵀG)``."""
         return isinstance(state["C"], Diagonal)
 
+    def input_gram_diagonal(self, state: SingdState) -> bool:
+        """A diagonal ``K``: its statistic is ``k² ⊙ diag(AᵀA)``."""
+        return isinstance(state["K"], Diagonal)
+
     def prepare_factor_step(
         self, layer: Layer, group: dict[str, Any], state: SingdState, pending: PendingStatistics
     ) -> FactorStepInputs:

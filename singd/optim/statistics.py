@@ -170,6 +170,30 @@ def input_matrix(shared: Tensor, *, approx: Approx, bias: bool) -> Tensor:
     return out
 
 
+def input_gram_diagonal(shared: Tensor, *, approx: Approx, bias: bool) -> Tensor:
+    """``diag(AᵀA)`` (d_i~) of :func:`input_matrix`'s ``A``, without forming ``A``.
+
+    ``Σ_rows x²`` per feature, over ``n_A`` rows (expand: every position;
+    reduce: the means over positions), divided by ``n_A``; the bias column's
+    entry is ``n_A · (1/sqrt(n_A))² = 1``, exact here.  Two passes over the
+    input (square, sum) where forming ``A`` and squaring it take four; the
+    sum is the same length, rounded as ``fl(Σ fl(x²)) / n_A`` instead of
+    ``Σ fl(fl(x/sqrt(n_A))²)`` (both within the oracle's bound for a sum of
+    ``n_A`` terms).  No rows (``n_A = 0``): zeros, as ``AᵀA`` of an empty ``A``.
+    """
+    source = shared if approx == "expand" else shared.mean(dim=1)
+    features = source.shape[-1]
+    count = math.prod(source.shape[:-1])
+    out = source.new_zeros(features + int(bias))
+    if count == 0:
+        return out
+    torch.sum(source.square(), dim=tuple(range(source.dim() - 1)), out=out[:features])
+    out[:features].div_(count)
+    if bias:
+        out[features] = 1
+    return out
+
+
 def loss_terms(batch: int, shared: int, loss_average: LossAverage) -> int:
     """``N``, the number of terms the loss is averaged over (SPEC §1.1, scaling)."""
     if loss_average == "batch":

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from reference.statistics import conv2d_statistics, kfac_factors, linear_statistics
-from singd import KFAC
+from singd import KFAC, SINGD
 from singd.optim.kinds import layer_grad_matrix
 from singd.optim.kinds import layer_input_statistic as layer_input_matrix
 from tests.tolerances import matmul_bound
@@ -220,3 +220,81 @@ def test_hooks_feed_kfac_factors_through_inplace_relu():
         matmul_bound(DTYPE, rows) * float(np.abs(G_ref).max()) ** 2 * rows
     )
     assert (recorder.grads[0] == 0).any()  # the in-place ReLU really masked entries
+
+
+@given(
+    batch=st.integers(0, 4),
+    shared=st.lists(st.integers(1, 3), max_size=2),
+    d_in=st.integers(1, 4),
+    bias=st.booleans(),
+    approx=APPROX,
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+@example(batch=3, shared=[3], d_in=2, bias=True, approx="reduce", dtype=torch.float32, seed=0)
+@example(batch=0, shared=[], d_in=2, bias=True, approx="expand", dtype=torch.float32, seed=0)
+def test_input_gram_diagonal_matches_the_oracles_a(batch, shared, d_in, bias, approx, dtype, seed):
+    """``diag(AᵀA)`` without ``A`` (a diagonal ``K``'s statistic) against the oracle's ``A``.
+
+    Rule: the torch side rounds a mean of ``S`` positions (reduce), a square, a
+    sum of ``n_A`` rows and a division: ``matmul_bound(dtype, n_A + 2S + 2) ·
+    max|x|²`` (``Σ_rows x̄² / n_A ≤ max|x|²``; the float64 oracle's own error is
+    below float64's bound of the same size).  The bias entry is exactly 1, and
+    an empty batch gives zeros (``AᵀA`` of no rows).
+    """
+    from singd.optim.statistics import input_gram_diagonal, linear_shared_format
+
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(batch, *shared, d_in, generator=gen, dtype=DTYPE)
+    A_ref, _ = linear_statistics(
+        a.numpy(), np.zeros((*a.shape[:-1], 1)), bias=bias, approx=approx, loss_average=None
+    )
+    expected = (A_ref * A_ref).sum(axis=0)
+    actual = input_gram_diagonal(linear_shared_format(a.to(dtype)), approx=approx, bias=bias)
+    positions = math.prod(shared)
+    rows = A_ref.shape[0]
+    scale = float(a.abs().max()) ** 2 if batch else 0.0
+    error = np.abs(actual.double().numpy()[:d_in] - expected[:d_in]).max(initial=0.0)
+    assert error <= matmul_bound(dtype, rows + 2 * positions + 2) * scale  # rule: docstring
+    if bias:
+        assert float(actual[-1]) == (1.0 if batch else 0.0)  # exact
+    assert actual.shape == (d_in + int(bias),) and actual.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_diagonal_k_takes_the_gram_diagonal_in_four_byte_dtypes_only(dtype) -> None:
+    """The hook hands ``diag(AᵀA)`` for a diagonal ``K`` formed in float32 and ``A``
+    itself in bfloat16 (whose rounding order the emulated oracle follows); the
+    input summary is ``k² ⊙ diag(AᵀA)`` either way.
+
+    Rule: against ``k² ⊙ rowsum((Aᵀ)²)`` from the torch ``A`` in float64,
+    ``matmul_bound(dtype, n_A + 2)`` relative to ``k²·max|x|²`` (one sum of
+    ``n_A`` squares and the ``k²`` product in ``dtype``; ``k = 1`` at the start).
+    """
+    from singd.optim import statistics
+
+    gen = torch.Generator().manual_seed(5)
+    layer = nn.Linear(3, 2)
+    x = torch.randn(6, 3, generator=gen)
+    diagonal = ("diagonal", "diagonal")
+    opt = SINGD(layer, structures=diagonal, preconditioner_dtype=(dtype, dtype), T=1)
+    calls = []
+    original = statistics.input_gram_diagonal
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    statistics.input_gram_diagonal = counted
+    try:
+        layer(x).square().mean().backward()
+    finally:
+        statistics.input_gram_diagonal = original
+    assert len(calls) == (1 if dtype == torch.float32 else 0)
+    (pending,) = opt._collector._pending.values()
+    (summary,) = pending.summary_tensors()[0]
+    A = layer_input_matrix(layer, x.double(), approx="expand")
+    expected = (A * A).sum(dim=0)
+    error = float((summary.double() - expected).abs().max())
+    scale = float(x.abs().max()) ** 2
+    assert error <= matmul_bound(dtype, x.shape[0] + 2) * scale  # rule: docstring
