@@ -255,7 +255,8 @@ class KroneckerOptimizer(Optimizer):
             grad_dtype,
             layer.has_bias,
             self._preconditioner.grad_gram_diagonal(self._table.states[name]),
-            self._preconditioner.input_gram_diagonal(self._table.states[name]),
+            self._preconditioner.input_gram_diagonal(self._table.states[name])
+            and input_dtype.itemsize >= 4,
         )
 
     def _backward_scale(self) -> float | None:

@@ -278,10 +278,7 @@ def reduce_step_(
     statistics: list[Tensor] = []
     for stats, loss_average in layers:
         input_weight, grad_weight = rank_weights(loss_average, world)
-        # A first pass's input summary is still held by its forward's grad hook, which
-        # fires again on a further backward through a retained graph (as in
-        # hooks.CurvatureCollector._accumulate): weighted into a new tensor there.
-        if stats.passes == 1:
+        if stats.input_summary_is_held:
             stats.input_summary = stats.input_summary.mul(input_weight)
         else:
             stats.input_summary.mul_(input_weight)

@@ -33,13 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from singd.optim import attention, elementwise, statistics
-from singd.optim.kinds import (
-    AttentionProjectionKind,
-    InputStatistic,
-    LayerKind,
-    SharedInputKind,
-    output_dim,
-)
+from singd.optim.kinds import AttentionProjectionKind, InputStatistic, LayerKind, output_dim
 
 
 class Summable(Protocol):
@@ -62,11 +56,10 @@ class HookSettings(NamedTuple):
     ``grad_gram_diagonal``: whether the gradient summary needs only
     ``diag(GᵀG)`` (a diagonal ``C``): where ``G`` is formed in the gradient's
     own wide dtype, the hook then hands :class:`GradGramDiagonal` instead of ``G``.
-    ``input_gram_diagonal``: likewise ``diag(AᵀA)`` for a diagonal ``K``: where
-    ``A`` is formed in a dtype of 4 bytes or more, the hook of a kind with
-    ``[B, S, d_i]`` inputs hands :class:`~singd.optim.kinds.InputGramDiagonal`
-    instead of ``A`` (in float16/bfloat16 ``A`` keeps its rounding order, which
-    the emulated oracle follows).
+    ``input_gram_diagonal``: likewise for a diagonal ``K`` whose ``A`` is formed
+    in a dtype of 4 bytes or more (in float16/bfloat16 ``A`` keeps its rounding
+    order, which the emulated oracle follows): the hook takes the kind's
+    :meth:`~singd.optim.kinds.LayerKind.input_gram_diagonal` instead of ``A``.
     """
 
     approx: statistics.Approx
@@ -113,6 +106,13 @@ class PendingStatistics:
     grad_summary: Summable
     passes: int
     grad_scale: GradScaleInfo
+
+    @property
+    def input_summary_is_held(self) -> bool:
+        """Whether ``input_summary`` may be the first pass's own, which its forward's
+        grad hook still holds: the hook fires again on every further backward through that
+        graph (``retain_graph=True``), so the summary must not be changed in place."""
+        return self.passes == 1
 
     def summary_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
         """The plain tensors of the input summary and of the gradient summary."""
@@ -222,12 +222,9 @@ class CurvatureCollector:
         settings = self._settings(name)
         with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
             x = kind.layer_input(args, kwargs).detach()
-            diagonal = (
-                settings.input_gram_diagonal
-                and isinstance(kind, SharedInputKind)
-                and settings.input_dtype.itemsize >= 4
+            statistic = (
+                kind.input_gram_diagonal if settings.input_gram_diagonal else kind.input_statistic
             )
-            statistic = kind.input_gram_diagonal if diagonal else kind.input_statistic
             A = statistic(
                 module,
                 x,
@@ -341,10 +338,7 @@ class CurvatureCollector:
                     f"{name!r} ({pending.grad_scale.scale} then {info.scale}); call "
                     "optimizer.step() before GradScaler.update()"
                 )
-            if pending.passes == 1:
-                # The first input summary is still held by its forward's grad hook,
-                # which fires again on every further backward through that graph
-                # (retain_graph=True); summing into it in place would count it twice.
+            if pending.input_summary_is_held:  # summing into it would count it twice
                 pending.input_summary = pending.input_summary.clone()
             pending.input_summary.add_(input_summary)
             common = torch.minimum(pending.grad_scale.log2_factor, info.log2_factor)

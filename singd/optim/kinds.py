@@ -136,6 +136,14 @@ class LayerKind(ABC):
     ) -> InputStatistic:
         """``A`` (n_A × d_i~, SPEC §1.1 scaled) or, for one-hot kinds, ``diag(AᵀA)``."""
 
+    def input_gram_diagonal(
+        self, module: nn.Module, x: Tensor, *, approx: Approx, bias: bool, dtype: torch.dtype
+    ) -> InputStatistic:
+        """What a diagonal ``K``'s summary ``k² ⊙ diag(AᵀA)`` is formed from: by default
+        :meth:`input_statistic` (either of its forms serves); a kind that can form
+        ``diag(AᵀA)`` without ``A`` overrides it."""
+        return self.input_statistic(module, x, approx=approx, bias=bias, dtype=dtype)
+
     @abstractmethod
     def grad_shared(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         """The output gradient in ``[B, S, d_o]`` (a view or a copy, no arithmetic)."""
@@ -157,7 +165,7 @@ class SharedInputKind(LayerKind):
     def input_gram_diagonal(
         self, module: nn.Module, x: Tensor, *, approx: Approx, bias: bool, dtype: torch.dtype
     ) -> InputGramDiagonal:
-        """``diag(AᵀA)`` of :meth:`input_statistic`'s ``A`` (for a diagonal ``K``)."""
+        """``diag(AᵀA)`` of :meth:`input_statistic`'s ``A``, ``A`` never formed."""
         shared = self.input_shared(module, x.to(dtype))
         return InputGramDiagonal(statistics.input_gram_diagonal(shared, approx=approx, bias=bias))
 

@@ -148,6 +148,13 @@ def _as_shared(out: Tensor, shared: Tensor) -> Tensor:
     return by_feature.permute(*range(1, shared.dim()), 0)
 
 
+def _input_rows(shared: Tensor, approx: Approx) -> tuple[Tensor, int]:
+    """The inputs ``A``'s rows come from and ``n_A``: ``shared`` (``[B, S, d_i]``,
+    expand: every position a row) or its means over positions (reduce)."""
+    source = shared if approx == "expand" else shared.mean(dim=1)
+    return source, math.prod(source.shape[:-1])
+
+
 def input_matrix(shared: Tensor, *, approx: Approx, bias: bool) -> Tensor:
     """``A`` (n_A × d_i~) from inputs in ``[B, S, d_i]`` (SPEC §1.1).
 
@@ -157,9 +164,8 @@ def input_matrix(shared: Tensor, *, approx: Approx, bias: bool) -> Tensor:
     (``torch.div(..., out=)``, the bits of ``cat`` then divide), in the layout
     of ``shared``'s features (:func:`_rows_out`).
     """
-    source = shared if approx == "expand" else shared.mean(dim=1)
+    source, count = _input_rows(shared, approx)
     features = source.shape[-1]
-    count = math.prod(source.shape[:-1])
     out = _rows_out(source, count, features + int(bias))
     target = out[:, :features]
     if approx == "expand":
@@ -181,9 +187,8 @@ def input_gram_diagonal(shared: Tensor, *, approx: Approx, bias: bool) -> Tensor
     ``Σ fl(fl(x/sqrt(n_A))²)`` (both within the oracle's bound for a sum of
     ``n_A`` terms).  No rows (``n_A = 0``): zeros, as ``AᵀA`` of an empty ``A``.
     """
-    source = shared if approx == "expand" else shared.mean(dim=1)
+    source, count = _input_rows(shared, approx)
     features = source.shape[-1]
-    count = math.prod(source.shape[:-1])
     out = source.new_zeros(features + int(bias))
     if count == 0:
         return out

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from singd import SINGD
+from singd.optim import distributed
 from singd.optim.kinds import layer_grad_matrix
 from singd.optim.kinds import layer_input_statistic as layer_input_matrix
 from tests.tolerances import chain_bound, matmul_bound
@@ -540,7 +541,6 @@ def test_rank_reduction_leaves_the_input_summary_a_retained_graph_still_holds(
     what they were, and the new summary is the held one times ``4 · 1/2``
     (powers of two: exact).
     """
-    from singd.optim import distributed
 
     def with_a_second_rank(tensor: torch.Tensor, op: object = dist.ReduceOp.SUM) -> None:
         if op == dist.ReduceOp.SUM:

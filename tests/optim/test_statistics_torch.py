@@ -21,6 +21,7 @@ from torch import nn
 
 from reference.statistics import conv2d_statistics, kfac_factors, linear_statistics
 from singd import KFAC, SINGD
+from singd.optim import statistics
 from singd.optim.kinds import layer_grad_matrix
 from singd.optim.kinds import layer_input_statistic as layer_input_matrix
 from tests.tolerances import matmul_bound
@@ -242,15 +243,14 @@ def test_input_gram_diagonal_matches_the_oracles_a(batch, shared, d_in, bias, ap
     below float64's bound of the same size).  The bias entry is exactly 1, and
     an empty batch gives zeros (``AᵀA`` of no rows).
     """
-    from singd.optim.statistics import input_gram_diagonal, linear_shared_format
-
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(batch, *shared, d_in, generator=gen, dtype=DTYPE)
     A_ref, _ = linear_statistics(
         a.numpy(), np.zeros((*a.shape[:-1], 1)), bias=bias, approx=approx, loss_average=None
     )
     expected = (A_ref * A_ref).sum(axis=0)
-    actual = input_gram_diagonal(linear_shared_format(a.to(dtype)), approx=approx, bias=bias)
+    shared_a = statistics.linear_shared_format(a.to(dtype))
+    actual = statistics.input_gram_diagonal(shared_a, approx=approx, bias=bias)
     positions = math.prod(shared)
     rows = A_ref.shape[0]
     scale = float(a.abs().max()) ** 2 if batch else 0.0
@@ -262,7 +262,9 @@ def test_input_gram_diagonal_matches_the_oracles_a(batch, shared, d_in, bias, ap
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_diagonal_k_takes_the_gram_diagonal_in_four_byte_dtypes_only(dtype) -> None:
+def test_a_diagonal_k_takes_the_gram_diagonal_in_four_byte_dtypes_only(
+    dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The hook hands ``diag(AᵀA)`` for a diagonal ``K`` formed in float32 and ``A``
     itself in bfloat16 (whose rounding order the emulated oracle follows); the
     input summary is ``k² ⊙ diag(AᵀA)`` either way.
@@ -271,8 +273,6 @@ def test_a_diagonal_k_takes_the_gram_diagonal_in_four_byte_dtypes_only(dtype) ->
     ``matmul_bound(dtype, n_A + 2)`` relative to ``k²·max|x|²`` (one sum of
     ``n_A`` squares and the ``k²`` product in ``dtype``; ``k = 1`` at the start).
     """
-    from singd.optim import statistics
-
     gen = torch.Generator().manual_seed(5)
     layer = nn.Linear(3, 2)
     x = torch.randn(6, 3, generator=gen)
@@ -285,11 +285,8 @@ def test_a_diagonal_k_takes_the_gram_diagonal_in_four_byte_dtypes_only(dtype) ->
         calls.append(1)
         return original(*args, **kwargs)
 
-    statistics.input_gram_diagonal = counted
-    try:
-        layer(x).square().mean().backward()
-    finally:
-        statistics.input_gram_diagonal = original
+    monkeypatch.setattr(statistics, "input_gram_diagonal", counted)
+    layer(x).square().mean().backward()
     assert len(calls) == (1 if dtype == torch.float32 else 0)
     (pending,) = opt._collector._pending.values()
     (summary,) = pending.summary_tensors()[0]
