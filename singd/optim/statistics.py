@@ -189,14 +189,10 @@ def input_gram_diagonal(shared: Tensor, *, approx: Approx, bias: bool) -> Tensor
     """
     source, count = _input_rows(shared, approx)
     features = source.shape[-1]
-    out = source.new_zeros(features + int(bias))
     if count == 0:
-        return out
-    torch.sum(source.square(), dim=tuple(range(source.dim() - 1)), out=out[:features])
-    out[:features].div_(count)
-    if bias:
-        out[features] = 1
-    return out
+        return source.new_zeros(features + int(bias))
+    sums = torch.sum(source.square(), dim=tuple(range(source.dim() - 1))).div_(count)
+    return torch.nn.functional.pad(sums, (0, 1), value=1.0) if bias else sums
 
 
 def loss_terms(batch: int, shared: int, loss_average: LossAverage) -> int:

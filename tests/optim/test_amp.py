@@ -161,3 +161,22 @@ def test_autocast_bfloat16_keeps_factor_dtypes(preconditioner_dtype):
     assert state["K"].dtype == (preconditioner_dtype[0] or torch.float32)
     assert state["C"].dtype == (preconditioner_dtype[1] or torch.float32)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["singd", "kfac"])
+def test_hook_statistics_under_autocast_are_those_without_it(name):
+    """The hooks turn autocast off (only where it is on): under bf16 autocast, the
+    first layer's input summary (its input is the float32 batch) has exactly the
+    bits of a run without autocast.  A hook left under autocast forms it with a
+    bf16 matmul, so it differs."""
+    summaries = []
+    for autocast in (False, True):
+        model = _model()
+        opt = OPTIMIZERS[name](model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model[0](torch.randn(BATCH, 6, generator=torch.Generator().manual_seed(1)))
+        loss.float().square().mean().backward()
+        summaries.append(opt._collector._pending["0"].summary_tensors()[0])
+    for plain, cast in zip(*summaries, strict=True):
+        assert plain.dtype == cast.dtype == torch.float32
+        assert torch.equal(plain, cast)  # rule: the same operations on the same inputs, exact
