@@ -43,7 +43,7 @@ import torch
 
 from reference.structures import Structure, get_structure
 from reference.updates import SINGDHyperparameters, SINGDState, StepRecord, lr_cov_at
-from singd.optim.updates import self_inner_scale
+from singd.optim.updates import outer_pays_for_one_product, self_inner_scale
 from singd.structures import get_structure as get_singd_structure
 from singd.structures.toeplitz import FFT_MIN_DIM, fft_length
 from verification.arithmetic import ArithmeticModel, Precision, model_for
@@ -762,8 +762,9 @@ def _precondition(
     return _self_outer_product(arith, name_k, k, left.T, hyper.T).T
 
 
-#: Structures whose ``F Fᵀ`` SINGD keeps between factor steps when ``T > 1``
-#: (``SingdPreconditioner.outers``: closed under ``F Fᵀ``; the diagonal always forms ``f ⊙ f``).
+#: Structures whose ``F Fᵀ`` SINGD keeps between factor steps when ``T > 1``, and forms
+#: for the step's one product when ``T = 1`` where that pays (``SingdPreconditioner.outers``:
+#: closed under ``F Fᵀ``; the diagonal always forms ``f ⊙ f``).
 _KEPT_OUTERS = ("dense", "block")
 
 
@@ -774,12 +775,18 @@ def _self_outer_product(
 
     ``(F Fᵀ) X`` — ``fl(F Fᵀ)`` rounded to the factor's dtype, then one
     product — for the diagonal (``self_outer_matmul`` rounds ``f ⊙ f`` first)
-    and, with ``T > 1``, for the structures of :data:`_KEPT_OUTERS` (the kept
+    and, for the structures of :data:`_KEPT_OUTERS`, with ``T > 1`` (the kept
     ``K Kᵀ`` of :func:`singd.optim.updates.singd_precondition`, the same
-    numbers every step until the next factor step); ``F (Fᵀ X)`` otherwise.
+    numbers every step until the next factor step) or with ``T = 1`` where the
+    step forms it for its one product
+    (:func:`singd.optim.updates.outer_pays_for_one_product`); ``F (Fᵀ X)`` otherwise.
     """
-    kernel = {"toeplitz_fft": _is_fft(name, f.value.shape[0]), "terms": kernel_terms(name)}
-    if name == "diagonal" or (period > 1 and name.startswith(_KEPT_OUTERS)):
+    dim, columns = x.value.shape
+    kernel = {"toeplitz_fft": _is_fft(name, dim), "terms": kernel_terms(name)}
+    kept = name.startswith(_KEPT_OUTERS) and (
+        period > 1 or outer_pays_for_one_product(get_singd_structure(name), dim, columns)
+    )
+    if name == "diagonal" or kept:
         return arith.product(arith.product(f, f.T, **kernel), x, **kernel)
     return arith.product(f, arith.product(f.T, x, **kernel), **kernel)
 

@@ -26,6 +26,7 @@ from singd.optim.updates import (
     Traces,
     compensated_factor_step,
     master_factor_step,
+    outer_pays_for_one_product,
     singd_precondition,
     singd_self_inners,
     singd_trace_terms,
@@ -683,18 +684,25 @@ class SingdPreconditioner(Preconditioner[SingdState]):
     ) -> updates.Outers:
         """``(K Kᵀ, C Cᵀ)`` of the layer's current factors, kept while they are current.
 
-        Only with ``T > 1`` (a factor step every ``T`` steps: one product
-        ``P X`` per side per step instead of two; at ``T = 1`` forming ``P``
-        would cost what it saves) and for structures closed under ``K Kᵀ``
-        (:meth:`StructuredMatrix.self_outer`: dense, block-diagonal).  The
-        diagonal needs no cache (``k² ⊙ X`` is already one pass).  The cache is
+        For structures closed under ``K Kᵀ`` (:meth:`StructuredMatrix.self_outer`:
+        dense, block-diagonal), so that each side is one product ``P X`` instead
+        of two; the diagonal needs none (``k² ⊙ X`` is already one pass).  With
+        ``T > 1`` (a factor step every ``T`` steps) they are kept: the cache is
         keyed by the identity of the stored ``K``, ``C`` (a factor step, a
         skipped step's discarded factors or ``load_state_dict`` replace them),
         is not part of ``state_dict()`` and costs ``n_K + n_C`` more entries
-        per layer (docs/optimizer.md, "State bytes").
+        per layer (docs/optimizer.md, "State bytes").  With ``T = 1`` the
+        factors change every step: a side's ``P`` is formed for this step only,
+        where it costs at most half the product it saves
+        (:func:`~singd.optim.updates.outer_pays_for_one_product`: a block-diagonal
+        factor, or a dense one at most half as wide as the other side), and
+        nothing is kept.
         """
         if group["T"] == 1:
-            return (None, None)
+            return (
+                K.self_outer() if outer_pays_for_one_product(type(K), K.dim, C.dim) else None,
+                C.self_outer() if outer_pays_for_one_product(type(C), C.dim, K.dim) else None,
+            )
         cached = self._outer_cache.get(layer.name)
         if cached is not None and cached[0] is state["K"] and cached[1] is state["C"]:
             return cached[2], cached[3]

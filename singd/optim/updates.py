@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from singd.structures.base import StructuredMatrix
+from singd.structures.diagonal import Diagonal
 
 
 class FactorState(NamedTuple):
@@ -324,6 +325,23 @@ def master_factor_step(
 
 #: ``(K Kᵀ, C Cᵀ)`` kept between factor steps, each ``None`` where not kept.
 Outers = tuple[StructuredMatrix | None, StructuredMatrix | None]
+
+
+def outer_pays_for_one_product(structure: type[StructuredMatrix], dim: int, columns: int) -> bool:
+    """Whether forming ``P = fl(F Fᵀ)`` for a single product ``P X`` (``X``: ``dim × columns``)
+    costs at most half of the product ``Fᵀ X`` that it saves (:func:`singd_precondition`).
+
+    With ``n_F`` stored entries, ``b = n_F / dim`` per row (``dim`` for a dense
+    ``F``, the block size for a block-diagonal one), ``F Fᵀ`` costs ``n_F · b``
+    multiply-adds and ``Fᵀ X`` costs ``n_F · columns``: so ``2b ≤ columns``.  Only
+    structures closed under ``F Fᵀ`` (:meth:`StructuredMatrix.self_outer`) and
+    not diagonal (``k² ⊙ X`` is one pass already) form it.  A dense factor of a
+    layer with nearly equal sides (``b ≈ columns``: forming ``P`` costs what it
+    saves) keeps its two products.
+    """
+    if structure.self_outer is StructuredMatrix.self_outer or issubclass(structure, Diagonal):
+        return False
+    return 2 * structure.storage_numel(dim) <= dim * columns
 
 
 def singd_precondition(
