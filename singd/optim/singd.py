@@ -25,6 +25,7 @@ from singd.optim.updates import (
     FactorStep,
     Traces,
     compensated_factor_step,
+    keeps_outer,
     master_factor_step,
     outer_pays_for_one_product,
     singd_precondition,
@@ -706,7 +707,7 @@ class SingdPreconditioner(Preconditioner[SingdState]):
         cached = self._outer_cache.get(layer.name)
         if cached is not None and cached[0] is state["K"] and cached[1] is state["C"]:
             return cached[2], cached[3]
-        outers = tuple(None if isinstance(f, Diagonal) else f.self_outer() for f in (K, C))
+        outers = tuple(f.self_outer() if keeps_outer(type(f)) else None for f in (K, C))
         self._outer_cache[layer.name] = (state["K"], state["C"], *outers)
         return outers  # type: ignore[return-value]
 

@@ -327,6 +327,15 @@ def master_factor_step(
 Outers = tuple[StructuredMatrix | None, StructuredMatrix | None]
 
 
+def keeps_outer(structure: type[StructuredMatrix]) -> bool:
+    """Whether :func:`singd_precondition` can take ``P = fl(F Fᵀ)`` for ``structure``: closed
+    under ``F Fᵀ`` (:meth:`StructuredMatrix.self_outer`) and not diagonal (``k² ⊙ X``
+    is one pass already)."""
+    return structure.self_outer is not StructuredMatrix.self_outer and not issubclass(
+        structure, Diagonal
+    )
+
+
 def outer_pays_for_one_product(structure: type[StructuredMatrix], dim: int, columns: int) -> bool:
     """Whether forming ``P = fl(F Fᵀ)`` for a single product ``P X`` (``X``: ``dim × columns``)
     costs at most half of the product ``Fᵀ X`` that it saves (:func:`singd_precondition`).
@@ -334,14 +343,11 @@ def outer_pays_for_one_product(structure: type[StructuredMatrix], dim: int, colu
     With ``n_F`` stored entries, ``b = n_F / dim`` per row (``dim`` for a dense
     ``F``, the block size for a block-diagonal one), ``F Fᵀ`` costs ``n_F · b``
     multiply-adds and ``Fᵀ X`` costs ``n_F · columns``: so ``2b ≤ columns``.  Only
-    structures closed under ``F Fᵀ`` (:meth:`StructuredMatrix.self_outer`) and
-    not diagonal (``k² ⊙ X`` is one pass already) form it.  A dense factor of a
+    structures that :func:`keeps_outer` admits form it.  A dense factor of a
     layer with nearly equal sides (``b ≈ columns``: forming ``P`` costs what it
     saves) keeps its two products.
     """
-    if structure.self_outer is StructuredMatrix.self_outer or issubclass(structure, Diagonal):
-        return False
-    return 2 * structure.storage_numel(dim) <= dim * columns
+    return keeps_outer(structure) and 2 * structure.storage_numel(dim) <= dim * columns
 
 
 def singd_precondition(
