@@ -15,6 +15,10 @@ with ``A`` (``k1 × k1``), ``E`` (``k2 × k2``), ``B = [B1 | B2]``
 ``c = diag(M)[k1:k1+m]``, ``D = 2·M[k1+m:, k1:k1+m]``, ``E = M[k1+m:, k1+m:]``.
 With small ``K1``, ``K2`` no operation forms a ``d × d`` tensor (except
 ``to_dense``); the largest temporaries are ``k1 × d`` and ``k2 × m``.
+``K X`` and ``Kᵀ X`` are written into a result laid out like ``X``: for the
+transposed ``X`` of the preconditioner's second side, ``c ⊙ X2`` then reads
+and writes at stride 1 (into a row-major result it read at stride ``m``,
+10× slower at ``m = 512``), and ``ĝ`` comes back row-major like ``W``.
 
 The public singd package's names resolve here too:
 ``HierarchicalMatrixTemplate`` is :class:`Hierarchical`, and
@@ -140,7 +144,7 @@ class Hierarchical(StructuredMatrix):
         below = x[len(top) :]  # [X2; X3]
         if records_graph(x, a, b, c, d, e):  # autograd cannot record an ``out=`` write
             return torch.cat([a @ top + b @ below, c[:, None] * middle, d @ middle + e @ bottom])
-        out = x.new_empty(x.shape)
+        out = torch.empty_like(x)  # x's layout: a transposed x gives a transposed out
         out_top, out_middle, out_bottom = self._row_blocks(out)
         # each block written in place (no concatenation), second products accumulated into it
         # (addmm_: no temporary; tests/structures/test_blockwise_products bounds the difference)
@@ -164,7 +168,7 @@ class Hierarchical(StructuredMatrix):
                     b_top[m:] + e.T @ bottom,
                 ]
             )
-        out = x.new_empty(x.shape)
+        out = torch.empty_like(x)  # x's layout: a transposed x gives a transposed out
         out_top, out_middle, out_bottom = self._row_blocks(out)
         # each block written in place, the products accumulated into it (addmm_): no
         # d × m temporary (B1ᵀ X1, Dᵀ X3) nor a pass to add it
