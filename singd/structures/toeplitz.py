@@ -21,9 +21,9 @@ direct sums, one vectorised step per diagonal: ``O(d²·m)`` time, still no
 ``d × d`` tensor, componentwise errors like a dense product.  On CPU the FFT
 is faster at every size measured (8 ≤ d ≤ 128); the direct path exists for
 the componentwise accuracy that small factors are tested against, at a cost
-below 0.4 ms per call (d < 48, CPU).  At ``d = 1024``, ``m = 256`` (float32,
-one CPU thread) ``L X`` takes 2.0 ms against 4.9 ms for a dense ``K @ X``,
-``Π̂(X Xᵀ)`` 1.0 ms, ``Π̂(LᵀL)`` and ``L₁ L₂`` under 0.1 ms.
+below 0.4 ms per call (d < 48, CPU).  The measured times at ``d = 1024``,
+``m = 256`` are in docs/structures.md ("Cost at d = 1024",
+``scripts/structure_costs.py``).
 
 Layout.  Every transform runs along the last, contiguous axis: ``X`` (``d × m``)
 is transformed as ``Xᵀ``, whose zero-padded copy is ``m × n``, and a product
@@ -32,8 +32,9 @@ buffer (not contiguous; the buffer, ``n = fft_length(d) < 4d``, is the largest
 temporary and lives as long as the result).  Transforming along axis 0 of a
 row-major ``X`` instead runs each length-``n`` transform at stride ``m``; with
 ``m = 512`` (a power of two, as in most layers) the cache sets collide, and
-``L X`` at ``d = m = 512`` (two threads) took 1.9 ms against 0.56 ms for this
-layout, with the same bits.
+``L X`` at ``d = m = 512`` took about three times as long, for the same bits
+(tests/structures/test_toeplitz.py checks that every transform reads its
+axis at stride 1).
 
 Dtypes.  bfloat16 and float16 have no FFT on CPU (and fp16 only for powers
 of two on CUDA): both paths compute in float32 and round once to the input's
