@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from singd.optim.finiteness import memory_order
+from singd.optim.finiteness import extremes
 
 Approx = Literal["expand", "reduce"]
 LossAverage = Literal["batch", "batch+sequence"] | None
@@ -307,7 +307,7 @@ def _measuring_pass(
         return G, zero, zero, _column_squares(G, squares_in_place)
     batch, positions, _ = g.shape
     headroom = math.ceil(math.log2(loss_terms(batch, positions, loss_average)) / 2) + 1
-    low, high = torch.aminmax(memory_order(g))  # max|g| in one pass, no |g| temporary or copy
+    low, high = extremes(g)  # max|g| without a |g| temporary or a copy
     if on_host:
         first = min(max(math.frexp(max(-float(low), float(high)))[1], headroom - limit), limit)
     else:

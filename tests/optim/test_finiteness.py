@@ -8,7 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from singd.optim.checks import host_values
-from singd.optim.finiteness import finite_flags
+from singd.optim.finiteness import extremes, finite_flags
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 SPECIALS = (float("nan"), float("inf"), float("-inf"))
@@ -117,4 +117,75 @@ def test_a_transposed_view_is_not_copied() -> None:
         if any(sorted(shape) == [64, 65] for shape in event.input_shapes or [])
     ]
     assert "aten::aminmax" in full_size
+    assert not set(full_size) & {"aten::clone", "aten::contiguous", "aten::copy_"}
+
+
+LAYOUTS = (
+    "contiguous",
+    "transposed",
+    "column slice",
+    "transposed slice",
+    "column",
+    "every other row",
+)
+
+
+def _layouts(base: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of ``base`` (7 × 9) in the layouts the step hands to the checks."""
+    return {
+        "contiguous": base,
+        "transposed": base.T,
+        "column slice": base[:, :8],  # ĝ_W of [ĝ_W, ĝ_b]
+        "transposed slice": base[:, :8].T,  # a Toeplitz product: [:, :d]ᵀ of its buffer
+        "column": base[:, 8],
+        "every other row": base[::2],
+    }
+
+
+def _unravel(index: int, shape: torch.Size) -> list[int]:
+    """The coordinates of row-major position ``index`` in ``shape``."""
+    coordinates = []
+    for size in reversed(shape):
+        coordinates.append(index % size)
+        index //= size
+    return coordinates[::-1]
+
+
+@pytest.mark.parametrize("special", [*SPECIALS, None])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_extremes_are_those_of_a_contiguous_copy(special: float | None, layout: str) -> None:
+    """``extremes`` of a view is ``aminmax`` of its contiguous copy, in every layout.
+
+    Rule: exact (a minimum and a maximum are entries; NaN compared as NaN), with
+    each special value at the first, an interior and the last entry of the view.
+    """
+    for position in (0, 30, -1):
+        base = torch.randn(7, 9, generator=torch.Generator().manual_seed(position))
+        view = _layouts(base)[layout]
+        if special is not None:  # written through the view: an entry the view reads
+            view[tuple(_unravel(position % view.numel(), view.shape))] = special
+        low, high = extremes(view)
+        expected_low, expected_high = torch.aminmax(view.contiguous())
+        assert torch.equal(low, expected_low) or (low.isnan() and expected_low.isnan())
+        assert torch.equal(high, expected_high) or (high.isnan() and expected_high.isnan())
+
+
+@pytest.mark.parametrize("layout", ["column slice", "transposed slice"])
+def test_a_padded_view_is_not_copied(layout: str) -> None:
+    """A view whose rows are contiguous but padded is reduced row by row, not copied.
+
+    Rule: exact: no ``clone``/``copy_``/``contiguous`` of the 64 × 65 view runs, and
+    its reductions do (profiler).
+    """
+    base = torch.randn(64, 66)
+    view = base[:, :65] if layout == "column slice" else base[:, :65].T
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, record_shapes=True) as profiler:
+        finite_flags([view])
+    full_size = [
+        event.name
+        for event in profiler.events()
+        if any(sorted(shape) == [64, 65] for shape in event.input_shapes or [])
+    ]
+    assert {"aten::amin", "aten::amax"} <= set(full_size)
     assert not set(full_size) & {"aten::clone", "aten::contiguous", "aten::copy_"}
