@@ -220,10 +220,17 @@ class TrilToeplitz(LowerForm):
         return _toeplitz_times(own._diagonals, x, transpose=True)
 
     def _product_storage(self, other: TrilToeplitz) -> dict[str, Tensor]:
-        """First column of ``L₁ L₂``: ``L₁ t₂``."""
+        """First column of ``L₁ L₂``: ``L₁ t₂``, in storage of its own.
+
+        The product is a view of its ``n``-long inverse-FFT buffer (module
+        docstring, "Layout"); a factor stepped from it (``K − β1 K m``) would
+        keep that buffer alive and write it into a checkpoint, so the ``d``
+        entries are cloned.
+        """
         dtype, own = self._promoted(other)
         second = other._diagonals.to(dtype)[:, None]
-        return {"diagonals": _toeplitz_times(own._diagonals, second, transpose=False)[:, 0]}
+        first_column = _toeplitz_times(own._diagonals, second, transpose=False)[:, 0]
+        return {"diagonals": first_column.clone()}
 
     def _inner_storage(self) -> dict[str, Tensor]:
         """``Π̂(Lᵀ L)`` from the lag products of ``t`` and ``w ⊙ t``, ``w_q = d − q``."""

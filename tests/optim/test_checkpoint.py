@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from singd import KFAC, SINGD
+from singd.structures import STRUCTURE_NAMES
 from tests.optim.nested import nested_tensors, same_state, state_snapshot
 
 OPTIMIZERS: dict[str, Callable[[nn.Module], Any]] = {
@@ -156,3 +157,24 @@ def test_load_moves_state_to_the_parameters_device(tmp_path):
     assert all(t.is_cuda for t in nested_tensors(gpu_opt.state_dict()))
     gpu_model(_batch(2).cuda()).square().mean().backward()
     gpu_opt.step()
+
+
+@pytest.mark.parametrize("structure", STRUCTURE_NAMES)
+@pytest.mark.parametrize("T", [1, 3])
+def test_state_tensors_own_exactly_their_bytes(structure: str, T: int) -> None:
+    """Every tensor of ``state_dict()`` after 4 steps is backed by its own entries only.
+
+    Rule: exact (bytes).  A state tensor viewing a larger buffer (a Toeplitz
+    product is a view of its inverse-FFT buffer) keeps that buffer resident
+    and ``torch.save`` writes all of it.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 80), nn.ReLU(), nn.Linear(80, 10))
+    optimizer = SINGD(model, lr=1e-3, T=T, alpha1=0.5, structures=(structure, structure))
+    inputs, targets = torch.randn(32, 64), torch.randint(10, (32,))
+    for _ in range(4):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    for tensor in nested_tensors(optimizer.state_dict()):
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()

@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from reference.structures import get_structure as oracle_structure
+from singd.optim.updates import singd_factor_step
 from singd.structures.toeplitz import (
     FFT_MIN_DIM,
     TrilToeplitz,
@@ -317,6 +318,36 @@ def test_transforms_run_along_a_contiguous_axis(cls: type[TrilToeplitz], layout:
             op()
         assert recorder.strides, name  # the FFT path ran
         assert all(stride == 1 for _, stride in recorder.strides), (name, recorder.strides)
+
+
+def _owns_exactly(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s storage holds its own entries and nothing more."""
+    return tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_structured_results_own_their_storage(cls: type[TrilToeplitz]) -> None:
+    """No factor made by a product or projection keeps an FFT buffer alive (exact: bytes).
+
+    A product is a view of its ``n``-long inverse-FFT buffer; a factor stored from
+    one would keep ``n > d`` entries resident and write them into a checkpoint.
+    Checked for every structured result on the FFT path and for the SINGD factor
+    step ``K − β1 K m`` built from them.
+    """
+    dim = 64
+    generator = torch.Generator().manual_seed(5)
+    member = cls(dim, {"diagonals": torch.randn(dim, generator=generator)})
+    other = cls(dim, {"diagonals": torch.randn(dim, generator=generator)})
+    x = torch.randn(dim, 16, generator=generator)
+    results = {
+        "product": member @ other,
+        "project_gram": cls.project_gram(x),
+        "project_inner": member.project_inner(x),
+        "project_self_inner": member.project_self_inner(),
+        "factor step": singd_factor_step(member, other, 0.1),
+    }
+    for name, result in results.items():
+        assert _owns_exactly(result.storage["diagonals"]), name
 
 
 # --------------------------------------------------------------- edge cases
