@@ -20,6 +20,11 @@ def nested_tensors(tree: Any) -> list[torch.Tensor]:
     return []
 
 
+def owns_exactly_its_bytes(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s storage holds its own entries and nothing more (no larger buffer)."""
+    return tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
 def _skeleton(tree: Any) -> Any:
     """``tree`` with every tensor replaced by its (dtype, shape): the non-tensor part."""
     if isinstance(tree, torch.Tensor):

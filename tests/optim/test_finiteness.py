@@ -102,20 +102,25 @@ def test_permuted_views_are_checked_in_memory_order(special: float, shape: tuple
         assert flags == [False, bool(torch.isfinite(sliced).all())]
 
 
+def _full_size_ops(view: torch.Tensor) -> list[str]:
+    """The operators ``finite_flags([view])`` runs on a tensor of ``view``'s shape (profiler)."""
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, record_shapes=True) as profiler:
+        finite_flags([view])
+    shape = sorted(view.shape)
+    return [
+        event.name
+        for event in profiler.events()
+        if any(sorted(seen) == shape for seen in event.input_shapes or [])
+    ]
+
+
 def test_a_transposed_view_is_not_copied() -> None:
     """``aminmax`` of a strided input copies it first; the permuted view avoids that.
 
     Rule: exact: no ``clone``/``copy_`` of the 64 × 65 transposed view runs (profiler).
     """
-    view = torch.randn(65, 64).T
-    cpu = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=cpu, record_shapes=True) as profiler:
-        finite_flags([view])
-    full_size = [
-        event.name
-        for event in profiler.events()
-        if any(sorted(shape) == [64, 65] for shape in event.input_shapes or [])
-    ]
+    full_size = _full_size_ops(torch.randn(65, 64).T)
     assert "aten::aminmax" in full_size
     assert not set(full_size) & {"aten::clone", "aten::contiguous", "aten::copy_"}
 
@@ -178,14 +183,6 @@ def test_a_padded_view_is_not_copied(layout: str) -> None:
     its reductions do (profiler).
     """
     base = torch.randn(64, 66)
-    view = base[:, :65] if layout == "column slice" else base[:, :65].T
-    cpu = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=cpu, record_shapes=True) as profiler:
-        finite_flags([view])
-    full_size = [
-        event.name
-        for event in profiler.events()
-        if any(sorted(shape) == [64, 65] for shape in event.input_shapes or [])
-    ]
+    full_size = _full_size_ops(base[:, :65] if layout == "column slice" else base[:, :65].T)
     assert {"aten::amin", "aten::amax"} <= set(full_size)
     assert not set(full_size) & {"aten::clone", "aten::contiguous", "aten::copy_"}

@@ -33,6 +33,7 @@ from singd.structures.toeplitz import (
     lag_products_direct,
     lag_products_fft,
 )
+from tests.optim.nested import owns_exactly_its_bytes
 from tests.structures.fft_bounds import (
     convolution_bound,
     diagonal_means_bound,
@@ -320,11 +321,6 @@ def test_transforms_run_along_a_contiguous_axis(cls: type[TrilToeplitz], layout:
         assert all(stride == 1 for _, stride in recorder.strides), (name, recorder.strides)
 
 
-def _owns_exactly(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor``'s storage holds its own entries and nothing more."""
-    return tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
-
-
 @pytest.mark.parametrize("cls", CLASSES)
 def test_structured_results_own_their_storage(cls: type[TrilToeplitz]) -> None:
     """No factor made by a product or projection keeps an FFT buffer alive (exact: bytes).
@@ -347,7 +343,7 @@ def test_structured_results_own_their_storage(cls: type[TrilToeplitz]) -> None:
         "factor step": singd_factor_step(member, other, 0.1),
     }
     for name, result in results.items():
-        assert _owns_exactly(result.storage["diagonals"]), name
+        assert owns_exactly_its_bytes(result.storage["diagonals"]), name
 
 
 # --------------------------------------------------------------- edge cases
