@@ -92,8 +92,8 @@ def extremes(tensor: Tensor) -> tuple[Tensor, Tensor]:
 
     ``aminmax`` of a strided input copies it first, a full-size allocation and
     pass per layer: a preconditioned gradient is often a transposed view
-    (``singd_precondition`` returns ``(K Kᵀ leftᵀ)ᵀ``), a Conv's output
-    gradient a permuted one, and ``ĝ_W`` a column slice of ``[ĝ_W, ĝ_b]``.
+    (``singd_precondition``'s default right product is ``(K Kᵀ leftᵀ)ᵀ``), a
+    Conv's output gradient a permuted one, and ``ĝ_W`` a column slice of ``[ĝ_W, ĝ_b]``.
     So the dims are first permuted into memory order (the same entries, so
     the same extremes).  That view is reduced whole by ``aminmax`` where it is
     contiguous; where only its innermost dim is (contiguous rows, padded or

@@ -355,11 +355,16 @@ def singd_precondition(
 ) -> Tensor:
     """``ĝ = C Cᵀ ∇W~ K Kᵀ`` (SPEC §1.4), in the factors' dtypes, cast back.
 
-    ``∇W~ K Kᵀ`` is computed as ``(K Kᵀ ∇W~ᵀ)ᵀ`` so only products with
-    ``K``/``Kᵀ`` are needed (:meth:`StructuredMatrix.self_outer_matmul`:
-    ``K (Kᵀ X)``, or ``k² ⊙ X`` for a diagonal ``K``).  Where ``outers`` holds
-    ``P = fl(K Kᵀ)`` (:meth:`StructuredMatrix.self_outer`, formed once per
-    factor step), that side is the one product ``P X``.
+    ``∇W~ K Kᵀ`` is the right product
+    :meth:`StructuredMatrix.right_self_outer_matmul`: by default ``(K Kᵀ
+    ∇W~ᵀ)ᵀ``, so only products with ``K``/``Kᵀ`` are needed
+    (:meth:`StructuredMatrix.self_outer_matmul`: ``K (Kᵀ X)``, or ``k² ⊙ X``
+    for a diagonal ``K``); a block-diagonal ``K`` writes it row-major, column
+    block by column block, so ``ĝ`` has the parameter's layout and the update
+    reads it contiguously.  Where ``outers`` holds ``P = fl(K Kᵀ)``
+    (:meth:`StructuredMatrix.self_outer`, formed once per factor step), that
+    side is the one product ``P X`` (on the right ``X Pᵀ``,
+    :meth:`StructuredMatrix.right_t_matmul`).
 
     Args:
         grad: ``∇W~`` (d_o × d_i~).
@@ -371,9 +376,9 @@ def singd_precondition(
     P_K, P_C = outers
     g = grad.to(C.dtype)
     left = C.self_outer_matmul(g) if P_C is None else P_C.matmul(g)
-    h = left.T.to(K.dtype)
-    right = K.self_outer_matmul(h) if P_K is None else P_K.matmul(h)
-    return right.T.to(grad.dtype)
+    h = left.to(K.dtype)
+    right = K.right_self_outer_matmul(h) if P_K is None else P_K.right_t_matmul(h)
+    return right.to(grad.dtype)
 
 
 def kfac_factor_ema(factor: Tensor, statistic: Tensor, lr_cov: float) -> Tensor:

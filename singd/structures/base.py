@@ -26,7 +26,7 @@ Dtype rule (mixed inputs):
 Helpers for subclasses: :func:`check_square` / :func:`check_factor` validate
 dense inputs, ``_check_rows`` a ``d × m`` operand, ``_check_same`` a structured
 operand, ``_promoted`` applies the dtype rule above and ``_promoted_rows`` does
-both for a dense ``d × m`` operand.
+both for a dense ``d × m`` operand (``_promoted_columns`` for an ``m × d`` one).
 """
 
 from __future__ import annotations
@@ -230,6 +230,24 @@ class StructuredMatrix(ABC):
         """``K Kᵀ X`` for a dense ``X`` (``d × m``): ``matmul(t_matmul(X))``."""
         return self.matmul(self.t_matmul(other))
 
+    def right_matmul(self, other: Tensor) -> Tensor:
+        """``X K`` for a dense ``X`` of shape ``m × d``: ``(Kᵀ Xᵀ)ᵀ``, a transposed view here.
+
+        A structure whose products can be written column block by column block
+        overrides the three ``right_*`` products to return a row-major result
+        (the preconditioned gradient's layout, so the parameter update reads it
+        contiguously: :func:`singd.optim.updates.singd_precondition`).
+        """
+        return self.t_matmul(other.T).T
+
+    def right_t_matmul(self, other: Tensor) -> Tensor:
+        """``X Kᵀ`` for a dense ``X`` (``m × d``): ``(K Xᵀ)ᵀ``."""
+        return self.matmul(other.T).T
+
+    def right_self_outer_matmul(self, other: Tensor) -> Tensor:
+        """``X K Kᵀ`` for a dense ``X`` (``m × d``): ``(K Kᵀ Xᵀ)ᵀ``."""
+        return self.self_outer_matmul(other.T).T
+
     def self_outer(self) -> Self | None:
         """``K Kᵀ`` as a member of this structure, where the structure is closed under it.
 
@@ -364,6 +382,11 @@ class StructuredMatrix(ABC):
         self._check_rows(other)
         dtype, own = self._promoted(other)
         return own, other.to(dtype)
+
+    def _promoted_columns(self, other: Tensor) -> tuple[Self, Tensor]:
+        """``self`` and a dense ``m × dim`` operand, checked and cast to the promoted dtype."""
+        own, x = self._promoted_rows(other.T)
+        return own, x.T
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, dtype={self.dtype}, device={self.device})"

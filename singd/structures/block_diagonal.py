@@ -5,7 +5,9 @@ blocks and one last block of size ``r = d mod b`` (absent when ``r = 0``);
 ``Π̂(M)`` keeps the diagonal blocks of ``M``.  Storage:
 ``{"blocks": (n, b, b), "last": (r, r)}``, i.e. ``n·b² + r²`` free entries.
 The full blocks go through one batched product (``bmm``), the last one through
-a plain product; no operation forms a ``d × d`` tensor (except ``to_dense``).
+a plain product, on the row blocks of ``X`` for ``K X`` and on the column
+blocks for ``X K`` (a row-major result); no operation forms a ``d × d`` tensor
+(except ``to_dense``).
 """
 
 from __future__ import annotations
@@ -121,6 +123,45 @@ class BlockDiagonal(StructuredMatrix):
         out_full, out_rest = cls._split_rows(out)  # views: ``out`` is contiguous
         torch.matmul(blocks, full, out=out_full)
         torch.matmul(last, rest, out=out_rest)
+        return out
+
+    def right_matmul(self, other: Tensor) -> Tensor:
+        """``X K`` (``m × d``, row-major), column block by column block, in the promoted dtype."""
+        own, x = self._promoted_columns(other)
+        return self._columnwise(own._blocks, own._last, x)
+
+    def right_t_matmul(self, other: Tensor) -> Tensor:
+        """``X Kᵀ`` (``m × d``, row-major), column block by column block, in the promoted dtype."""
+        own, x = self._promoted_columns(other)
+        return self._columnwise(own._blocks.transpose(1, 2), own._last.T, x)
+
+    def right_self_outer_matmul(self, other: Tensor) -> Tensor:
+        """``X K Kᵀ`` (``m × d``, row-major): ``right_t_matmul(right_matmul(X))``."""
+        return self.right_t_matmul(self.right_matmul(other))
+
+    @classmethod
+    def _columnwise(cls, blocks: Tensor, last: Tensor, x: Tensor) -> Tensor:
+        """``X blockdiag(blocks…, last)``, each product written into its columns of the result.
+
+        The full column blocks of ``X`` are the batch ``n × m × b`` (a view: the
+        rows of a block keep ``X``'s row stride), multiplied by ``blocks`` in one
+        ``bmm`` whose output is the matching view of the row-major result: the
+        transpose of :meth:`_blockwise` with the transposed blocks and ``Xᵀ``,
+        without its transposed write (tests/structures/test_blockwise_products).
+        Where autograd records the products, they are concatenated instead.
+        """
+        num_blocks, _ = cls._sizes(x.shape[1])
+        split = num_blocks * cls.block_size
+
+        def column_blocks(t: Tensor) -> Tensor:
+            return t[:, :split].unflatten(1, (num_blocks, cls.block_size)).transpose(0, 1)
+
+        if records_graph(blocks, last, x):
+            products = (column_blocks(x) @ blocks).transpose(0, 1).reshape(x.shape[0], split)
+            return torch.cat([products, x[:, split:] @ last], dim=1)
+        out = x.new_empty(x.shape)
+        torch.matmul(column_blocks(x), blocks, out=column_blocks(out))
+        torch.matmul(x[:, split:], last, out=out[:, split:])
         return out
 
     def __matmul__(self, other: StructuredMatrix) -> BlockDiagonal:

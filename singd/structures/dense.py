@@ -60,6 +60,20 @@ class Dense(StructuredMatrix):
         own, x = self._promoted_rows(other)
         return own._matrix.T @ x
 
+    def right_matmul(self, other: Tensor) -> Tensor:
+        """``X K`` (``m × d``, row-major), in the promoted dtype."""
+        own, x = self._promoted_columns(other)
+        return x @ own._matrix
+
+    def right_t_matmul(self, other: Tensor) -> Tensor:
+        """``X Kᵀ`` (``m × d``, row-major), in the promoted dtype.
+
+        ``X K Kᵀ`` keeps the default ``(K (Kᵀ Xᵀ))ᵀ``: the two row-major products
+        measured slower than it, parameter update included (issue 9's note).
+        """
+        own, x = self._promoted_columns(other)
+        return x @ own._matrix.T
+
     def __matmul__(self, other: StructuredMatrix) -> Dense:
         """``K L`` for another dense ``L``, in the promoted dtype."""
         self._check_same(other)

@@ -110,6 +110,14 @@ def test_blockwise_products_are_the_concatenated_products(name, d, m, dtypes, tr
         expected = reference(K, x.to(promoted), transpose)
         assert result.dtype == promoted and result.shape == (d, m)
         assert _within_bound(result, expected, op, x), (method, name)
+    # the right products X K = (Kᵀ Xᵀ)ᵀ and X Kᵀ = (K Xᵀ)ᵀ of an m × d operand
+    rows = x.T
+    rights = (("right_matmul", True, dense.T), ("right_t_matmul", False, dense))
+    for method, transpose, op in rights:
+        result = getattr(K, method)(rows)
+        expected = reference(K, rows.T.to(promoted), transpose).T
+        assert result.dtype == promoted and result.shape == (m, d)
+        assert _within_bound(result.T, expected.T, op, x), (method, name)
 
 
 def test_a_wrong_block_is_caught() -> None:
@@ -154,6 +162,17 @@ def test_products_stay_differentiable() -> None:
             (grad,) = torch.autograd.grad((weights * result).sum(), x)
             bound = 2 * 11 * eps * (op.abs().T @ weights.abs())
             assert bool(((grad - op.T @ weights).abs() <= bound).all()), (name, method)
+        # X op(K) = (op(K)ᵀ Xᵀ)ᵀ: the same bounds, transposed
+        for method, op in (("right_matmul", dense.T), ("right_t_matmul", dense)):
+            x = torch.randn(4, 11, generator=generator, dtype=torch.float64, requires_grad=True)
+            weights = torch.randn(4, 11, generator=generator, dtype=torch.float64)
+            with torch.no_grad():
+                written = getattr(K, method)(x)
+            result = getattr(K, method)(x)
+            assert _within_bound(result.detach().T, written.T, op, x.detach().T)
+            (grad,) = torch.autograd.grad((weights * result).sum(), x)
+            bound = 2 * 11 * eps * (weights.abs() @ op.abs())
+            assert bool(((grad - weights @ op).abs() <= bound).all()), (name, method)
 
 
 def test_hierarchical_products_keep_the_operands_layout() -> None:
@@ -178,3 +197,33 @@ def test_hierarchical_products_keep_the_operands_layout() -> None:
             assert result.stride() == x.stride(), (method, result.stride(), x.stride())
     grad = torch.randn(d_o, d_i, generator=generator)
     assert singd_precondition(K, C, grad).is_contiguous()
+
+
+def test_block_and_dense_right_products_are_row_major() -> None:
+    """Block-diagonal ``X K``, ``X Kᵀ``, ``X K Kᵀ`` and dense ``X K``, ``X Kᵀ`` are row-major
+    for a row-major and a transposed ``X`` (exact: strides), and so is their layers'
+    preconditioned gradient ``ĝ`` with a kept ``P = K Kᵀ`` (block-diagonal: also without).
+
+    The default right product is a transposed view: a ``ĝ`` in that layout made the
+    momentum update ``m ← α2 m + ĝ`` read it at stride ``d_i~`` (at ``d_i = 512``
+    ten times the contiguous time: issue 9's note).
+    """
+    generator = torch.Generator().manual_seed(0)
+    d_o, d_i = 40, 48
+    for name in ("block30diagonal", "dense"):
+        structure = get_structure(name)
+        K = structure.from_dense(torch.randn(d_i, d_i, generator=generator))
+        C = structure.from_dense(torch.randn(d_o, d_o, generator=generator))
+        methods = ("right_matmul", "right_t_matmul")
+        methods += ("right_self_outer_matmul",) if name != "dense" else ()
+        for x in (
+            _operand(d_i, 33, torch.float32, True, 0).T,
+            _operand(d_i, 33, torch.float32, False, 0).T,
+        ):
+            for method in methods:
+                assert getattr(K, method)(x).is_contiguous(), (name, method, x.stride())
+        grad = torch.randn(d_o, d_i, generator=generator)
+        outers = (K.self_outer(), C.self_outer())
+        assert singd_precondition(K, C, grad, outers).is_contiguous(), name
+        # dense K Kᵀ X keeps the default two products: a transposed ĝ
+        assert singd_precondition(K, C, grad).is_contiguous() == (name != "dense"), name

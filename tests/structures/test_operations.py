@@ -165,6 +165,41 @@ def test_self_outer_matmul(name: str, data: st.DataObject | None) -> None:
 
 @given(data=st.data())
 @example(data=None)
+def test_right_products(name: str, data: st.DataObject | None) -> None:
+    """``X K``, ``X Kᵀ`` (one product of reduction length ``d``) and ``X K Kᵀ`` (two),
+    ``X`` of shape ``m × d``: the dense values within the bounds of the left products.
+
+    On the FFT path (Toeplitz keeps the default ``(Kᵀ Xᵀ)ᵀ`` …) the results are
+    exactly the transposed left products, bounded by test_matmul_and_t_matmul.
+    """
+    case = data.draw(cases(name)) if data else pinned(name, 1)
+    member, k = case.member()
+    x_t, x = case.dense(case.cols, case.dim, stream=1)
+    products = {
+        "right_matmul": (x @ k, np.abs(x) @ np.abs(k), lambda: member.t_matmul(x_t.T).T),
+        "right_t_matmul": (x @ k.T, np.abs(x) @ np.abs(k).T, lambda: member.matmul(x_t.T).T),
+    }
+    for method, (expected, magnitude, transposed) in products.items():
+        out = getattr(member, method)(x_t)
+        assert out.dtype == case.dtype and out.shape == (case.cols, case.dim), method
+        if on_fft_path(case):
+            torch.testing.assert_close(out, transposed(), rtol=0, atol=0)
+        else:
+            assert_within(out, expected, magnitude, matmul_bound(case.dtype, case.dim))
+    out = member.right_self_outer_matmul(x_t)
+    assert out.dtype == case.dtype and out.shape == (case.cols, case.dim)
+    if on_fft_path(case):
+        transposed = member.self_outer_matmul(x_t.T).T
+        torch.testing.assert_close(out, transposed, rtol=0, atol=0)
+        return
+    magnitude = np.abs(x) @ np.abs(k) @ np.abs(k).T
+    # (X K) Kᵀ, (K (Kᵀ Xᵀ))ᵀ or fl(k ⊙ k) ⊙ X: two roundings in either order
+    bound = chain_bound(case.dtype, [case.dim, case.dim])
+    assert_within(out, x @ k @ k.T, magnitude, bound, 0.0)
+
+
+@given(data=st.data())
+@example(data=None)
 def test_structured_product(name: str, data: st.DataObject | None) -> None:
     case = data.draw(cases(name)) if data else pinned(name, 1)
     (member, k), (other, ell) = case.member(0), case.member(1)
