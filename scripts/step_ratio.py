@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "asv_benches"))
 from benchmarks.ratios import STRUCTURES, ratio
 
 #: The second table's models and structures (issue 9: also a small CNN and a transformer block).
-EXTRA_MODELS = ("cnn", "transformer")
+EXTRA_MODELS = ("cnn", "transformer", "transformer-linear")
 EXTRA_STRUCTURES = ("diagonal", "dense")
 
 

@@ -7,7 +7,11 @@ One step is ``zero_grad``, forward, backward and ``step`` of
   linear head, batch 64;
 * ``transformer``: one pre-norm block on ``[B, S, d] = [16, 64, 256]`` written
   with ``nn.Linear`` only (q/k/v, output projection, a 4d MLP), so every weight
-  is a Kronecker layer in this package and in the public one.
+  is a Kronecker layer in this package and in the public one;
+* ``transformer-linear``: the same block with every optimizer given only the
+  ``nn.Linear`` parameters.  The public package trains nothing else (its
+  LayerNorms stay as initialised), while this one also preconditions the two
+  LayerNorms on ``transformer``: here both SINGDs do the same work.
 
 The two optimizers take turns window by window on two copies of the same
 model, the order rotating (SINGD then AdamW, then AdamW then SINGD, ...), after
@@ -80,12 +84,19 @@ def _model_and_batch(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
             nn.Linear(64 * 16, 10),
         )
         inputs = torch.randn(64, 3, 16, 16)
-    elif kind == "transformer":
+    elif kind in ("transformer", "transformer-linear"):
         model = _Block()
         inputs = torch.randn(16, 64, 256)
     else:
         raise ValueError(f"unknown model {kind!r}")
     return model, inputs, torch.randint(10, (inputs.shape[0],))
+
+
+def _trained(kind: str, model: nn.Module) -> list[nn.Parameter] | None:
+    """The parameters every optimizer of ``kind`` trains (``None``: all of the model's)."""
+    if kind != "transformer-linear":
+        return None
+    return [p for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()]
 
 
 def _stepper(
@@ -148,17 +159,18 @@ def _ratio(
     model, inputs, targets = _model_and_batch(kind)
     twin, other = copy.deepcopy(model), copy.deepcopy(model)
     options = {"lr": 1e-3, "T": T, "structures": (structure, structure)}
-    singd = SINGD(model, warn_unsupported=False, **options)
+    singd = SINGD(model, _trained(kind, model), warn_unsupported=False, **options)
     if compile_updates:  # imported only then: the public package has no such module
         from singd.optim.compiled import compile_parameter_updates
 
         compile_parameter_updates(singd)
+    adamw = torch.optim.AdamW(_trained(kind, twin) or twin.parameters(), lr=1e-3)
     steppers = {
         "singd": _stepper(model, singd, inputs, targets),
-        "adamw": _stepper(twin, torch.optim.AdamW(twin.parameters(), lr=1e-3), inputs, targets),
+        "adamw": _stepper(twin, adamw, inputs, targets),
     }
     if rival is not None:
-        opponent = rival(other, warn_unsupported=False, **options)
+        opponent = rival(other, _trained(kind, other), warn_unsupported=False, **options)
         steppers["rival"] = _stepper(other, opponent, inputs, targets)
     for step in steppers.values():
         _timed(step, 2 * T)
