@@ -24,7 +24,8 @@ Dtype rule (mixed inputs):
   ``project_gram``) keep the input's dtype.
 
 Helpers for subclasses: :func:`check_square` / :func:`check_factor` validate
-dense inputs, ``_check_rows`` a ``d × m`` operand, ``_check_same`` a structured
+dense inputs, ``_check_rows`` a ``d × m`` operand (``_check_columns`` an
+``m × d`` one), ``_check_same`` a structured
 operand, ``_promoted`` applies the dtype rule above and ``_promoted_rows`` does
 both for a dense ``d × m`` operand (``_promoted_columns`` for an ``m × d`` one).
 """
@@ -238,14 +239,17 @@ class StructuredMatrix(ABC):
         (the preconditioned gradient's layout, so the parameter update reads it
         contiguously: :func:`singd.optim.updates.singd_precondition`).
         """
+        self._check_columns(other)
         return self.t_matmul(other.T).T
 
     def right_t_matmul(self, other: Tensor) -> Tensor:
         """``X Kᵀ`` for a dense ``X`` (``m × d``): ``(K Xᵀ)ᵀ``."""
+        self._check_columns(other)
         return self.matmul(other.T).T
 
     def right_self_outer_matmul(self, other: Tensor) -> Tensor:
         """``X K Kᵀ`` for a dense ``X`` (``m × d``): ``(K Kᵀ Xᵀ)ᵀ``."""
+        self._check_columns(other)
         return self.self_outer_matmul(other.T).T
 
     def self_outer(self) -> Self | None:
@@ -359,6 +363,19 @@ class StructuredMatrix(ABC):
                 f"got shape {tuple(other.shape)}"
             )
 
+    def _check_columns(self, other: Tensor) -> None:
+        """Raise ``ValueError`` unless ``other`` is a dense ``m × dim`` matrix (right products)."""
+        if not isinstance(other, Tensor):
+            raise ValueError(
+                f"{self.name}: expected a dense m × {self.dim} tensor, got "
+                f"{type(other).__name__} (use @ for a product of structured matrices)"
+            )
+        if other.ndim != 2 or other.shape[1] != self.dim:
+            raise ValueError(
+                f"{self.name}: expected a dense m × {self.dim} matrix, "
+                f"got shape {tuple(other.shape)}"
+            )
+
     def _check_same(self, other: StructuredMatrix) -> None:
         if not isinstance(other, StructuredMatrix):
             raise ValueError(
@@ -385,8 +402,9 @@ class StructuredMatrix(ABC):
 
     def _promoted_columns(self, other: Tensor) -> tuple[Self, Tensor]:
         """``self`` and a dense ``m × dim`` operand, checked and cast to the promoted dtype."""
-        own, x = self._promoted_rows(other.T)
-        return own, x.T
+        self._check_columns(other)
+        dtype, own = self._promoted(other)
+        return own, other.to(dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, dtype={self.dtype}, device={self.device})"

@@ -78,6 +78,12 @@ def test_products_with_the_wrong_operand_kind_are_value_errors(name: str) -> Non
         member.matmul(_member(name))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="dense"):
         member.t_matmul(_member(name))  # type: ignore[arg-type]
+    for method in ("right_matmul", "right_t_matmul", "right_self_outer_matmul"):
+        with pytest.raises(ValueError, match="dense m × 4 tensor"):
+            getattr(member, method)(_member(name))
+        for shape in ((4, 3), (4,), (2, 4, 4)):  # X must be m × d
+            with pytest.raises(ValueError, match=r"dense m × 4 matrix, got shape"):
+                getattr(member, method)(torch.zeros(shape))
     with pytest.raises(ValueError, match=r"Tensor.*matmul"):
         _ = member @ torch.eye(4)  # type: ignore[operator]
     with pytest.raises(ValueError, match="Tensor"):
@@ -91,6 +97,8 @@ def test_no_columns(name: str) -> None:
     empty = torch.zeros(dim, 0)
     assert member.matmul(empty).shape == (dim, 0)
     assert member.t_matmul(empty).shape == (dim, 0)
+    for method in ("right_matmul", "right_t_matmul", "right_self_outer_matmul"):
+        assert getattr(member, method)(empty.T).shape == (0, dim)
     assert torch.equal(member.project_inner(empty).to_dense(), torch.zeros(dim, dim))
 
 
