@@ -352,28 +352,23 @@ class StructuredMatrix(ABC):
     # ------------------------------------------------------------------ helpers
     def _check_rows(self, other: Tensor) -> None:
         """Raise ``ValueError`` unless ``other`` is a dense ``dim × m`` matrix."""
-        if not isinstance(other, Tensor):
-            raise ValueError(
-                f"{self.name}: expected a dense {self.dim} × m tensor, got "
-                f"{type(other).__name__} (use @ for a product of structured matrices)"
-            )
-        if other.ndim != 2 or other.shape[0] != self.dim:
-            raise ValueError(
-                f"{self.name}: expected a dense {self.dim} × m matrix, "
-                f"got shape {tuple(other.shape)}"
-            )
+        self._check_operand(other, axis=0)
 
     def _check_columns(self, other: Tensor) -> None:
         """Raise ``ValueError`` unless ``other`` is a dense ``m × dim`` matrix (right products)."""
+        self._check_operand(other, axis=1)
+
+    def _check_operand(self, other: Tensor, axis: int) -> None:
+        """Raise ``ValueError`` unless ``other`` is a dense matrix with ``dim`` along ``axis``."""
+        shape = f"{self.dim} × m" if axis == 0 else f"m × {self.dim}"
         if not isinstance(other, Tensor):
             raise ValueError(
-                f"{self.name}: expected a dense m × {self.dim} tensor, got "
+                f"{self.name}: expected a dense {shape} tensor, got "
                 f"{type(other).__name__} (use @ for a product of structured matrices)"
             )
-        if other.ndim != 2 or other.shape[1] != self.dim:
+        if other.ndim != 2 or other.shape[axis] != self.dim:
             raise ValueError(
-                f"{self.name}: expected a dense m × {self.dim} matrix, "
-                f"got shape {tuple(other.shape)}"
+                f"{self.name}: expected a dense {shape} matrix, got shape {tuple(other.shape)}"
             )
 
     def _check_same(self, other: StructuredMatrix) -> None:
