@@ -364,7 +364,8 @@ def singd_precondition(
     reads it contiguously.  Where ``outers`` holds ``P = fl(K Kᵀ)``
     (:meth:`StructuredMatrix.self_outer`, formed once per factor step), that
     side is the one product ``P X`` (on the right ``X Pᵀ``,
-    :meth:`StructuredMatrix.right_t_matmul`).
+    :meth:`StructuredMatrix.right_t_matmul`, row-major for a block-diagonal
+    and a dense ``P``).
 
     Args:
         grad: ``∇W~`` (d_o × d_i~).
