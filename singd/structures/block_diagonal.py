@@ -64,6 +64,15 @@ class BlockDiagonal(StructuredMatrix):
         return full, factor[split:]
 
     @classmethod
+    def _split_columns(cls, factor: Tensor) -> tuple[Tensor, Tensor]:
+        """Columns of ``X`` (``m × d``) as full blocks (``n × m × b``) and the rest (``m × r``),
+        views: a block's rows keep ``X``'s row stride."""
+        num_blocks, _ = cls._sizes(factor.shape[1])
+        split = num_blocks * cls.block_size
+        full = factor[:, :split].unflatten(1, (num_blocks, cls.block_size)).transpose(0, 1)
+        return full, factor[:, split:]
+
+    @classmethod
     def from_dense(cls, matrix: Tensor) -> BlockDiagonal:
         """The diagonal blocks of ``matrix`` (``d × d``), read through a strided view."""
         dim = check_square(matrix, cls.name)
@@ -143,25 +152,21 @@ class BlockDiagonal(StructuredMatrix):
     def _columnwise(cls, blocks: Tensor, last: Tensor, x: Tensor) -> Tensor:
         """``X blockdiag(blocks…, last)``, each product written into its columns of the result.
 
-        The full column blocks of ``X`` are the batch ``n × m × b`` (a view: the
-        rows of a block keep ``X``'s row stride), multiplied by ``blocks`` in one
-        ``bmm`` whose output is the matching view of the row-major result: the
-        transpose of :meth:`_blockwise` with the transposed blocks and ``Xᵀ``,
-        without its transposed write (tests/structures/test_blockwise_products).
-        Where autograd records the products, they are concatenated instead.
+        :meth:`_blockwise` on the column blocks (:meth:`_split_columns`): one
+        ``bmm`` of the ``n × m × b`` batch into the matching view of the row-major
+        result, then the last block, without a transposed write
+        (tests/structures/test_blockwise_products).  Where autograd records the
+        products, they are concatenated instead.
         """
-        num_blocks, _ = cls._sizes(x.shape[1])
-        split = num_blocks * cls.block_size
-
-        def column_blocks(t: Tensor) -> Tensor:
-            return t[:, :split].unflatten(1, (num_blocks, cls.block_size)).transpose(0, 1)
-
+        full, rest = cls._split_columns(x)
         if records_graph(blocks, last, x):
-            products = (column_blocks(x) @ blocks).transpose(0, 1).reshape(x.shape[0], split)
-            return torch.cat([products, x[:, split:] @ last], dim=1)
+            split = full.shape[0] * cls.block_size
+            products = (full @ blocks).transpose(0, 1).reshape(x.shape[0], split)
+            return torch.cat([products, rest @ last], dim=1)
         out = x.new_empty(x.shape)
-        torch.matmul(column_blocks(x), blocks, out=column_blocks(out))
-        torch.matmul(x[:, split:], last, out=out[:, split:])
+        out_full, out_rest = cls._split_columns(out)  # views: ``out`` is contiguous
+        torch.matmul(full, blocks, out=out_full)
+        torch.matmul(rest, last, out=out_rest)
         return out
 
     def __matmul__(self, other: StructuredMatrix) -> BlockDiagonal:
