@@ -90,18 +90,17 @@ STRUCTURES = ("diagonal", "dense", "block8diagonal", "hierarchical15_15", "trilt
 def device_path_finiteness() -> Iterator[None]:
     """Run the step's finiteness checks as off the CPU (``fused=True``) on any device."""
     import singd.optim.checks as checks
-    import singd.optim.plan as plan
     from singd.optim.finiteness import finite_flags
 
     def fused(tensors: Sequence[torch.Tensor], **_: object) -> list[torch.Tensor]:
         return finite_flags(tensors, fused=True)
 
-    saved = checks.finite_flags, plan.finite_flags
-    checks.finite_flags = plan.finite_flags = fused
+    saved = checks.finite_flags
+    checks.finite_flags = fused
     try:
         yield
     finally:
-        checks.finite_flags, plan.finite_flags = saved
+        checks.finite_flags = saved
 
 
 def profiled_step(structure: str, layers: int, device_path: bool = False) -> torch.profiler.profile:

@@ -17,11 +17,13 @@ update direction, checked to be finite) and commits the plan.  A step with
 inf/NaN gradients, statistics or results is skipped with a warning that
 names the layers and tensors at fault, and leaves every piece of state
 (parameters, buffers, factors, ``steps``) untouched; its pending statistics
-are dropped.  The finiteness flags of the gradients and statistics, the
-exponents of the hooks' power-of-two normalisation (SPEC §1.5, docs/SPEC.md)
-and every scalar a factor step needs as a Python float (SINGD's traces) are
-read in one host sync; the results' finiteness in a second (a step the
-``GradScaler`` skips reads once, to name the culprits).
+are dropped.  The finiteness flags of the statistics, the exponents of the
+hooks' power-of-two normalisation (SPEC §1.5, docs/SPEC.md) and every scalar
+a factor step needs as a Python float (SINGD's traces) are read in one host
+sync; the results' finiteness in a second.  The gradients are checked
+through their update directions (a non-finite gradient entry makes its
+direction non-finite) and read only after a failed check, to name them (a
+step the ``GradScaler`` skips reads once, to name the culprits).
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """A step's checks: its host reads, which tensors are not finite, and the skip warning.
 
 A step reads the host at two named points (its order: SPEC §1.4a):
-:func:`read_host` — every finiteness flag of the gradients and statistics and
-the scalars each layer's factor step needs as Python floats, in one sync — and
-:func:`result_culprits` on the planned results (a second).  A step skipped for
+:func:`read_host` — every finiteness flag of the statistics and the scalars
+each layer's factor step needs as Python floats, in one sync — and
+:func:`result_culprits` on the planned results (a second).  The gradients are
+checked through their directions, which are results: a non-finite gradient
+entry makes its direction non-finite (``plan_step``), and :func:`nonfinite`
+reads them only after a failed check, to name them.  A step skipped for
 non-finite values carries the reason and the labels of the culprits
 (:class:`Skip`) for its warning (:func:`skip_message`).
 """
@@ -46,7 +49,6 @@ class LayerReads(NamedTuple):
 class HostReads(NamedTuple):
     """The step's first host sync, by meaning (flags: 1.0 finite, 0.0 not)."""
 
-    grad_ok: list[float]
     stats_ok: list[float]
     layers: dict[str, LayerReads]
 
@@ -74,26 +76,22 @@ def host_values(scalars: list[Tensor]) -> list[float]:
     return values
 
 
-def read_host(
-    grad_flags: list[Tensor], stats_flags: list[Tensor], layers: dict[str, list[Tensor]]
-) -> HostReads:
+def read_host(stats_flags: list[Tensor], layers: dict[str, list[Tensor]]) -> HostReads:
     """:class:`HostReads` of the given 0-dim tensors, in one host sync.
 
     Args:
-        grad_flags: the gradients' finiteness flags.
         stats_flags: the pending statistics' finiteness flags.
         layers: layer name → ``[log2_factor, *reads]`` of its factor step.
     """
-    scalars = [*grad_flags, *stats_flags, *(r for reads in layers.values() for r in reads)]
+    scalars = [*stats_flags, *(r for reads in layers.values() for r in reads)]
     values = host_values(scalars)
-    grads_end = len(grad_flags)
-    stats_end = grads_end + len(stats_flags)
+    stats_end = len(stats_flags)
     by_layer, start = {}, stats_end
     for name, reads in layers.items():
         own = values[start : start + len(reads)]
         by_layer[name] = LayerReads(int(own[0]), own[1:])
         start += len(reads)
-    return HostReads(values[:grads_end], values[grads_end:stats_end], by_layer)
+    return HostReads(values[:stats_end], by_layer)
 
 
 def culprits(labels: list[str], flags: Iterable[float]) -> list[str]:

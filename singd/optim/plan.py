@@ -29,7 +29,6 @@ from singd.optim.elementwise import (
     elementwise_factor_step,
     elementwise_precondition,
 )
-from singd.optim.finiteness import finite_flags
 from singd.optim.hooks import PendingStatistics
 from singd.optim.layers import ElementwiseLayer, Layer, parameter_directions
 from singd.optim.preconditioner import FactorStepInputs, LayerStep, Preconditioner, StepScalars
@@ -125,29 +124,25 @@ def plan_step(context: StepContext, gathered: Gathered) -> Skip | StepPlan:
         [context.layer_step(name, pending[name]) for name in sharded.owned(owners, pending)]
     )
     param_labels = table.param_labels()
-    grad_labels = [f"{param_labels.get(key, 'a parameter')} gradient" for key in grads]
     stats_labels, stats_flags = checks.statistic_flags(
         {name: prepared[name].statistics if name in prepared else None for name in pending},
         pending,
         preconditioner.statistic_names,
     )
-    # Without statistics, the gradients are checked through the directions: ĝ of a
-    # non-finite gradient entry is non-finite (each entry enters a product or a sum:
-    # inf·0 and NaN give NaN), and only if a direction is not are they checked
-    # themselves, to name them (the skip is the same; the step reads once fewer).
-    deferred = not pending and not gathered.pending_elementwise
+    # The gradients are checked through the directions: ĝ of a non-finite gradient
+    # entry is non-finite through every preconditioner (each entry enters a product
+    # or a sum: inf·0 and NaN give NaN), and only where a check fails are they read
+    # themselves, to name them (the skip is then theirs, as if they had been checked
+    # first; a taken step does not read them at all).
     reads = checks.read_host(
-        [] if deferred else finite_flags(list(grads.values())),
         stats_flags,
         {
             name: [pending[name].grad_scale.log2_factor, *inputs.reads]
             for name, inputs in prepared.items()
         },
     )
-    if not deferred and not all(reads.grad_ok):
-        return Skip("non-finite gradients", checks.culprits(grad_labels, reads.grad_ok))
     if not all(reads.stats_ok):
-        return Skip(
+        return gradient_skip(param_labels, grads) or Skip(
             "non-finite curvature statistics", checks.culprits(stats_labels, reads.stats_ok)
         )
     owned = {name: stats for name, stats in pending.items() if name in prepared}
@@ -175,13 +170,22 @@ def plan_step(context: StepContext, gathered: Gathered) -> Skip | StepPlan:
         {name: preconditioner.to_storage(state) for name, state in new_states.items()},
         step_directions,
     )
-    if culprits and deferred:
-        bad_grads = checks.nonfinite(grad_labels, list(grads.values()))
-        if bad_grads:
-            return Skip("non-finite gradients", bad_grads)
     if culprits:
-        return Skip("non-finite factors or update after the factor step", culprits)
+        return gradient_skip(param_labels, grads) or Skip(
+            "non-finite factors or update after the factor step", culprits
+        )
     return StepPlan(new_states, new_elementwise, step_directions, amp.backward_scale)
+
+
+def gradient_skip(param_labels: dict[int, str], grads: dict[int, Tensor]) -> Skip | None:
+    """The skip for non-finite gradients, naming them, or ``None`` if all are finite.
+
+    Read only when a later check failed (one host sync): a gradient at fault
+    takes precedence over the statistics or results it made non-finite.
+    """
+    labels = [f"{param_labels.get(key, 'a parameter')} gradient" for key in grads]
+    bad = checks.nonfinite(labels, list(grads.values()))
+    return Skip("non-finite gradients", bad) if bad else None
 
 
 def new_layer_states(

@@ -120,8 +120,10 @@ class SINGD(KroneckerOptimizer):
     full-batch step (derivation: :mod:`singd.optim.distributed`; opt-in
     sharded factor work and drift check: :meth:`configure_distributed`).
 
-    Host syncs per step: one read of every finiteness flag and trace, one
-    finiteness check of the results (plus ``‖m‖_∞`` per factor, or per batch
+    Host syncs per step: one read of the statistics' finiteness flags and
+    traces, one finiteness check of the results, which covers the gradients
+    through their directions (plus one read of the gradients after a failed
+    check, to name them; plus ``‖m‖_∞`` per factor, or per batch
     of diagonal layers, with ``normalize_lr_cov``, and the ``GradScaler``'s
     attributes).
 

@@ -175,19 +175,26 @@ def test_overflowing_update_is_named():
         "tril",
         "triltoeplitz",
         "triubottomrightdiagonal",
+        "kfac",
     ],
 )
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("where", ["weight", "bias"])
-def test_a_step_without_statistics_names_the_gradient(structure, special, where):
-    """Without statistics the gradients are checked through the directions (one host read):
+@pytest.mark.parametrize("statistics", [True, False], ids=["statistics-step", "plain-step"])
+def test_a_nonfinite_gradient_is_named_through_its_direction(structure, special, where, statistics):
+    """The gradients are checked through the directions (a taken step never reads them):
     a non-finite entry still skips the step as ``non-finite gradients``, named, state
-    unchanged — through every structure's preconditioner, also where ``K``, ``C`` hold
-    exact zeros (``inf · 0`` is NaN)."""
+    unchanged — on steps with statistics (T = 1, their factor step runs on finite
+    statistics) and without (the second step of T = 2), through every structure's
+    preconditioner and KFAC's, also where ``K``, ``C`` hold exact zeros (``inf · 0`` is NaN)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4))
-    opt = SINGD(model, T=2, structures=(structure, structure), lr=0.1)
-    for _ in range(2):  # step 0 a statistics step, step 1 not
+    T = 1 if statistics else 2
+    if structure == "kfac":
+        opt: Any = KFAC(model, T=T, lr=0.1)
+    else:
+        opt = SINGD(model, T=T, structures=(structure, structure), lr=0.1)
+    for _ in range(2):
         opt.zero_grad()
         model(torch.randn(3, 5)).square().mean().backward()
         if opt.steps == 1:
@@ -201,3 +208,19 @@ def test_a_step_without_statistics_names_the_gradient(structure, special, where)
             assert same_state(before, state_snapshot(opt, model))
         else:
             opt.step()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_nonfinite_gradient_takes_precedence_over_the_statistics(name):
+    """Non-finite gradients and statistics in one step: the skip names the gradients
+    (read only after the statistics' check failed), as if they had been checked first."""
+    model, opt = _warm_up(name)
+    before = state_snapshot(opt, model)
+    opt.zero_grad()
+    _poison_statistics(model, opt)
+    model[0].weight.grad[0, 0] = float("inf")
+    with pytest.warns(UserWarning, match="skipped") as caught:
+        opt.step()
+    (message,) = [str(w.message) for w in caught]
+    assert "(non-finite gradients: layer '0': weight gradient non-finite)" in message, message
+    assert same_state(before, state_snapshot(opt, model))
