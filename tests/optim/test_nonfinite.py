@@ -166,7 +166,7 @@ def test_overflowing_update_is_named():
 
 
 @pytest.mark.parametrize(
-    "structure",
+    "preconditioner",
     [
         "dense",
         "diagonal",
@@ -181,7 +181,9 @@ def test_overflowing_update_is_named():
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("where", ["weight", "bias"])
 @pytest.mark.parametrize("statistics", [True, False], ids=["statistics-step", "plain-step"])
-def test_a_nonfinite_gradient_is_named_through_its_direction(structure, special, where, statistics):
+def test_a_nonfinite_gradient_is_named_through_its_direction(
+    preconditioner, special, where, statistics
+):
     """The gradients are checked through the directions (a taken step never reads them):
     a non-finite entry still skips the step as ``non-finite gradients``, named, state
     unchanged — on steps with statistics (T = 1, their factor step runs on finite
@@ -190,10 +192,10 @@ def test_a_nonfinite_gradient_is_named_through_its_direction(structure, special,
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4))
     T = 1 if statistics else 2
-    if structure == "kfac":
+    if preconditioner == "kfac":
         opt: Any = KFAC(model, T=T, lr=0.1)
     else:
-        opt = SINGD(model, T=T, structures=(structure, structure), lr=0.1)
+        opt = SINGD(model, T=T, structures=(preconditioner, preconditioner), lr=0.1)
     for _ in range(2):
         opt.zero_grad()
         model(torch.randn(3, 5)).square().mean().backward()
